@@ -41,13 +41,17 @@ kind. Full text: https://opensource.org/license/mit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import queue as queue_module
 import random
+import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -91,7 +95,7 @@ class ConfigError(SqliteqError):
 
 
 class Cancelled(SqliteqError):
-    """Raised by a handler (or by a wait) to stop because its cancellation token fired."""
+    """Raised by a handler to end its job as `cancelled`; raised by waits whose token fired."""
 
 
 # ---------------------------------------------------------------- Values ----
@@ -113,6 +117,8 @@ ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 FINISHED_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
+MAX_ERRORS_KEPT = 20            # a job keeps the last this-many attempt errors
+_HOSTNAME = socket.gethostname()
 
 _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _json_decode = json.loads
@@ -251,6 +257,43 @@ class Queue:
     cooldown_until: datetime | None
     retain_done: float
     retain_failed: float
+
+
+class Outcome(Exception):
+    """Base of the outcomes a handler raises to steer what happens to its job."""
+
+
+class Retry(Outcome):
+    """Fail this attempt and retry after `after` seconds (default: the queue's backoff)."""
+
+    def __init__(self, after: timedelta | float | None = None, reason: str = "") -> None:
+        super().__init__(reason or "retry requested")
+        self.after = None if after is None else _duration_seconds(after, "Retry.after")
+        self.reason = reason
+
+
+class Snooze(Outcome):
+    """Run the job again after `after` seconds; the attempt is refunded."""
+
+    def __init__(self, after: timedelta | float) -> None:
+        super().__init__(f"snoozed for {after} s")
+        self.after = _duration_seconds(after, "Snooze.after")
+
+
+class Throttled(Outcome):
+    """An upstream said "slow down": requeue (refunded) and cool the whole queue down."""
+
+    def __init__(self, retry_after: timedelta | float) -> None:
+        super().__init__(f"throttled for {retry_after} s")
+        self.retry_after = _duration_seconds(retry_after, "Throttled.retry_after")
+
+
+class Dead(Outcome):
+    """Fail the job now, without further attempts."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "dead")
+        self.reason = reason
 
 
 # ------------------------------------------------------ Schema and migrations ----
@@ -618,6 +661,9 @@ class Jobs:
         self._db = db
         self._mint = _IdMinter().mint
         self._known_queues: set[str] = set()
+        # Called with the set of queue names after every committed enqueue in this process;
+        # runtimes use it to wake their dispatcher at once instead of at the next poll.
+        self.enqueue_listeners: list[Callable[[set[str]], None]] = []
 
     # -- enqueue --
 
@@ -654,6 +700,8 @@ class Jobs:
 
         outcomes = self._db.write(insert)
         self._known_queues |= new_queues
+        for listener in self.enqueue_listeners:
+            listener(queues)
         return outcomes
 
     def _rows_for(self, requests: list[EnqueueRequest], router: Router | None
@@ -863,6 +911,135 @@ class Queues:
                 in self._db.connection().execute(self.SELECT_ALL)]
 
 
+# ------------------------------------------------------------- Processes ----
+
+def _iso_from_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """One live (or recently live) runtime process."""
+
+    host_id: str
+    hostname: str
+    pid: int
+    queues: dict[str, int]
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class Processes:
+    """The heartbeat table, and the reaper that rescues jobs of silent hosts."""
+
+    UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at)"
+              " VALUES (?1, ?2, ?3, ?4, ?5, ?5)"
+              " ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+    DELETE = "DELETE FROM processes WHERE host_id = ?"
+    SELECT_ALL = ("SELECT host_id, hostname, pid, queues, started_at, heartbeat_at"
+                  " FROM processes ORDER BY started_at, host_id")
+    # Jobs running on a host that has not heartbeaten since the cutoff go back to the queue
+    # (or fail, when that was their last attempt), with an entry in their error list.
+    RESCUE = """
+        UPDATE jobs SET
+            state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN attempt >= max_attempts THEN ?1 END,
+            run_at = ?1, lease = NULL, cancel_requested = 0,
+            errors = (SELECT CASE WHEN json_array_length(e) > ?4 THEN json_remove(e, '$[0]')
+                                  ELSE e END
+                      FROM (SELECT json_insert(coalesce(errors, '[]'), '$[#]', json_object(
+                          'at', ?3, 'attempt', attempt,
+                          'error', 'worker lost: host ' || host || ' stopped heartbeating',
+                          'traceback', NULL)) AS e))
+        WHERE state = 'running'
+          AND host NOT IN (SELECT host_id FROM processes WHERE heartbeat_at >= ?2)"""
+    DELETE_SILENT = "DELETE FROM processes WHERE heartbeat_at < ?"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float) -> int:
+        """Record that `host_id` is alive, and rescue the jobs of hosts silent for longer than
+        `lease_timeout` seconds. Returns how many jobs were rescued. Idempotent."""
+        now = now_ms()
+        cutoff = now - int(lease_timeout * 1000)
+
+        def beat(conn: apsw.Connection) -> int:
+            conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
+                                       _json_encode(dict(queues)), now))
+            conn.execute(self.RESCUE, (now, cutoff, _iso_from_ms(now), MAX_ERRORS_KEPT))
+            rescued = conn.changes()
+            conn.execute(self.DELETE_SILENT, (cutoff,))
+            return rescued
+
+        rescued = self._db.write(beat)
+        if rescued:
+            log.warning("rescued %d job(s) from hosts silent for %.1f s", rescued, lease_timeout)
+        return rescued
+
+    def remove(self, host_id: str) -> None:
+        """Forget a host that stopped cleanly."""
+        self._db.write(lambda conn: conn.execute(self.DELETE, (host_id,)))
+
+    def list(self) -> list[ProcessInfo]:
+        """Every process that has heartbeaten recently enough not to be reaped yet."""
+        return [ProcessInfo(host, hostname, pid, _json_decode(queues),
+                            _datetime_from_ms(started), _datetime_from_ms(beat))  # type: ignore[arg-type]
+                for host, hostname, pid, queues, started, beat
+                in self._db.connection().execute(self.SELECT_ALL)]
+
+
+# ----------------------------------------------------------- Rate limits ----
+
+class RateLimits:
+    """Token buckets shared by every process on the file: `storage.rate_limits`."""
+
+    CONFIGURE = ("INSERT INTO rate_limits (scope, capacity, refill_per_sec, tokens, updated_at)"
+                 " VALUES (?1, ?2, ?3, ?2, ?4) ON CONFLICT (scope) DO UPDATE SET"
+                 " capacity = ?2, refill_per_sec = ?3, tokens = min(tokens, ?2)")
+    SELECT = "SELECT capacity, refill_per_sec, tokens, updated_at FROM rate_limits WHERE scope = ?"
+    SET_TOKENS = "UPDATE rate_limits SET tokens = ?2, updated_at = ?3 WHERE scope = ?1"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def configure(self, scope: str, capacity: float, refill_per_sec: float) -> None:
+        """Create or change a bucket: at most `capacity` tokens, refilled continuously."""
+        _check_name(scope, "rate-limit scope")
+        for value, what in ((capacity, "capacity"), (refill_per_sec, "refill_per_sec")):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not 0 < value < 1e12:
+                raise InvalidInput(f"{what} of scope {scope!r} must be a positive number")
+        self._db.write(lambda conn: conn.execute(
+            self.CONFIGURE, (scope, float(capacity), float(refill_per_sec), now_ms())))
+
+    def take(self, scope: str, tokens: float) -> float:
+        """Take `tokens` if the bucket holds them: 0.0. Otherwise take nothing and return the
+        seconds until it will. The refill is computed lazily inside the same transaction."""
+        def take(conn: apsw.Connection) -> float:
+            rows = conn.execute(self.SELECT, (scope,)).fetchall()
+            if not rows:
+                raise ConfigError(f"rate-limit scope {scope!r} is not configured; call "
+                                  f"storage.rate_limits.configure({scope!r}, capacity, refill)")
+            capacity, refill, available, updated_at = rows[0]
+            if tokens > capacity:
+                raise InvalidInput(f"cannot take {tokens} tokens from scope {scope!r} "
+                                   f"whose capacity is {capacity}")
+            now = now_ms()
+            available = min(capacity, available + max(0, now - updated_at) / 1000 * refill)
+            if available < tokens:
+                return (tokens - available) / refill
+            conn.execute(self.SET_TOKENS, (scope, available - tokens, now))
+            return 0.0
+
+        return self._db.write(take)
+
+    def drain(self, scope: str) -> None:
+        """Empty the bucket, e.g. after an upstream answered HTTP 429."""
+        self._db.write(lambda conn: conn.execute(self.SET_TOKENS, (scope, 0.0, now_ms())))
+
+
 # --------------------------------------------------------------- Storage ----
 
 class Storage:
@@ -878,6 +1055,8 @@ class Storage:
         self.path = self.db.path
         self.jobs = Jobs(self.db)
         self.queues = Queues(self.db)
+        self.processes = Processes(self.db)
+        self.rate_limits = RateLimits(self.db)
 
     def close(self) -> None:
         """Close all connections. The Storage cannot be used afterwards."""
@@ -891,3 +1070,647 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.path!r})"
+
+
+# ---------------------------------------------------------- Rate limiting ----
+
+class RateLimiter:
+    """Blocking access to the token buckets in `storage.rate_limits`, shared cluster-wide."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._rate_limits = storage.rate_limits
+
+    def acquire(self, scope: str, tokens: float = 1, *, timeout: float | None = None,
+                cancel: CancellationToken | None = None) -> None:
+        """Take `tokens` from the bucket, sleeping until it can grant them.
+
+        Raises TimeoutError at the deadline and Cancelled when `cancel` fires while waiting.
+        """
+        _check_tokens(tokens)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled(f"cancelled ({cancel.reason}) while waiting for {scope!r}")
+            wait = self._rate_limits.take(scope, tokens)
+            if wait == 0.0:
+                return
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no {tokens} token(s) of {scope!r} within {timeout} s")
+                wait = min(wait, remaining)
+            if cancel is not None:
+                cancel.wait(wait)
+            else:
+                time.sleep(wait)
+
+    def try_acquire(self, scope: str, tokens: float = 1) -> bool:
+        """Take `tokens` if they are available now; never blocks on the bucket."""
+        _check_tokens(tokens)
+        return self._rate_limits.take(scope, tokens) == 0.0
+
+    def drain(self, scope: str) -> None:
+        """Empty the bucket (after a real HTTP 429), so every process backs off."""
+        self._rate_limits.drain(scope)
+
+
+def _check_tokens(tokens: float) -> None:
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not tokens > 0:
+        raise InvalidInput(f"tokens must be a positive number, not {tokens!r}")
+
+
+# ----------------------------------------------------------- Cancellation ----
+
+class CancellationToken:
+    """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled" or
+    "lost" (another process rescued the job). Handlers poll `cancelled` or `wait` on it."""
+
+    __slots__ = ("_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self, reason: str) -> None:
+        """Fire the token; the first reason sticks."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until the token fires (True) or `timeout` seconds pass (False)."""
+        return self._event.wait(timeout)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise `Cancelled` if the token has fired."""
+        if self._event.is_set():
+            raise Cancelled(f"job cancelled: {self.reason}")
+
+
+# -------------------------------------------------------- Handler context ----
+
+def _retry_transient(call: Callable[[], T]) -> T:
+    """Run `call`, retrying TransientError 3 more times (100 ms, 300 ms, 1 s, jittered)."""
+    for delay in TRANSIENT_RETRY_DELAYS:
+        try:
+            return call()
+        except TransientError:
+            time.sleep(delay * random.uniform(0.5, 1.5))
+    return call()
+
+
+class JobCtx:
+    """What a handler knows about the job it runs, and how it enqueues follow-up work."""
+
+    __slots__ = ("storage", "router", "rate_limit", "job_id", "process_id", "host_id", "cancel",
+                 "attempt", "kind", "queue")
+
+    def __init__(self, storage: Storage, router: Router, rate_limit: RateLimiter, job_id: str,
+                 process_id: str, host_id: str, cancel: CancellationToken, attempt: int,
+                 kind: str, queue: str) -> None:
+        self.storage = storage
+        self.router = router
+        self.rate_limit = rate_limit
+        self.job_id = job_id
+        self.process_id = process_id
+        self.host_id = host_id
+        self.cancel = cancel
+        self.attempt = attempt
+        self.kind = kind
+        self.queue = queue
+
+    def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
+        """Enqueue a follow-up job through the runtime's router."""
+        return _retry_transient(lambda: self.storage.jobs.enqueue(request, self.router))
+
+    def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
+        """Enqueue many follow-up jobs in one transaction (one writer-lock hold)."""
+        requests = list(requests)
+        return _retry_transient(lambda: self.storage.jobs.enqueue_bulk(requests, self.router))
+
+    def __repr__(self) -> str:
+        return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
+
+
+# ---------------------------------------------------------------- Runtime ----
+
+Handler = Callable[[JobCtx, Any], Any]
+
+
+# A queue whose handlers finish faster than this on average may claim up to twice its slots:
+# the extra jobs wait in memory, so a commit is never the only thing a fast queue waits for.
+PREFETCH_FOR_HANDLERS_UNDER = 0.001     # seconds
+
+
+class _Claimed(NamedTuple):
+    """A job claimed by this process: running in the database, held by this runtime."""
+
+    id: str
+    kind: str
+    payload: str
+    attempt: int
+    max_attempts: int
+    errors: str | None
+    lease: int
+    queue: str
+    token: CancellationToken
+
+
+class _Finish(NamedTuple):
+    """A verdict on a claimed job, waiting for the dispatcher's next group commit."""
+
+    statement: str
+    params: tuple[Any, ...]
+    job: _Claimed
+    seconds: float = 0.0                # how long the handler ran
+    cool_down_until: int | None = None  # set by Throttled: no claims from the queue until then
+
+
+class _QueueState:
+    """The dispatcher's view of one queue in this process."""
+
+    __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "next_due", "paused",
+                 "backoff", "avg_seconds")
+
+    def __init__(self, name: str, slots: int) -> None:
+        self.name = name
+        self.slots = slots
+        self.held = 0                   # claimed and not yet finished: running or buffered
+        self.buffer: queue_module.SimpleQueue[_Claimed | None] = queue_module.SimpleQueue()
+        self.maybe_ready = True         # a claim may find work; cleared when one comes short
+        self.next_due: int | None = None    # earliest run_at of a scheduled job, when known
+        self.paused = False
+        self.backoff = (1000, 3_600_000)    # ms; refreshed from the queues table
+        self.avg_seconds = 0.0          # moving average of handler run time
+
+    def claimable(self) -> int:
+        prefetch = self.slots if self.avg_seconds < PREFETCH_FOR_HANDLERS_UNDER else 0
+        return self.slots + prefetch - self.held
+
+    def drain_buffer(self) -> list[_Claimed]:
+        """Take back the jobs no worker has started yet."""
+        jobs = []
+        while True:
+            try:
+                job = self.buffer.get_nowait()
+            except queue_module.Empty:
+                return jobs
+            if job is None:             # a worker's stop signal: leave it for the worker
+                self.buffer.put(None)
+                return jobs
+            jobs.append(job)
+
+
+class Runtime:
+    """Runs handlers for jobs of the given queues in a pool of worker threads.
+
+    Per queue, `slots` worker threads are fed by one dispatcher thread per process. The
+    dispatcher claims jobs for free slots and commits finished jobs in the same transaction
+    (group commit). A heartbeat thread keeps this process's row fresh, rescues jobs of silent
+    hosts, and delivers cancellation requests to running handlers.
+    """
+
+    CLAIM = """
+        UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
+                        worker = NULL, started_at = ?3, cancel_requested = 0
+        WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued' AND run_at <= ?3
+                     ORDER BY priority, run_at, id LIMIT ?5)
+        RETURNING id, kind, payload, attempt, max_attempts, errors, priority, run_at"""
+    QUEUE_GATE = "SELECT paused, concurrency, cooldown_until FROM queues WHERE name = ?"
+    COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'running' AND queue = ?"
+    READY_EXISTS = ("SELECT 1 FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
+                    " LIMIT 1")
+    NEXT_DUE = "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 'queued'"
+    QUEUE_SETTINGS = "SELECT name, paused, backoff_base_ms, backoff_cap_ms FROM queues"
+    RUNNING_HERE = ("SELECT id, lease, cancel_requested FROM jobs"
+                    " WHERE host = ? AND state = 'running'")
+    # Every finalize is fenced by the claim's lease: a job rescued and claimed again
+    # elsewhere is never overwritten by this (old, slow) claim.
+    FINISH_DONE = ("UPDATE jobs SET state = 'done', result = ?3, worker = ?4, finished_at = ?5"
+                   " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    FINISH_FAILED = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5, finished_at = ?6"
+                     " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    REQUEUE = ("UPDATE jobs SET state = 'queued', run_at = ?3, errors = ?4, worker = ?5,"
+               " attempt = attempt - ?6, lease = NULL"
+               " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    COOL_DOWN = "UPDATE queues SET cooldown_until = max(cooldown_until, ?2) WHERE name = ?1"
+
+    def __init__(self, storage: Storage, queues: Mapping[str, int] | None = None,
+                 router: Router | None = None, *, poll_interval: float = 0.05,
+                 heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
+                 shutdown_timeout: float = 30.0) -> None:
+        queues = {DEFAULT_QUEUE: 4} if queues is None else dict(queues)
+        if not queues:
+            raise ConfigError("a runtime needs at least one queue")
+        for name, slots in queues.items():
+            _check_name(name, "queue name")
+            if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 1024:
+                raise ConfigError(f"queue {name!r} needs 1 to 1024 slots, not {slots!r}")
+        self.storage = storage
+        self.router: Router = router if router is not None else DefaultRouter()
+        self.rate_limit = RateLimiter(storage)
+        self.queues = queues
+        self.poll_interval = _duration_seconds(poll_interval, "poll_interval")
+        self.heartbeat_interval = _duration_seconds(heartbeat_interval, "heartbeat_interval")
+        self.lease_timeout = _duration_seconds(lease_timeout, "lease_timeout")
+        self.shutdown_timeout = _duration_seconds(shutdown_timeout, "shutdown_timeout")
+        if self.lease_timeout <= self.heartbeat_interval:
+            raise ConfigError("lease_timeout must be longer than heartbeat_interval")
+        self.host_id: str = ""          # a ULID minted by start()
+        self._handlers: dict[str, Handler] = {}
+        self._queue_states = {name: _QueueState(name, n) for name, n in queues.items()}
+        self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
+        self._finished: list[_Finish] = []
+        self._wake = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._abandon = False
+        self._stopped = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
+        self._started = False
+
+    # -- registration and enqueueing --
+
+    def handler(self, kind: str) -> Callable[[Handler], Handler]:
+        """Decorator: `@rt.handler("email_send")` registers the function for that kind."""
+        def register(fn: Handler) -> Handler:
+            self.register(kind, fn)
+            return fn
+        return register
+
+    def register(self, kind: str, fn: Handler) -> None:
+        """Run `fn(ctx, payload)` for jobs of `kind`. A later registration replaces it."""
+        _check_name(kind, "kind")
+        if not callable(fn):
+            raise ConfigError(f"handler for {kind!r} is not callable")
+        self._handlers[kind] = fn
+
+    def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
+        """Enqueue through this runtime's router."""
+        return self.storage.jobs.enqueue(request, self.router)
+
+    def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
+        """Enqueue many jobs in one transaction through this runtime's router."""
+        return self.storage.jobs.enqueue_bulk(requests, self.router)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Register this process, then start the dispatcher, workers and heartbeat."""
+        if self._started:
+            raise ConfigError("a runtime starts once; create a new one to start again")
+        self._started = True
+        self.host_id = str(ulid.ULID())
+        self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                            name=f"sqliteq-dispatch-{self.host_id}")
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name=f"sqliteq-heartbeat-{self.host_id}")
+        workers = [threading.Thread(target=self._work_loop, args=(qs, slot), daemon=True,
+                                    name=f"{qs.name}-{slot}-{self.host_id}")
+                   for qs in self._queue_states.values() for slot in range(qs.slots)]
+        self.storage.jobs.enqueue_listeners.append(self._on_enqueue)
+        for thread in (self._dispatcher, self._heartbeat, *workers):
+            thread.start()
+        log.info("runtime %s started: queues %s", self.host_id, self.queues)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, ask running handlers to stop (reason "shutdown"), wait for them up
+        to `timeout` (default `shutdown_timeout`) seconds, then put jobs still running back
+        in their queue with the attempt refunded. Safe to call more than once."""
+        if not self._started or self._stopped.is_set():
+            return
+        assert self._dispatcher is not None and self._heartbeat is not None
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._dispatcher.join(self.shutdown_timeout if timeout is None else timeout)
+        if self._dispatcher.is_alive():
+            with self._wake:
+                self._abandon = True
+                self._wake.notify_all()
+            self._dispatcher.join()
+        for qs in self._queue_states.values():
+            for _ in range(qs.slots):
+                qs.buffer.put(None)
+        self._stopped.set()
+        self._heartbeat.join()
+        if self._on_enqueue in self.storage.jobs.enqueue_listeners:
+            self.storage.jobs.enqueue_listeners.remove(self._on_enqueue)
+        self.storage.processes.remove(self.host_id)
+        log.info("runtime %s stopped", self.host_id)
+
+    def run(self) -> None:
+        """Start, and block until SIGINT or SIGTERM, then stop gracefully. A second signal
+        exits the process at once."""
+        import signal
+
+        signals: list[int] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            if signals:
+                os._exit(128 + signum)
+            signals.append(signum)      # only a flag: a signal handler must not take locks
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            while not signals and not self._stopping:
+                time.sleep(0.1)
+            log.info("stopping (signal again to exit at once)")
+            self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> Runtime:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- dispatcher: claims and group commit --
+
+    def _on_enqueue(self, queues: set[str]) -> None:
+        with self._wake:
+            for name in queues:
+                qs = self._queue_states.get(name)
+                if qs is not None:
+                    qs.maybe_ready = True
+                    self._wake.notify()
+
+    def _wants_claim(self) -> bool:
+        return any(qs.maybe_ready and not qs.paused and qs.claimable() > 0
+                   for qs in self._queue_states.values())
+
+    def _dispatch_loop(self) -> None:
+        db = self.storage.db
+        seen_version = db.data_version()
+        last_sync = time.monotonic()
+        self._sync_queue_settings()
+        while True:
+            with self._wake:
+                if not (self._finished or self._stopping or self._wants_claim()):
+                    self._wake.wait(self._idle_timeout())
+                finished, self._finished = self._finished, []
+                stopping, abandon = self._stopping, self._abandon
+            self._settle(finished)
+            try:
+                version = db.data_version()
+                if version != seen_version:
+                    seen_version = version
+                    for qs in self._queue_states.values():
+                        qs.maybe_ready = True
+                    if time.monotonic() - last_sync >= self.poll_interval:
+                        last_sync = time.monotonic()
+                        finished += self._sync_queue_settings()
+                        self._sync_running()
+                if stopping:
+                    finished += self._take_back_buffered("shutdown")
+                    for job in self._held.values():
+                        job.token.cancel("shutdown")
+                self._mark_due(now_ms())
+                claim_from = [] if stopping else self._queues_to_claim(bool(finished))
+                if finished or claim_from:
+                    lease = random.getrandbits(62)
+                    claimed = db.write(functools.partial(self._commit, finished, claim_from,
+                                                         lease))
+                    self._hand_out(claimed, lease)
+                if abandon:
+                    self._requeue_abandoned()
+                    return
+                if stopping and not self._held and not self._finished:
+                    return
+            except Exception:
+                log.exception("dispatcher error; retrying in %.2f s", self.poll_interval)
+                self._unsettle(finished)
+                time.sleep(self.poll_interval)
+
+    def _settle(self, finished: list[_Finish]) -> None:
+        """Free the slots of finished jobs (their finish commits next)."""
+        for finish in finished:
+            qs = self._queue_states[finish.job.queue]
+            qs.held -= 1
+            if finish.seconds:
+                qs.avg_seconds += (finish.seconds - qs.avg_seconds) * 0.2
+            self._held.pop(finish.job.id, None)
+
+    def _unsettle(self, finished: list[_Finish]) -> None:
+        """The commit failed: hold the finished jobs again, to commit them next time."""
+        with self._wake:
+            self._finished = finished + self._finished
+        for finish in finished:
+            self._queue_states[finish.job.queue].held += 1
+            self._held[finish.job.id] = finish.job
+
+    def _idle_timeout(self) -> float:
+        due = [qs.next_due for qs in self._queue_states.values() if qs.next_due is not None]
+        if not due:
+            return self.poll_interval
+        return max(0.0, min(self.poll_interval, (min(due) - now_ms()) / 1000))
+
+    def _mark_due(self, now: int) -> None:
+        for qs in self._queue_states.values():
+            if qs.next_due is not None and qs.next_due <= now:
+                qs.next_due = None
+                qs.maybe_ready = True
+
+    def _queues_to_claim(self, committing: bool) -> list[tuple[str, int, int]]:
+        """(queue, jobs wanted, slots free now) for queues that may have ready jobs. Unless
+        a commit happens anyway, a read-only check spares the writer lock when none are."""
+        wanted = [qs for qs in self._queue_states.values()
+                  if qs.maybe_ready and not qs.paused and qs.claimable() > 0]
+        if not committing and wanted:
+            conn, now = self.storage.db.connection(), now_ms()
+            for qs in list(wanted):
+                if not conn.execute(self.READY_EXISTS, (qs.name, now)).fetchall():
+                    wanted.remove(qs)
+                    qs.maybe_ready = False
+                    qs.next_due = conn.execute(self.NEXT_DUE, (qs.name,)).fetchall()[0][0]
+        return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
+
+    def _commit(self, finished: list[_Finish], claim_from: list[tuple[str, int, int]],
+                lease: int, conn: apsw.Connection) -> list[tuple[str, int, list[Any]]]:
+        """One transaction: apply finished jobs, then claim. Re-runnable on busy retries."""
+        by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        for finish in finished:
+            by_statement.setdefault(finish.statement, []).append(finish.params)
+            if finish.cool_down_until is not None:
+                conn.execute(self.COOL_DOWN, (finish.job.queue, finish.cool_down_until))
+        for statement, params in by_statement.items():
+            conn.executemany(statement, params)
+        now = now_ms()
+        claimed = []
+        for name, wanted, free_now in claim_from:
+            gate = conn.execute(self.QUEUE_GATE, (name,)).fetchall()
+            paused, limit, cooldown_until = gate[0] if gate else (0, None, 0)
+            if paused or cooldown_until > now:
+                claimed.append((name, wanted, []))
+                continue
+            if limit is not None:       # no prefetch: buffered jobs would count as running
+                running = conn.execute(self.COUNT_RUNNING, (name,)).fetchall()[0][0]
+                wanted = min(free_now, limit - running)
+            rows = (conn.execute(self.CLAIM, (lease, self.host_id, now, name, wanted)).fetchall()
+                    if wanted > 0 else [])
+            claimed.append((name, wanted, rows))
+        return claimed
+
+    def _hand_out(self, claimed: list[tuple[str, int, list[Any]]], lease: int) -> None:
+        for name, wanted, rows in claimed:
+            qs = self._queue_states[name]
+            if len(rows) < wanted or not rows:
+                qs.maybe_ready = False
+            rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
+            qs.held += len(rows)
+            for job_id, kind, payload, attempt, max_attempts, errors, _, _ in rows:
+                job = _Claimed(job_id, kind, payload, attempt, max_attempts, errors, lease,
+                               name, CancellationToken())
+                self._held[job_id] = job
+                qs.buffer.put(job)
+
+    def _take_back_buffered(self, reason: str, qs: _QueueState | None = None) -> list[_Finish]:
+        """Requeue (refunded) the claimed jobs that no worker has started yet."""
+        states = self._queue_states.values() if qs is None else (qs,)
+        finishes = []
+        for state in states:
+            for job in state.drain_buffer():
+                job.token.cancel(reason)
+                finishes.append(self._requeue(job, now_ms(), "", refund=True))
+        self._settle(finishes)
+        return finishes
+
+    def _requeue_abandoned(self) -> None:
+        """Shutdown timed out: put the jobs whose handlers still run back, refunded."""
+        finishes = [self._requeue(job, now_ms(), "", refund=True) for job in self._held.values()]
+        self.storage.db.write(lambda conn: conn.executemany(
+            self.REQUEUE, [finish.params for finish in finishes]))
+        log.warning("shutdown timed out: %d running job(s) returned to their queues",
+                    len(finishes))
+
+    def _sync_queue_settings(self) -> list[_Finish]:
+        """Refresh paused flags and backoff. A pause cancels the queue's running jobs and
+        hands back its buffered ones (returned as finishes to commit)."""
+        finishes: list[_Finish] = []
+        for name, paused, base, cap in self.storage.db.connection().execute(
+                self.QUEUE_SETTINGS):
+            qs = self._queue_states.get(name)
+            if qs is None:
+                continue
+            qs.paused, qs.backoff = bool(paused), (base, cap)
+            if paused:
+                finishes += self._take_back_buffered("paused", qs)
+                for job in list(self._held.values()):
+                    if job.queue == name:
+                        job.token.cancel("paused")
+        return finishes
+
+    def _sync_running(self) -> None:
+        """Deliver cancel requests to running handlers, and stop handlers whose job was
+        rescued by another process (lease lost)."""
+        held = self._held.copy()
+        if not held:
+            return
+        rows = {job_id: (lease, cancel) for job_id, lease, cancel in
+                self.storage.db.connection().execute(self.RUNNING_HERE, (self.host_id,))}
+        for job_id, job in held.items():
+            lease, cancel = rows.get(job_id, (None, 0))
+            if lease != job.lease:
+                job.token.cancel("lost")
+            elif cancel:
+                job.token.cancel("cancelled")
+
+    # -- heartbeat --
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.wait(self.heartbeat_interval):
+            try:
+                self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
+                self._sync_running()
+            except Exception:
+                log.exception("heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
+
+    # -- workers --
+
+    def _work_loop(self, qs: _QueueState, slot: int) -> None:
+        process_id = f"{qs.name}-{slot}-{self.host_id}"
+        while True:
+            job = qs.buffer.get()
+            if job is None:
+                return
+            finish = self._execute(job, process_id)
+            with self._wake:
+                self._finished.append(finish)
+                self._wake.notify()
+
+    def _execute(self, job: _Claimed, process_id: str) -> _Finish:
+        """Run the handler and turn whatever happens into a finish. Never raises."""
+        started = time.perf_counter()
+        try:
+            job.token.raise_if_cancelled()      # e.g. paused while it waited in the buffer
+            fn = self._handlers.get(job.kind)
+            if fn is None:
+                raise LookupError(f"no handler registered for kind {job.kind!r}")
+            ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
+                         self.host_id, job.token, job.attempt, job.kind, job.queue)
+            result = _json_encode(fn(ctx, _json_decode(job.payload)))
+            return _Finish(self.FINISH_DONE, (job.id, job.lease, result, process_id, now_ms()),
+                           job, time.perf_counter() - started)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            log.error("handler of job %s raised %s: stopping the runtime", job.id,
+                      type(exc).__name__)
+            with self._wake:
+                self._stopping = True
+            return self._requeue(job, now_ms(), process_id, refund=True)
+        except BaseException as exc:    # nothing a handler does may kill a worker thread
+            return self._verdict(job, exc, process_id)._replace(
+                seconds=time.perf_counter() - started)
+
+    def _verdict(self, job: _Claimed, exc: BaseException, process_id: str) -> _Finish:
+        now, token = now_ms(), job.token
+        if isinstance(exc, Snooze):
+            return self._requeue(job, now + int(exc.after * 1000), process_id, refund=True)
+        if isinstance(exc, Throttled):
+            until = now + int(exc.retry_after * 1000)
+            return self._requeue(job, until, process_id, refund=True)._replace(
+                cool_down_until=until)
+        if token.cancelled and token.reason in ("paused", "shutdown"):
+            return self._requeue(job, now, process_id, refund=True)
+        if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
+            return _Finish(self.FINISH_FAILED, (job.id, job.lease, "cancelled",
+                                                self._errors_with(job, exc, now), process_id,
+                                                now), job)
+        if isinstance(exc, Dead) or job.attempt >= job.max_attempts:
+            log.warning("job %s (%s) failed for good on attempt %d: %s", job.id, job.kind,
+                        job.attempt, type(exc).__name__)
+            return _Finish(self.FINISH_FAILED, (job.id, job.lease, "failed",
+                                                self._errors_with(job, exc, now), process_id,
+                                                now), job)
+        if isinstance(exc, Retry) and exc.after is not None:
+            delay_ms = int(exc.after * 1000)
+        else:
+            base, cap = self._queue_states[job.queue].backoff
+            delay = min(base * 2 ** min(job.attempt - 1, 62), cap)
+            delay_ms = int(delay / 2 + random.uniform(0, delay / 2))
+        log.info("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
+                 job.attempt, type(exc).__name__, delay_ms / 1000)
+        return _Finish(self.REQUEUE, (job.id, job.lease, now + delay_ms,
+                                      self._errors_with(job, exc, now), process_id, 0), job)
+
+    def _requeue(self, job: _Claimed, run_at: int, process_id: str, *, refund: bool
+                 ) -> _Finish:
+        return _Finish(self.REQUEUE, (job.id, job.lease, run_at, job.errors, process_id or None,
+                                      int(refund)), job)
+
+    @staticmethod
+    def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:
+        errors = [] if job.errors is None else _json_decode(job.errors)
+        errors.append({"at": _iso_from_ms(now), "attempt": job.attempt,
+                       "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": "".join(traceback.format_exception(
+                           type(exc), exc, exc.__traceback__))})
+        return _json_encode(errors[-MAX_ERRORS_KEPT:])
