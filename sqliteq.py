@@ -52,9 +52,10 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import zoneinfo
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -214,6 +215,13 @@ class EnqueueRequest(_RequestFields):
         return EnqueueRequest(fields.pop("kind"), fields.pop("payload"), **fields)
 
 
+class PreparedJobs(NamedTuple):
+    """Requests validated and serialised by `Jobs.prepare`, ready to insert."""
+
+    rows: list[tuple[Any, ...]]
+    queues: set[str]
+
+
 class EnqueueOutcome(NamedTuple):
     """The id of the job; `created` is False when a unique key matched an active job."""
 
@@ -365,6 +373,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             refill_per_sec REAL NOT NULL,
             tokens         REAL NOT NULL,
             updated_at     INTEGER NOT NULL
+        )""",
+    ),
+    (
+        # Cluster-wide periodic chores (the janitor): whoever moves last_run_at runs it.
+        """CREATE TABLE chores (
+            name        TEXT PRIMARY KEY NOT NULL,
+            last_run_at INTEGER NOT NULL
         )""",
     ),
 )
@@ -656,6 +671,9 @@ class Jobs:
     PURGE_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
                    " WHERE state = ?1 AND finished_at < ?2 LIMIT ?3)")
     PURGE_CHUNK_ROWS = 2000
+    RETENTIONS = "SELECT name, retain_done_ms, retain_failed_ms FROM queues"
+    SWEEP_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+                   " WHERE state = ?1 AND finished_at < ?2 AND queue = ?3 LIMIT ?4)")
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -674,39 +692,19 @@ class Jobs:
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest],
                      router: Router | None = None) -> list[EnqueueOutcome]:
         """Insert many jobs in one transaction: all of them, or (on any error) none."""
-        requests = list(requests)
-        rows, queues = self._rows_for(requests, router)
-        new_queues = queues - self._known_queues
-
-        def insert(conn: apsw.Connection) -> list[EnqueueOutcome]:
-            for name in new_queues:
-                conn.execute(self.ENSURE_QUEUE, (name,))
-            if not any(row[7] for row in rows):
-                conn.executemany(self.INSERT, rows)
-                return [EnqueueOutcome(row[0], True) for row in rows]
-            outcomes = []
-            for row in rows:
-                if row[7] is None:
-                    conn.execute(self.INSERT, row)
-                    outcomes.append(EnqueueOutcome(row[0], True))
-                    continue
-                conn.execute(self.INSERT_UNIQUE, row)
-                if conn.changes():
-                    outcomes.append(EnqueueOutcome(row[0], True))
-                else:
-                    existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (row[7],)).fetchall()
-                    outcomes.append(EnqueueOutcome(existing[0][0], False))
-            return outcomes
-
-        outcomes = self._db.write(insert)
-        self._known_queues |= new_queues
-        for listener in self.enqueue_listeners:
-            listener(queues)
+        prepared = self.prepare(requests, router)
+        outcomes = self._db.write(functools.partial(self.insert_prepared, prepared))
+        self.announce(prepared)
         return outcomes
 
-    def _rows_for(self, requests: list[EnqueueRequest], router: Router | None
-                  ) -> tuple[list[tuple[Any, ...]], set[str]]:
-        """Validate and serialise every request before any write: all or nothing."""
+    def prepare(self, requests: Iterable[EnqueueRequest], router: Router | None = None
+                ) -> PreparedJobs:
+        """Validate, route and serialise requests, minting their ids; writes nothing.
+
+        With `insert_prepared` and `announce` this enqueues inside a transaction of your own
+        (`storage.db.write`), atomically with your other writes.
+        """
+        requests = list(requests)
         now = now_ms()
         ids = self._mint(len(requests))
         route = router.route if router is not None else None
@@ -731,7 +729,36 @@ class Jobs:
             rows.append((job_id, kind, queue, payload_json, priority,
                          now if run_at is None else int(run_at * 1000), max_attempts,
                          unique_key, now))
-        return rows, {row[2] for row in rows}
+        return PreparedJobs(rows, {row[2] for row in rows})
+
+    def insert_prepared(self, prepared: PreparedJobs, conn: apsw.Connection
+                        ) -> list[EnqueueOutcome]:
+        """Insert prepared jobs; the caller holds a write transaction on `conn`."""
+        rows = prepared.rows
+        for name in prepared.queues - self._known_queues:
+            conn.execute(self.ENSURE_QUEUE, (name,))
+        if not any(row[7] for row in rows):
+            conn.executemany(self.INSERT, rows)
+            return [EnqueueOutcome(row[0], True) for row in rows]
+        outcomes = []
+        for row in rows:
+            if row[7] is None:
+                conn.execute(self.INSERT, row)
+                outcomes.append(EnqueueOutcome(row[0], True))
+                continue
+            conn.execute(self.INSERT_UNIQUE, row)
+            if conn.changes():
+                outcomes.append(EnqueueOutcome(row[0], True))
+            else:
+                existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (row[7],)).fetchall()
+                outcomes.append(EnqueueOutcome(existing[0][0], False))
+        return outcomes
+
+    def announce(self, prepared: PreparedJobs) -> None:
+        """After the commit: wake this process's runtimes serving the jobs' queues."""
+        self._known_queues |= prepared.queues
+        for listener in self.enqueue_listeners:
+            listener(prepared.queues)
 
     # -- reading --
 
@@ -846,6 +873,27 @@ class Jobs:
                 return total
 
 
+    def sweep_expired(self) -> int:
+        """Delete finished jobs past their queue's retention: `done` ones after the queue's
+        `retain_done`, `failed` and `cancelled` ones after `retain_failed`. In chunks of
+        short transactions. Returns the number of rows deleted."""
+        now, total = now_ms(), 0
+        for queue, retain_done, retain_failed in self._db.connection().execute(
+                self.RETENTIONS).fetchall():
+            for state, retain in (("done", retain_done), ("failed", retain_failed),
+                                  ("cancelled", retain_failed)):
+                params = (state, now - retain, queue, self.PURGE_CHUNK_ROWS)
+                while True:
+                    deleted = self._db.write(lambda conn, params=params: conn.execute(
+                        self.SWEEP_CHUNK, params) and conn.changes())
+                    total += deleted
+                    if deleted < self.PURGE_CHUNK_ROWS:
+                        break
+        if total:
+            log.info("janitor deleted %d finished job(s) past retention", total)
+        return total
+
+
 def _check_state(state: Any) -> str:
     try:
         return JobState(state).value
@@ -903,6 +951,15 @@ class Queues:
             raise InvalidInput("backoff cap must not be smaller than its base")
         self._update(name, self.SET_BACKOFF, base_ms, cap_ms)
 
+    def set_retention(self, name: str, done: timedelta | float | None = None,
+                      failed: timedelta | float | None = None) -> None:
+        """How long finished jobs are kept: `done` ones, and `failed`/`cancelled` ones
+        (defaults 7 and 30 days). None leaves a setting unchanged."""
+        done_ms = None if done is None else int(_duration_seconds(done, "retention") * 1000)
+        failed_ms = (None if failed is None
+                     else int(_duration_seconds(failed, "retention") * 1000))
+        self._update(name, self.SET_RETENTION, done_ms, failed_ms)
+
     def list(self) -> list[Queue]:
         """Every queue that has settings or ever had a job enqueued, by name."""
         return [Queue(name, bool(paused), limit, base / 1000, cap / 1000,
@@ -955,6 +1012,9 @@ class Processes:
         WHERE state = 'running'
           AND host NOT IN (SELECT host_id FROM processes WHERE heartbeat_at >= ?2)"""
     DELETE_SILENT = "DELETE FROM processes WHERE heartbeat_at < ?"
+    CLAIM_CHORE = ("INSERT INTO chores (name, last_run_at) VALUES (?1, ?2)"
+                   " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2 WHERE last_run_at <= ?3")
+    CHORE_LAST_RUN = "SELECT last_run_at FROM chores WHERE name = ?"
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -977,6 +1037,16 @@ class Processes:
         if rescued:
             log.warning("rescued %d job(s) from hosts silent for %.1f s", rescued, lease_timeout)
         return rescued
+
+    def claim_chore(self, name: str, interval: float) -> bool:
+        """True for exactly one caller per `interval` seconds, cluster-wide."""
+        now = now_ms()
+        cutoff = now - int(interval * 1000)
+        last = self._db.connection().execute(self.CHORE_LAST_RUN, (name,)).fetchall()
+        if last and last[0][0] > cutoff:
+            return False        # read first: most calls need no writer lock
+        return self._db.write(lambda conn: bool(
+            conn.execute(self.CLAIM_CHORE, (name, now, cutoff)) and conn.changes()))
 
     def remove(self, host_id: str) -> None:
         """Forget a host that stopped cleanly."""
@@ -1040,6 +1110,135 @@ class RateLimits:
         self._db.write(lambda conn: conn.execute(self.SET_TOKENS, (scope, 0.0, now_ms())))
 
 
+# ------------------------------------------------------------------ Cron ----
+
+@dataclass(frozen=True, slots=True)
+class CronSchedule:
+    """A cron schedule as stored: what it enqueues, and when it fires next."""
+
+    name: str
+    expression: str
+    timezone: str | None
+    request: EnqueueRequest
+    next_fire_at: datetime | None
+    enabled: bool
+    last_error: str | None
+
+
+def _request_to_json(request: EnqueueRequest) -> str:
+    fields = request._asdict()
+    del fields["run_at"]        # a schedule's jobs run at their tick
+    return _json_encode(fields)
+
+
+def _request_from_json(text: str, run_at: float | None = None) -> EnqueueRequest:
+    fields = _json_decode(text)
+    return EnqueueRequest(fields.pop("kind"), fields.pop("payload"), run_at=run_at, **fields)
+
+
+class CronSchedules:
+    """Cron schedules shared by every process: `storage.cron`.
+
+    Each tick is enqueued exactly once however many processes declare the schedule: the
+    process that fires it moves `next_fire_at` with a compare-and-set in the same transaction
+    as the enqueue, so a second process finds nothing left to fire.
+    """
+
+    # Re-declaring an unchanged schedule keeps its next tick; a changed one starts afresh.
+    DECLARE = """
+        INSERT INTO cron (name, expression, timezone, request, next_fire_at)
+        VALUES (?1, ?2, ?3, ?4, ?5)
+        ON CONFLICT (name) DO UPDATE SET expression = ?2, timezone = ?3, request = ?4,
+                                         next_fire_at = ?5, enabled = 1, last_error = NULL
+        WHERE expression IS NOT ?2 OR timezone IS NOT ?3 OR request IS NOT ?4"""
+    SELECT_ALL = ("SELECT name, expression, timezone, request, next_fire_at, enabled, last_error"
+                  " FROM cron ORDER BY name")
+    SELECT_DUE = ("SELECT name, expression, timezone, request, next_fire_at FROM cron"
+                  " WHERE enabled AND next_fire_at <= ?")
+    NEXT_FIRE = "SELECT min(next_fire_at) FROM cron WHERE enabled"
+    ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
+               " WHERE name = ?1 AND next_fire_at = ?2")
+    # Ticks later than this were missed while no process ran the schedule: they collapse
+    # into one run, then the schedule goes on from now (no catch-up storm).
+    MISSED_AFTER_MS = 5_000
+
+    def __init__(self, db: Database, jobs: Jobs) -> None:
+        self._db = db
+        self._jobs = jobs
+        self._parsed: dict[tuple[str, str | None], CronExpression] = {}
+
+    def declare(self, name: str, expression: CronExpression, request: EnqueueRequest) -> None:
+        """Create or update the schedule `name`; its first tick is the next after now."""
+        _check_name(name, "schedule name")
+        first = expression.next_after(datetime.now(timezone.utc))
+        first_ms = None if first is None else int(first.timestamp() * 1000)
+        params = (name, expression.expression, expression.tz_name, _request_to_json(request),
+                  first_ms)
+        self._db.write(lambda conn: conn.execute(self.DECLARE, params))
+
+    def list(self) -> list[CronSchedule]:
+        """Every stored schedule, by name."""
+        return [CronSchedule(name, expression, tz, _request_from_json(request),
+                             _datetime_from_ms(next_fire), bool(enabled), last_error)
+                for name, expression, tz, request, next_fire, enabled, last_error
+                in self._db.connection().execute(self.SELECT_ALL)]
+
+    def next_fire_ms(self) -> int | None:
+        """When the earliest enabled schedule fires next."""
+        return self._db.connection().execute(self.NEXT_FIRE).fetchall()[0][0]
+
+    def fire_due(self, names: set[str], router: Router | None) -> int:
+        """Enqueue one job for each due tick of the named schedules; returns how many ticks
+        this process fired (ticks another process fired first are skipped)."""
+        fired = 0
+        while True:
+            now = now_ms()
+            due = [row for row in self._db.connection().execute(self.SELECT_DUE, (now,))
+                   if row[0] in names]
+            if not due:
+                return fired
+            for name, expression, tz, request, tick in due:
+                fired += self._fire(name, self._expression(expression, tz), request, tick,
+                                    router)
+
+    def _expression(self, expression: str, tz: str | None) -> CronExpression:
+        parsed = self._parsed.get((expression, tz))
+        if parsed is None:
+            parsed = self._parsed[(expression, tz)] = CronExpression(expression, tz)
+        return parsed
+
+    def _fire(self, name: str, expression: CronExpression, request_json: str, tick: int,
+              router: Router | None) -> int:
+        now = now_ms()
+        missed = now - tick > self.MISSED_AFTER_MS
+        after = now if missed else tick
+        following = expression.next_after(datetime.fromtimestamp(after / 1000, timezone.utc))
+        following_ms = None if following is None else int(following.timestamp() * 1000)
+        prepared, error = None, None
+        try:
+            prepared = self._jobs.prepare(
+                [_request_from_json(request_json, (now if missed else tick) / 1000)], router)
+        except (InvalidInput, TypeError, ValueError, KeyError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("cron schedule %r cannot enqueue: %s", name, error)
+
+        def fire(conn: apsw.Connection) -> int:
+            conn.execute(self.ADVANCE, (name, tick, following_ms, error))
+            if not conn.changes():
+                return 0            # another process fired this tick
+            if prepared is not None:
+                self._jobs.insert_prepared(prepared, conn)
+            return 1
+
+        fired = self._db.write(fire)
+        if fired and prepared is not None:
+            self._jobs.announce(prepared)
+            if missed:
+                log.info("cron schedule %r missed ticks since %s: ran once for the window",
+                         name, _iso_from_ms(tick))
+        return fired
+
+
 # --------------------------------------------------------------- Storage ----
 
 class Storage:
@@ -1057,6 +1256,7 @@ class Storage:
         self.queues = Queues(self.db)
         self.processes = Processes(self.db)
         self.rate_limits = RateLimits(self.db)
+        self.cron = CronSchedules(self.db, self.jobs)
 
     def close(self) -> None:
         """Close all connections. The Storage cannot be used afterwards."""
@@ -1196,14 +1396,202 @@ class JobCtx:
         return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
 
 
+# ------------------------------------------------------- Cron expressions ----
+
+_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                "@hourly": "0 * * * *"}
+_CRON_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 7))
+_CRON_NAMES = {
+    "month": {name: i for i, name in enumerate(
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"),
+        start=1)},
+    "day of week": {name: i for i, name in enumerate(
+        ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))},
+}
+_CRON_SEARCH_YEARS = 8      # Feb 29 recurs within 8 years (2096 -> 2104 skips 2100)
+
+
+class CronExpression:
+    """A parsed cron expression: `next_after(t)` is the first matching instant after `t`.
+
+    Five fields (minute hour day-of-month month day-of-week) or six with leading seconds;
+    `*`, `a`, `a-b`, `*/n`, `a-b/n`, `a/n`, lists with commas, names of months and days,
+    and @hourly/@daily/@weekly/@monthly/@yearly. When both day fields are restricted, a day
+    matching either runs (as in Vixie cron). Times are wall-clock times in `tz`:
+
+    * a time skipped by a spring-forward DST change fires once, at the moment of the jump;
+    * a time repeated by a fall-back change fires once (its first occurrence), unless the
+      hour field is `*`, in which case it fires in both passes (every real hour).
+    """
+
+    def __init__(self, expression: str, tz: str | None = None) -> None:
+        self.expression = expression
+        self.tz_name = tz
+        try:
+            self.tz = timezone.utc if tz is None else zoneinfo.ZoneInfo(tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+            raise InvalidInput(f"unknown time zone {tz!r}; use an IANA name such as "
+                               f"'Europe/Paris'") from None
+        if not isinstance(expression, str):
+            raise InvalidInput(f"cron expression must be a string, not {expression!r}")
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        parts = text.split()
+        if len(parts) == 5:
+            parts.insert(0, "0")
+        elif len(parts) != 6:
+            raise InvalidInput(f"cron expression {expression!r} has {len(parts)} fields; "
+                               f"expected 5, or 6 with leading seconds, or a @macro")
+        values = [self._parse_field(part, *spec) for part, spec in zip(parts, _CRON_FIELDS,
+                                                                       strict=True)]
+        self.seconds, self.minutes, self.hours, self.days, self.months, weekdays = values
+        self.weekdays = frozenset(d % 7 for d in weekdays)      # 7 is Sunday too
+        self.any_day = parts[3] in ("*", "?")
+        self.any_weekday = parts[5] in ("*", "?")
+        self.every_hour = parts[2] == "*"
+        if self.any_weekday and not any(day <= _days_in_month(2000, month)
+                                        for month in self.months for day in self.days):
+            raise InvalidInput(f"cron expression {expression!r} never fires: no chosen month "
+                               f"has the chosen days")
+
+    def _parse_field(self, text: str, field: str, low: int, high: int) -> tuple[int, ...]:
+        names = _CRON_NAMES.get(field, {})
+
+        def number(token: str) -> int:
+            value = names.get(token.upper())
+            if value is None:
+                if not token.isdigit():
+                    raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
+                                       f"{text!r}: {token!r} is not a number"
+                                       + (" or a name" if names else ""))
+                value = int(token)
+            if not low <= value <= high:
+                raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
+                                   f"{text!r}: {value} is out of range {low}-{high}")
+            return value
+
+        chosen: set[int] = set()
+        for item in text.split(","):
+            span, _, step_text = item.partition("/")
+            step = 1
+            if step_text:
+                if not step_text.isdigit() or int(step_text) == 0:
+                    raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
+                                       f"{text!r}: step {step_text!r} must be a positive number")
+                step = int(step_text)
+            if span in ("*", "?"):
+                first, last = low, high
+            elif "-" in span:
+                start, _, end = span.partition("-")
+                first, last = number(start), number(end)
+                if first > last:
+                    raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
+                                       f"{text!r}: range {span!r} runs backwards")
+            else:
+                first = number(span)
+                last = high if step_text else first
+            chosen.update(range(first, last + 1, step))
+        return tuple(sorted(chosen))
+
+    def _day_matches(self, day: date) -> bool:
+        in_days = day.day in self.days
+        in_weekdays = (day.weekday() + 1) % 7 in self.weekdays
+        if self.any_day:
+            return in_weekdays
+        if self.any_weekday:
+            return in_days
+        return in_days or in_weekdays
+
+    def _wall_times_from(self, start: datetime) -> Iterator[datetime]:
+        """Matching naive wall-clock times >= start, in order."""
+        day = start.date()
+        end = day.replace(day=1, year=day.year + _CRON_SEARCH_YEARS)
+        first_day = True
+        while day < end:
+            if day.month not in self.months:
+                day = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+                first_day = False
+                continue
+            if self._day_matches(day):
+                for hour in self.hours:
+                    if first_day and hour < start.hour:
+                        continue
+                    same_hour = first_day and hour == start.hour
+                    for minute in self.minutes:
+                        if same_hour and minute < start.minute:
+                            continue
+                        same_minute = same_hour and minute == start.minute
+                        for second in self.seconds:
+                            if same_minute and second < start.second:
+                                continue
+                            yield datetime(day.year, day.month, day.day, hour, minute, second)
+            day += timedelta(days=1)
+            first_day = False
+
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first firing instant strictly after `after` (aware), or None if there is none
+        within the next 8 years. The result is in the expression's time zone."""
+        # Aware datetimes sharing a tzinfo compare by wall time, ignoring DST folds: compare
+        # in UTC only.
+        after = after.astimezone(timezone.utc)
+        local = after.astimezone(self.tz)
+        start = local.replace(tzinfo=None, microsecond=0)
+        if local.fold == 0 and local.replace(fold=1).utcoffset() != local.utcoffset():
+            start -= timedelta(hours=3)     # in a repeated hour: its second pass is still ahead
+        best: datetime | None = None
+        best_wall = start
+        for wall in self._wall_times_from(start):
+            if best is not None and wall > best_wall + timedelta(hours=3):
+                break
+            for instant, second_pass in self._instants(wall):
+                if instant > after and (best is None or instant < best):
+                    best, best_wall = instant, wall
+                    if not second_pass:
+                        return best.astimezone(self.tz)
+        return None if best is None else best.astimezone(self.tz)
+
+    def _instants(self, wall: datetime) -> list[tuple[datetime, bool]]:
+        """The UTC instants at which wall-clock time `wall` fires, each with whether it is
+        the second pass of a repeated hour."""
+        first = wall.replace(tzinfo=self.tz, fold=0).astimezone(timezone.utc)
+        second = wall.replace(tzinfo=self.tz, fold=1).astimezone(timezone.utc)
+        if first == second:
+            return [(first, False)]
+        if first.astimezone(self.tz).replace(tzinfo=None) == wall:      # repeated time
+            return [(first, False), (second, True)] if self.every_hour else [(first, False)]
+        return [(_transition_between(second, first, self.tz), False)]   # skipped time
+
+
+def _transition_between(low: datetime, high: datetime, tz: tzinfo) -> datetime:
+    """The UTC instant in (low, high] where tz's UTC offset changes, to the second."""
+    offset = low.astimezone(tz).utcoffset()
+    while high - low > timedelta(seconds=1):
+        middle = low + (high - low) / 2
+        if middle.astimezone(tz).utcoffset() == offset:
+            low = middle
+        else:
+            high = middle
+    return high.replace(microsecond=0)
+
+
+def _days_in_month(year: int, month: int) -> int:
+    following = date(year + month // 12, month % 12 + 1, 1)
+    return (following - timedelta(days=1)).day
+
+
 # ---------------------------------------------------------------- Runtime ----
 
 Handler = Callable[[JobCtx, Any], Any]
 
 
-# A queue whose handlers finish faster than this on average may claim up to twice its slots:
-# the extra jobs wait in memory, so a commit is never the only thing a fast queue waits for.
-PREFETCH_FOR_HANDLERS_UNDER = 0.001     # seconds
+# A queue of fast handlers claims ahead: beyond its free slots, as many jobs as its slots run
+# in about PREFETCH_SECONDS (at most PREFETCH_PER_SLOT per slot). The extra jobs wait in
+# memory, so workers are not idle while the dispatcher commits, and each commit carries more
+# jobs. Slow handlers get no prefetch: a job never waits long in one process's buffer while
+# another process has a free slot.
+PREFETCH_SECONDS = 0.002
+PREFETCH_PER_SLOT = 8
 
 
 class _Claimed(NamedTuple):
@@ -1245,11 +1633,20 @@ class _QueueState:
         self.next_due: int | None = None    # earliest run_at of a scheduled job, when known
         self.paused = False
         self.backoff = (1000, 3_600_000)    # ms; refreshed from the queues table
-        self.avg_seconds = 0.0          # moving average of handler run time
+        self.avg_seconds: float | None = None   # moving average of handler run time
 
     def claimable(self) -> int:
-        prefetch = self.slots if self.avg_seconds < PREFETCH_FOR_HANDLERS_UNDER else 0
+        prefetch = 0
+        if self.avg_seconds is not None:
+            prefetch = min(PREFETCH_PER_SLOT * self.slots,
+                           int(PREFETCH_SECONDS * self.slots / max(self.avg_seconds, 1e-6)))
         return self.slots + prefetch - self.held
+
+    def record_run_time(self, seconds: float) -> None:
+        if self.avg_seconds is None:
+            self.avg_seconds = seconds
+        else:
+            self.avg_seconds += (seconds - self.avg_seconds) * 0.2
 
     def drain_buffer(self) -> list[_Claimed]:
         """Take back the jobs no worker has started yet."""
@@ -1302,7 +1699,7 @@ class Runtime:
     def __init__(self, storage: Storage, queues: Mapping[str, int] | None = None,
                  router: Router | None = None, *, poll_interval: float = 0.05,
                  heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0, janitor_interval: float = 60.0) -> None:
         queues = {DEFAULT_QUEUE: 4} if queues is None else dict(queues)
         if not queues:
             raise ConfigError("a runtime needs at least one queue")
@@ -1318,10 +1715,12 @@ class Runtime:
         self.heartbeat_interval = _duration_seconds(heartbeat_interval, "heartbeat_interval")
         self.lease_timeout = _duration_seconds(lease_timeout, "lease_timeout")
         self.shutdown_timeout = _duration_seconds(shutdown_timeout, "shutdown_timeout")
+        self.janitor_interval = _duration_seconds(janitor_interval, "janitor_interval")
         if self.lease_timeout <= self.heartbeat_interval:
             raise ConfigError("lease_timeout must be longer than heartbeat_interval")
         self.host_id: str = ""          # a ULID minted by start()
         self._handlers: dict[str, Handler] = {}
+        self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._queue_states = {name: _QueueState(name, n) for name, n in queues.items()}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._finished: list[_Finish] = []
@@ -1331,6 +1730,7 @@ class Runtime:
         self._stopped = threading.Event()
         self._dispatcher: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
+        self._scheduler: threading.Thread | None = None
         self._started = False
 
     # -- registration and enqueueing --
@@ -1348,6 +1748,19 @@ class Runtime:
         if not callable(fn):
             raise ConfigError(f"handler for {kind!r} is not callable")
         self._handlers[kind] = fn
+
+    def cron(self, name: str, expression: str, request: EnqueueRequest,
+             tz: str | None = None) -> None:
+        """Enqueue `request` at every tick of the cron `expression` (in IANA time zone `tz`,
+        default UTC). Each tick is enqueued once however many processes declare it; the job's
+        run_at is its tick. An invalid expression raises InvalidInput here."""
+        _check_name(name, "schedule name")
+        if type(request) is not EnqueueRequest:
+            raise InvalidInput(f"cron {name!r}: request must be an EnqueueRequest")
+        parsed = CronExpression(expression, tz)
+        self._schedules[name] = (parsed, request)
+        if self._started:
+            self.storage.cron.declare(name, parsed, request)
 
     def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
         """Enqueue through this runtime's router."""
@@ -1370,11 +1783,15 @@ class Runtime:
                                             name=f"sqliteq-dispatch-{self.host_id}")
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                            name=f"sqliteq-heartbeat-{self.host_id}")
+        self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
+                                           name=f"sqliteq-scheduler-{self.host_id}")
+        for name, (expression, request) in self._schedules.items():
+            self.storage.cron.declare(name, expression, request)
         workers = [threading.Thread(target=self._work_loop, args=(qs, slot), daemon=True,
                                     name=f"{qs.name}-{slot}-{self.host_id}")
                    for qs in self._queue_states.values() for slot in range(qs.slots)]
         self.storage.jobs.enqueue_listeners.append(self._on_enqueue)
-        for thread in (self._dispatcher, self._heartbeat, *workers):
+        for thread in (self._dispatcher, self._heartbeat, self._scheduler, *workers):
             thread.start()
         log.info("runtime %s started: queues %s", self.host_id, self.queues)
 
@@ -1384,7 +1801,7 @@ class Runtime:
         in their queue with the attempt refunded. Safe to call more than once."""
         if not self._started or self._stopped.is_set():
             return
-        assert self._dispatcher is not None and self._heartbeat is not None
+        assert self._dispatcher and self._heartbeat and self._scheduler
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -1399,6 +1816,7 @@ class Runtime:
                 qs.buffer.put(None)
         self._stopped.set()
         self._heartbeat.join()
+        self._scheduler.join()
         if self._on_enqueue in self.storage.jobs.enqueue_listeners:
             self.storage.jobs.enqueue_listeners.remove(self._on_enqueue)
         self.storage.processes.remove(self.host_id)
@@ -1497,7 +1915,7 @@ class Runtime:
             qs = self._queue_states[finish.job.queue]
             qs.held -= 1
             if finish.seconds:
-                qs.avg_seconds += (finish.seconds - qs.avg_seconds) * 0.2
+                qs.record_run_time(finish.seconds)
             self._held.pop(finish.job.id, None)
 
     def _unsettle(self, finished: list[_Finish]) -> None:
@@ -1633,6 +2051,23 @@ class Runtime:
                 self._sync_running()
             except Exception:
                 log.exception("heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
+
+    # -- scheduler: cron ticks and the janitor --
+
+    def _schedule_loop(self) -> None:
+        timeout = 0.0
+        while not self._stopped.wait(timeout) and not self._stopping:
+            timeout = 1.0
+            try:
+                if self._schedules:
+                    self.storage.cron.fire_due(set(self._schedules), self.router)
+                    next_fire = self.storage.cron.next_fire_ms()
+                    if next_fire is not None:
+                        timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
+                if self.storage.processes.claim_chore("janitor", self.janitor_interval):
+                    self.storage.jobs.sweep_expired()
+            except Exception:
+                log.exception("scheduler error; retrying in 1 s")
 
     # -- workers --
 
