@@ -41,7 +41,9 @@ kind. Full text: https://opensource.org/license/mit
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import json
 import logging
 import math
@@ -49,6 +51,8 @@ import os
 import queue as queue_module
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -57,7 +61,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import apsw
 import ulid
@@ -70,6 +74,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("sqliteq")
+job_log = logging.getLogger("sqliteq.jobs")    # one INFO line per finished job
 T = TypeVar("T")
 
 
@@ -251,6 +256,23 @@ class Job:
     worker: str | None
     host: str | None
     cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A queue's load: job counts by state, throughput and lag."""
+
+    name: str
+    ready: int                      # queued and due now
+    scheduled: int                  # queued for later
+    running: int
+    done: int
+    failed: int
+    cancelled: int
+    paused: bool
+    limit: int | None
+    jobs_per_minute: float          # finished (done or failed) over the last 5 minutes
+    oldest_ready_age: float | None  # seconds the oldest ready job has waited
 
 
 @dataclass(frozen=True, slots=True)
@@ -666,6 +688,9 @@ class Jobs:
     RETRY = ("UPDATE jobs SET state = 'queued', attempt = 0, run_at = ?2, finished_at = NULL,"
              " cancel_requested = 0, lease = NULL WHERE id = ?1"
              " AND state IN ('failed', 'cancelled')")
+    RETRY_FAILED = ("UPDATE OR IGNORE jobs SET state = 'queued', attempt = 0, run_at = ?2,"
+                    " finished_at = NULL, cancel_requested = 0, lease = NULL"
+                    " WHERE state = 'failed' AND (?1 IS NULL OR queue = ?1)")
     RUN_NOW = "UPDATE jobs SET run_at = ?2 WHERE id = ?1 AND state = 'queued' AND run_at > ?2"
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
     PURGE_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
@@ -843,6 +868,12 @@ class Jobs:
 
         return self._db.write(retry)
 
+    def retry_failed(self, queue: str | None = None) -> int:
+        """Retry every failed job (of one queue, if given). Jobs whose unique key is held by
+        an active job are left failed. Returns how many were requeued."""
+        return self._db.write(lambda conn: conn.execute(
+            self.RETRY_FAILED, (queue, now_ms())) and conn.changes())
+
     def run_now(self, job_id: str) -> bool:
         """Make a scheduled (queued, future run_at) job ready now. False if not applicable."""
         return self._db.write(lambda conn: bool(
@@ -959,6 +990,37 @@ class Queues:
         failed_ms = (None if failed is None
                      else int(_duration_seconds(failed, "retention") * 1000))
         self._update(name, self.SET_RETENTION, done_ms, failed_ms)
+
+    STATE_COUNTS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
+    READINESS = ("SELECT queue, sum(run_at <= ?1), sum(run_at > ?1),"
+                 " min(CASE WHEN run_at <= ?1 THEN run_at END)"
+                 " FROM jobs WHERE state = 'queued' GROUP BY queue")
+    FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
+                      " AND finished_at >= ? GROUP BY queue")
+    THROUGHPUT_WINDOW_MS = 5 * 60_000
+
+    def stats(self) -> list[QueueStats]:
+        """Load of every queue, by name. Counting reads the whole table: for dashboards and
+        the CLI, not for hot paths."""
+        conn, now = self._db.connection(), now_ms()
+        counts: dict[str, dict[str, int]] = {}
+        for name, state, count in conn.execute(self.STATE_COUNTS):
+            counts.setdefault(name, {})[state] = count
+        readiness = {name: (ready, scheduled, oldest) for name, ready, scheduled, oldest
+                     in conn.execute(self.READINESS, (now,))}
+        finished = dict(conn.execute(self.FINISHED_SINCE,
+                                     (now - self.THROUGHPUT_WINDOW_MS,)).fetchall())
+        stats = []
+        for queue in self.list():
+            ready, scheduled, oldest = readiness.get(queue.name, (0, 0, None))
+            by_state = counts.get(queue.name, {})
+            stats.append(QueueStats(
+                queue.name, ready, scheduled, by_state.get("running", 0),
+                by_state.get("done", 0), by_state.get("failed", 0),
+                by_state.get("cancelled", 0), queue.paused, queue.limit,
+                finished.get(queue.name, 0) / (self.THROUGHPUT_WINDOW_MS / 60_000),
+                None if oldest is None else max(0.0, (now - oldest) / 1000)))
+        return stats
 
     def list(self) -> list[Queue]:
         """Every queue that has settings or ever had a job enqueued, by name."""
@@ -1611,6 +1673,7 @@ class _Claimed(NamedTuple):
 class _Finish(NamedTuple):
     """A verdict on a claimed job, waiting for the dispatcher's next group commit."""
 
+    verdict: str                        # done, retry, failed, cancelled, requeued, ...
     statement: str
     params: tuple[Any, ...]
     job: _Claimed
@@ -1700,17 +1763,13 @@ class Runtime:
                  router: Router | None = None, *, poll_interval: float = 0.05,
                  heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
                  shutdown_timeout: float = 30.0, janitor_interval: float = 60.0) -> None:
-        queues = {DEFAULT_QUEUE: 4} if queues is None else dict(queues)
-        if not queues:
-            raise ConfigError("a runtime needs at least one queue")
-        for name, slots in queues.items():
-            _check_name(name, "queue name")
-            if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 1024:
-                raise ConfigError(f"queue {name!r} needs 1 to 1024 slots, not {slots!r}")
+        self._started = False
         self.storage = storage
         self.router: Router = router if router is not None else DefaultRouter()
         self.rate_limit = RateLimiter(storage)
-        self.queues = queues
+        self.queues: dict[str, int] = {}
+        self._queue_states: dict[str, _QueueState] = {}
+        self.set_queues({DEFAULT_QUEUE: 4} if queues is None else queues)
         self.poll_interval = _duration_seconds(poll_interval, "poll_interval")
         self.heartbeat_interval = _duration_seconds(heartbeat_interval, "heartbeat_interval")
         self.lease_timeout = _duration_seconds(lease_timeout, "lease_timeout")
@@ -1721,7 +1780,6 @@ class Runtime:
         self.host_id: str = ""          # a ULID minted by start()
         self._handlers: dict[str, Handler] = {}
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
-        self._queue_states = {name: _QueueState(name, n) for name, n in queues.items()}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._finished: list[_Finish] = []
         self._wake = threading.Condition(threading.Lock())
@@ -1731,9 +1789,22 @@ class Runtime:
         self._dispatcher: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
-        self._started = False
 
     # -- registration and enqueueing --
+
+    def set_queues(self, queues: Mapping[str, int]) -> None:
+        """Serve these queues with this many worker slots each (only before start)."""
+        if self._started:
+            raise ConfigError("set_queues must be called before start")
+        queues = dict(queues)
+        if not queues:
+            raise ConfigError("a runtime needs at least one queue")
+        for name, slots in queues.items():
+            _check_name(name, "queue name")
+            if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 1024:
+                raise ConfigError(f"queue {name!r} needs 1 to 1024 slots, not {slots!r}")
+        self.queues = queues
+        self._queue_states = {name: _QueueState(name, n) for name, n in queues.items()}
 
     def handler(self, kind: str) -> Callable[[Handler], Handler]:
         """Decorator: `@rt.handler("email_send")` registers the function for that kind."""
@@ -1998,13 +2069,14 @@ class Runtime:
         for state in states:
             for job in state.drain_buffer():
                 job.token.cancel(reason)
-                finishes.append(self._requeue(job, now_ms(), "", refund=True))
+                finishes.append(self._requeue(job, now_ms(), "", f"requeued ({reason})"))
         self._settle(finishes)
         return finishes
 
     def _requeue_abandoned(self) -> None:
         """Shutdown timed out: put the jobs whose handlers still run back, refunded."""
-        finishes = [self._requeue(job, now_ms(), "", refund=True) for job in self._held.values()]
+        finishes = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
+                    for job in self._held.values()]
         self.storage.db.write(lambda conn: conn.executemany(
             self.REQUEUE, [finish.params for finish in finishes]))
         log.warning("shutdown timed out: %d running job(s) returned to their queues",
@@ -2078,6 +2150,9 @@ class Runtime:
             if job is None:
                 return
             finish = self._execute(job, process_id)
+            if job_log.isEnabledFor(logging.INFO):
+                job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, finish.verdict,
+                             process_id, finish.seconds * 1000)
             with self._wake:
                 self._finished.append(finish)
                 self._wake.notify()
@@ -2093,14 +2168,15 @@ class Runtime:
             ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
                          self.host_id, job.token, job.attempt, job.kind, job.queue)
             result = _json_encode(fn(ctx, _json_decode(job.payload)))
-            return _Finish(self.FINISH_DONE, (job.id, job.lease, result, process_id, now_ms()),
-                           job, time.perf_counter() - started)
+            return _Finish("done", self.FINISH_DONE,
+                           (job.id, job.lease, result, process_id, now_ms()), job,
+                           time.perf_counter() - started)
         except (KeyboardInterrupt, SystemExit) as exc:
             log.error("handler of job %s raised %s: stopping the runtime", job.id,
                       type(exc).__name__)
             with self._wake:
                 self._stopping = True
-            return self._requeue(job, now_ms(), process_id, refund=True)
+            return self._requeue(job, now_ms(), process_id, "requeued")
         except BaseException as exc:    # nothing a handler does may kill a worker thread
             return self._verdict(job, exc, process_id)._replace(
                 seconds=time.perf_counter() - started)
@@ -2108,21 +2184,21 @@ class Runtime:
     def _verdict(self, job: _Claimed, exc: BaseException, process_id: str) -> _Finish:
         now, token = now_ms(), job.token
         if isinstance(exc, Snooze):
-            return self._requeue(job, now + int(exc.after * 1000), process_id, refund=True)
+            return self._requeue(job, now + int(exc.after * 1000), process_id, "snoozed")
         if isinstance(exc, Throttled):
             until = now + int(exc.retry_after * 1000)
-            return self._requeue(job, until, process_id, refund=True)._replace(
+            return self._requeue(job, until, process_id, "throttled")._replace(
                 cool_down_until=until)
         if token.cancelled and token.reason in ("paused", "shutdown"):
-            return self._requeue(job, now, process_id, refund=True)
+            return self._requeue(job, now, process_id, f"requeued ({token.reason})")
         if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
-            return _Finish(self.FINISH_FAILED, (job.id, job.lease, "cancelled",
+            return _Finish("cancelled", self.FINISH_FAILED, (job.id, job.lease, "cancelled",
                                                 self._errors_with(job, exc, now), process_id,
                                                 now), job)
         if isinstance(exc, Dead) or job.attempt >= job.max_attempts:
             log.warning("job %s (%s) failed for good on attempt %d: %s", job.id, job.kind,
                         job.attempt, type(exc).__name__)
-            return _Finish(self.FINISH_FAILED, (job.id, job.lease, "failed",
+            return _Finish("failed", self.FINISH_FAILED, (job.id, job.lease, "failed",
                                                 self._errors_with(job, exc, now), process_id,
                                                 now), job)
         if isinstance(exc, Retry) and exc.after is not None:
@@ -2131,15 +2207,15 @@ class Runtime:
             base, cap = self._queue_states[job.queue].backoff
             delay = min(base * 2 ** min(job.attempt - 1, 62), cap)
             delay_ms = int(delay / 2 + random.uniform(0, delay / 2))
-        log.info("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
-                 job.attempt, type(exc).__name__, delay_ms / 1000)
-        return _Finish(self.REQUEUE, (job.id, job.lease, now + delay_ms,
+        log.debug("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
+                  job.attempt, type(exc).__name__, delay_ms / 1000)
+        return _Finish("retry", self.REQUEUE, (job.id, job.lease, now + delay_ms,
                                       self._errors_with(job, exc, now), process_id, 0), job)
 
-    def _requeue(self, job: _Claimed, run_at: int, process_id: str, *, refund: bool
-                 ) -> _Finish:
-        return _Finish(self.REQUEUE, (job.id, job.lease, run_at, job.errors, process_id or None,
-                                      int(refund)), job)
+    def _requeue(self, job: _Claimed, run_at: int, process_id: str, verdict: str) -> _Finish:
+        """Back to the queue with the attempt refunded."""
+        return _Finish(verdict, self.REQUEUE,
+                       (job.id, job.lease, run_at, job.errors, process_id or None, 1), job)
 
     @staticmethod
     def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:
@@ -2149,3 +2225,612 @@ class Runtime:
                        "traceback": "".join(traceback.format_exception(
                            type(exc), exc, exc.__traceback__))})
         return _json_encode(errors[-MAX_ERRORS_KEPT:])
+
+
+# ------------------------------------------------------------------- Demo ----
+
+def run_demo(storage: Storage, count: int = 10_000,
+             progress: Callable[[int], Any] | None = None) -> dict[str, str]:
+    """The workload behind `sqliteq demo`; returns a summary.
+
+    A bootstrap job fans out `count` sub-jobs with `ctx.enqueue_bulk`; each sub-job takes a
+    token from the rate-limited scope "demo-api"; one in a thousand fails on its first
+    attempt and is retried; a cron schedule ticks every second. `progress(total)` may return
+    a context manager with `update(n)` (a progress bar).
+    """
+    storage.rate_limits.configure("demo-api", capacity=100, refill_per_sec=5000)
+    storage.queues.set_backoff("demo", 0.2, 1.0)
+    rt = Runtime(storage, queues={"demo": 4, "demo-cron": 1}, poll_interval=0.02,
+                 shutdown_timeout=5.0)
+    lock = threading.Lock()
+    tally = {"items": 0, "failures": 0, "ticks": 0}
+
+    @rt.handler("demo_bootstrap")
+    def bootstrap(ctx: JobCtx, payload: dict[str, int]) -> dict[str, int]:
+        ctx.enqueue_bulk(EnqueueRequest("demo_item", {"n": n}, queue_name="demo")
+                         for n in range(payload["jobs"]))
+        return {"fanned_out": payload["jobs"]}
+
+    @rt.handler("demo_item")
+    def item(ctx: JobCtx, payload: dict[str, int]) -> dict[str, int]:
+        ctx.rate_limit.acquire("demo-api", cancel=ctx.cancel)
+        if payload["n"] % 1000 == 7 and ctx.attempt == 1:
+            with lock:
+                tally["failures"] += 1
+            raise RuntimeError("flaky upstream (the demo fails this one once)")
+        with lock:
+            tally["items"] += 1
+        return {"square": payload["n"] ** 2}
+
+    @rt.handler("demo_tick")
+    def tick(ctx: JobCtx, payload: None) -> None:
+        with lock:
+            tally["ticks"] += 1
+
+    rt.cron("demo-tick", "* * * * * *", EnqueueRequest("demo_tick", queue_name="demo-cron"))
+    started = time.perf_counter()
+    with rt, (progress(count) if progress else contextlib.nullcontext()) as bar:
+        rt.enqueue(EnqueueRequest("demo_bootstrap", {"jobs": count}, queue_name="demo"))
+        shown = 0
+        while True:
+            time.sleep(0.1)
+            if bar is not None:
+                bar.update(tally["items"] - shown)
+                shown = tally["items"]
+            if tally["items"] >= count:
+                counts = storage.jobs.counts("demo")
+                if counts["queued"] == counts["running"] == 0:
+                    break
+    elapsed = time.perf_counter() - started
+    return {"database": storage.path, "jobs run": f"{count + 1:,} (1 bootstrap + {count:,})",
+            "retried after a failure": str(tally["failures"]), "cron ticks": str(tally["ticks"]),
+            "time": f"{elapsed:.1f} s", "throughput": f"{(count + 1) / elapsed:,.0f} jobs/s"}
+
+
+# -------------------------------------------------------------------- CLI ----
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "250ms", "30s", "5m", "2h", "7d", "1w" or a plain number of seconds."""
+    stripped = text.strip().lower()
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if stripped.endswith(unit):
+            number, scale = stripped[: -len(unit)], _DURATION_UNITS[unit]
+            break
+    else:
+        number, scale = stripped, 1.0
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise InvalidInput(f"bad duration {text!r}; use e.g. 30s, 5m, 2h, 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidInput(f"bad duration {text!r}: must be a non-negative time")
+    return seconds
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 time with a UTC offset ("2026-12-01T09:30:00Z", "...+01:00")."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"bad time {text!r}; use ISO 8601 such as 2026-12-01T09:30:00Z"
+                           ) from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"time {text!r} has no UTC offset; add Z or e.g. +01:00")
+    return moment
+
+
+def _request_from_line(fields: Any) -> EnqueueRequest:
+    """An EnqueueRequest from one JSON Lines record of `sqliteq enqueue-bulk`."""
+    if not isinstance(fields, dict):
+        raise InvalidInput("expected a JSON object")
+    fields = dict(fields)
+    unknown = set(fields) - {"kind", "payload", "queue", "priority", "delay", "run_at",
+                             "unique_key", "max_attempts"}
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(sorted(unknown))}")
+    if "kind" not in fields:
+        raise InvalidInput("missing field 'kind'")
+    run_at: datetime | float | None = None
+    if "delay" in fields and "run_at" in fields:
+        raise InvalidInput("give 'delay' or 'run_at', not both")
+    if "delay" in fields:
+        delay = fields["delay"]
+        run_at = time.time() + (parse_duration(delay) if isinstance(delay, str)
+                                else _duration_seconds(delay, "delay"))
+    elif "run_at" in fields:
+        value = fields["run_at"]
+        run_at = parse_instant(value) if isinstance(value, str) else value
+    return EnqueueRequest(fields["kind"], fields.get("payload"), queue_name=fields.get("queue"),
+                          priority=fields.get("priority", 0), run_at=run_at,
+                          max_attempts=fields.get("max_attempts"),
+                          unique_key=fields.get("unique_key"))
+
+
+def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
+    """A job as plain JSON-ready data (stable keys, times in ISO 8601)."""
+    data: dict[str, Any] = {
+        "id": job.id, "kind": job.kind, "queue": job.queue, "state": job.state.value,
+        "priority": job.priority, "attempt": job.attempt, "max_attempts": job.max_attempts,
+        "unique_key": job.unique_key, "run_at": _iso(job.run_at),
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at), "worker": job.worker, "host": job.host,
+        "cancel_requested": job.cancel_requested,
+        "last_error": job.errors[-1]["error"] if job.errors else None,
+    }
+    if full:
+        data.update(payload=job.payload, result=job.result, errors=job.errors)
+    return data
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else _iso_from_ms(int(moment.timestamp() * 1000))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row]
+                                           for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths,
+                                                                         strict=True)).rstrip()
+                     for row in cells)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _status_data(storage: Storage) -> dict[str, Any]:
+    return {
+        "queues": [{"name": q.name, "ready": q.ready, "scheduled": q.scheduled,
+                    "running": q.running, "done": q.done, "failed": q.failed,
+                    "cancelled": q.cancelled, "paused": q.paused, "limit": q.limit,
+                    "jobs_per_minute": round(q.jobs_per_minute, 1),
+                    "oldest_ready_age_seconds": (None if q.oldest_ready_age is None
+                                                 else round(q.oldest_ready_age, 3))}
+                   for q in storage.queues.stats()],
+        "processes": [{"host_id": p.host_id, "hostname": p.hostname, "pid": p.pid,
+                       "queues": p.queues, "started_at": _iso(p.started_at),
+                       "heartbeat_at": _iso(p.heartbeat_at)}
+                      for p in storage.processes.list()],
+    }
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    queues = _table(
+        ("QUEUE", "READY", "SCHEDULED", "RUNNING", "DONE", "FAILED", "CANCELLED", "PAUSED",
+         "LIMIT", "JOBS/MIN", "OLDEST READY"),
+        [(q["name"], q["ready"], q["scheduled"], q["running"], q["done"], q["failed"],
+          q["cancelled"], "yes" if q["paused"] else "no", q["limit"], q["jobs_per_minute"],
+          _age(q["oldest_ready_age_seconds"])) for q in data["queues"]])
+    processes = _table(("HOST", "PID", "HOSTNAME", "QUEUES", "HEARTBEAT"),
+                       [(p["host_id"], p["pid"], p["hostname"],
+                         ",".join(f"{k}={v}" for k, v in p["queues"].items()),
+                         p["heartbeat_at"]) for p in data["processes"]])
+    return f"{queues}\n\n{len(data['processes'])} live process(es)\n{processes}"
+
+
+def _cli() -> Any:
+    """Build the click command group (click is imported here only)."""
+    import click
+
+    def fail(message: str, code: int = 2) -> NoReturn:
+        click.echo(f"sqliteq: error: {message}", err=True)
+        raise SystemExit(code)
+
+    class Group(click.Group):
+        def invoke(self, ctx: click.Context) -> Any:
+            try:
+                return super().invoke(ctx)
+            except (InvalidInput, SchemaError, ConfigError) as exc:
+                fail(str(exc))
+            except SqliteqError as exc:
+                fail(str(exc), 1)
+
+    def open_storage(ctx: click.Context, *, create: bool = False) -> Storage:
+        path = ctx.obj["db"]
+        if not create and not os.path.exists(path):
+            fail(f"no database at {path!r} (set --db or SQLITEQ_DB)")
+        storage = Storage(path)
+        ctx.call_on_close(storage.close)
+        return storage
+
+    def known_queue(storage: Storage, name: str) -> str:
+        names = [q.name for q in storage.queues.list()]
+        if name not in names:
+            fail(f"unknown queue {name!r}; queues: {', '.join(names) or 'none yet'}")
+        return name
+
+    def emit_json(data: Any) -> None:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+    json_option = click.option("--json", "as_json", is_flag=True,
+                               help="Print JSON (stable keys) instead of a table.")
+
+    @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--db", default="sqliteq.db", envvar="SQLITEQ_DB", show_default=True,
+                  help="Database file (default $SQLITEQ_DB, else ./sqliteq.db).")
+    @click.version_option(__version__, prog_name="sqliteq")
+    @click.pass_context
+    def cli(ctx: click.Context, db: str) -> None:
+        """sqliteq: a durable job queue in one SQLite file.
+
+        \b
+        Example:
+          sqliteq demo                   # run the built-in demo workload
+          sqliteq --db jobs.db status    # what every queue is doing
+        """
+        ctx.obj = {"db": db}
+
+    @cli.command()
+    @click.argument("kind")
+    @click.argument("payload", required=False)
+    @click.option("--queue", help="Queue name (default: 'default').")
+    @click.option("--priority", type=int, default=0, show_default=True,
+                  help="Lower runs first.")
+    @click.option("--delay", help="Run after this long, e.g. 30s, 5m, 2h.")
+    @click.option("--at", "at_time", help="Run at this ISO 8601 time, e.g. 2026-12-01T09:00Z.")
+    @click.option("--unique-key", help="At most one queued-or-running job with this key.")
+    @click.option("--max-attempts", type=int, help="Attempts before the job fails (default 5).")
+    @json_option
+    @click.pass_context
+    def enqueue(ctx: click.Context, kind: str, payload: str | None, queue: str | None,
+                priority: int, delay: str | None, at_time: str | None, unique_key: str | None,
+                max_attempts: int | None, as_json: bool) -> None:
+        """Enqueue one job and print its id.
+
+        \b
+        Example:
+          sqliteq enqueue email_send '{"to": "ada@example.com"}' --delay 30s
+        """
+        try:
+            data = None if payload is None else json.loads(payload)
+        except json.JSONDecodeError as exc:
+            fail(f"invalid JSON payload: {exc}")
+        if delay is not None and at_time is not None:
+            fail("give --delay or --at, not both")
+        run_at: datetime | float | None = None
+        if delay is not None:
+            run_at = time.time() + parse_duration(delay)
+        elif at_time is not None:
+            run_at = parse_instant(at_time)
+        request = EnqueueRequest(kind, data, queue_name=queue, priority=priority, run_at=run_at,
+                                 max_attempts=max_attempts, unique_key=unique_key)
+        out = open_storage(ctx, create=True).jobs.enqueue(request)
+        if as_json:
+            emit_json({"job_id": out.job_id, "created": out.created})
+        else:
+            click.echo(out.job_id)
+            if not out.created:
+                click.echo(f"deduplicated: job {out.job_id} with unique key {unique_key!r} "
+                           f"is already queued or running", err=True)
+
+    @cli.command("enqueue-bulk")
+    @click.argument("source", type=click.File("r"))
+    @json_option
+    @click.pass_context
+    def enqueue_bulk(ctx: click.Context, source: Any, as_json: bool) -> None:
+        """Enqueue jobs from JSON Lines (a file, or - for stdin), all or nothing.
+
+        Each line: {"kind": ..., "payload": ..., "queue": ..., "priority": ...,
+        "delay": "30s" | "run_at": ISO 8601, "unique_key": ..., "max_attempts": ...}.
+
+        \b
+        Example:
+          printf '{"kind":"resize","payload":{"n":1}}\\n' | sqliteq enqueue-bulk -
+        """
+        lines = source.readlines()
+        requests = []
+        with click.progressbar(lines, label="validating", file=sys.stderr) as bar:
+            for number, line in enumerate(bar, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    requests.append(_request_from_line(json.loads(line)))
+                except (json.JSONDecodeError, InvalidInput, TypeError) as exc:
+                    fail(f"line {number}: {exc}")
+        outcomes = open_storage(ctx, create=True).jobs.enqueue_bulk(requests)
+        created = sum(out.created for out in outcomes)
+        if as_json:
+            emit_json({"created": created, "deduplicated": len(outcomes) - created,
+                       "job_ids": [out.job_id for out in outcomes]})
+        else:
+            click.echo(f"enqueued {created} job(s), {len(outcomes) - created} deduplicated")
+
+    @cli.command()
+    @click.argument("app")
+    @click.option("--queues", help="Queues and slots, e.g. default=4,email=2.")
+    @click.option("-v", "--verbose", is_flag=True, help="Log one line per job.")
+    @click.pass_context
+    def worker(ctx: click.Context, app: str, queues: str | None, verbose: bool) -> None:
+        """Run the Runtime APP ("module:attribute") until SIGINT/SIGTERM.
+
+        The attribute is a Runtime, or a function taking the Storage (opened on --db) and
+        returning one.
+
+        \b
+        Example:
+          sqliteq --db jobs.db worker myapp.tasks:runtime --queues default=4,email=2 -v
+        """
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        module_name, _, attribute = app.partition(":")
+        sys.path.insert(0, os.getcwd())
+        try:
+            target = getattr(importlib.import_module(module_name), attribute or "runtime")
+        except (ImportError, AttributeError) as exc:
+            fail(f"cannot load {app!r}: {exc}")
+        runtime = target if isinstance(target, Runtime) else None
+        if runtime is None and callable(target):
+            runtime = target(open_storage(ctx, create=True))
+        if not isinstance(runtime, Runtime):
+            fail(f"{app!r} is neither a Runtime nor a function returning one")
+        if queues:
+            slots = {}
+            for item in queues.split(","):
+                name, _, count = item.partition("=")
+                if not count.strip().isdigit():
+                    fail(f"bad --queues item {item!r}; use name=slots")
+                slots[name.strip()] = int(count)
+            runtime.set_queues(slots)
+        runtime.run()
+
+    @cli.command()
+    @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+    @json_option
+    @click.pass_context
+    def status(ctx: click.Context, watch: bool, as_json: bool) -> None:
+        """Per-queue counts, throughput and lag, and the live processes.
+
+        \b
+        Example:
+          sqliteq status --watch
+        """
+        storage = open_storage(ctx)
+        while True:
+            data = _status_data(storage)
+            if as_json:
+                emit_json(data)
+            else:
+                if watch:
+                    click.clear()
+                click.echo(_status_text(data))
+            if not watch:
+                return
+            try:
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                return
+
+    @cli.command()
+    @click.option("--state", type=click.Choice([s.value for s in JobState]))
+    @click.option("--queue")
+    @click.option("--kind")
+    @click.option("--limit", type=click.IntRange(0), default=20, show_default=True)
+    @json_option
+    @click.pass_context
+    def jobs(ctx: click.Context, state: str | None, queue: str | None, kind: str | None,
+             limit: int, as_json: bool) -> None:
+        """List the newest jobs, optionally filtered.
+
+        \b
+        Example:
+          sqliteq jobs --state failed --queue email --limit 50
+        """
+        found = open_storage(ctx).jobs.list(state=state, queue=queue, kind=kind, limit=limit)
+        if as_json:
+            emit_json([_job_dict(job) for job in found])
+            return
+        click.echo(_table(("ID", "KIND", "QUEUE", "STATE", "ATTEMPT", "RUN AT", "LAST ERROR"),
+                          [(job.id, job.kind, job.queue, job.state.value,
+                            f"{job.attempt}/{job.max_attempts}", _iso(job.run_at),
+                            (job.errors[-1]["error"].splitlines() or [""])[0][:60]
+                            if job.errors else None) for job in found]))
+
+    @cli.command()
+    @click.argument("job_id")
+    @json_option
+    @click.pass_context
+    def job(ctx: click.Context, job_id: str, as_json: bool) -> None:
+        """Everything about one job, including each error's traceback.
+
+        \b
+        Example:
+          sqliteq job 01JD7Q5V3W6Y8Z0A1B2C3D4E5F
+        """
+        found = open_storage(ctx).jobs.get(job_id)
+        if found is None:
+            fail(f"unknown job id {job_id!r}")
+        data = _job_dict(found, full=True)
+        if as_json:
+            emit_json(data)
+            return
+        for key, value in data.items():
+            if key not in ("payload", "result", "errors", "last_error"):
+                click.echo(f"{key + ':':18}{'-' if value is None else value}")
+        for key in ("payload", "result"):
+            click.echo(f"{key + ':':18}{json.dumps(data[key], ensure_ascii=False)}")
+        for error in found.errors:
+            click.echo(f"\nattempt {error['attempt']} at {error['at']}: {error['error']}")
+            if error.get("traceback"):
+                click.echo(error["traceback"].rstrip())
+
+    @cli.command()
+    @click.argument("job_id", required=False)
+    @click.option("--failed", "all_failed", is_flag=True, help="Retry every failed job.")
+    @click.option("--queue", help="With --failed: only this queue.")
+    @click.pass_context
+    def retry(ctx: click.Context, job_id: str | None, all_failed: bool,
+              queue: str | None) -> None:
+        """Requeue a failed or cancelled job (attempts reset), or all failed jobs.
+
+        \b
+        Example:
+          sqliteq retry --failed --queue email
+        """
+        storage = open_storage(ctx)
+        if all_failed == (job_id is not None):
+            fail("give a job id or --failed (not both)")
+        if job_id is None:
+            if queue is not None:
+                known_queue(storage, queue)
+            click.echo(f"requeued {storage.jobs.retry_failed(queue)} failed job(s)")
+            return
+        found = storage.jobs.get(job_id)
+        if found is None:
+            fail(f"unknown job id {job_id!r}")
+        if not storage.jobs.retry(job_id):
+            fail(f"job {job_id} is {found.state.value}; only failed or cancelled jobs can be "
+                 f"retried")
+        click.echo(f"requeued {job_id}")
+
+    @cli.command()
+    @click.argument("job_id")
+    @click.pass_context
+    def cancel(ctx: click.Context, job_id: str) -> None:
+        """Cancel a queued job, or ask a running one to stop (any process).
+
+        \b
+        Example:
+          sqliteq cancel 01JD7Q5V3W6Y8Z0A1B2C3D4E5F
+        """
+        outcome = open_storage(ctx).jobs.cancel(job_id)
+        if outcome == "not_found":
+            fail(f"unknown job id {job_id!r}")
+        click.echo({"cancelled": f"cancelled {job_id}",
+                    "cancel_requested": f"asked the running job {job_id} to stop",
+                    "finished": f"job {job_id} had already finished"}[outcome])
+
+    @cli.command()
+    @click.argument("queue")
+    @click.pass_context
+    def pause(ctx: click.Context, queue: str) -> None:
+        """Stop every process claiming from QUEUE; running jobs are asked to stop.
+
+        \b
+        Example:
+          sqliteq pause email
+        """
+        storage = open_storage(ctx)
+        storage.queues.pause(known_queue(storage, queue))
+        click.echo(f"paused {queue}")
+
+    @cli.command()
+    @click.argument("queue")
+    @click.pass_context
+    def resume(ctx: click.Context, queue: str) -> None:
+        """Let processes claim from QUEUE again.
+
+        \b
+        Example:
+          sqliteq resume email
+        """
+        storage = open_storage(ctx)
+        storage.queues.resume(known_queue(storage, queue))
+        click.echo(f"resumed {queue}")
+
+    @cli.command()
+    @click.argument("queue")
+    @click.argument("limit")
+    @click.pass_context
+    def limit(ctx: click.Context, queue: str, limit: str) -> None:
+        """Run at most LIMIT jobs of QUEUE at once across all processes ("none": no cap).
+
+        \b
+        Example:
+          sqliteq limit email 2
+        """
+        if limit.lower() != "none" and not limit.isdigit():
+            fail(f"bad limit {limit!r}; use a whole number or 'none'")
+        storage = open_storage(ctx)
+        storage.queues.set_limit(known_queue(storage, queue),
+                                 None if limit.lower() == "none" else int(limit))
+        click.echo(f"limit of {queue}: {limit.lower()}")
+
+    @cli.command()
+    @click.option("--state", type=click.Choice([s.value for s in FINISHED_STATES]),
+                  default="done", show_default=True)
+    @click.option("--older-than", required=True, help="Age, e.g. 7d, 12h.")
+    @click.pass_context
+    def purge(ctx: click.Context, state: str, older_than: str) -> None:
+        """Delete finished jobs older than a given age.
+
+        \b
+        Example:
+          sqliteq purge --state done --older-than 7d
+        """
+        seconds = parse_duration(older_than)
+        deleted = open_storage(ctx).jobs.purge(state, seconds)
+        click.echo(f"deleted {deleted} {state} job(s)")
+
+    @cli.command("cron")
+    @json_option
+    @click.pass_context
+    def cron_list(ctx: click.Context, as_json: bool) -> None:
+        """List the cron schedules.
+
+        \b
+        Example:
+          sqliteq cron --json
+        """
+        schedules = open_storage(ctx).cron.list()
+        data = [{"name": s.name, "expression": s.expression, "timezone": s.timezone,
+                 "kind": s.request.kind, "next_fire_at": _iso(s.next_fire_at),
+                 "enabled": s.enabled, "last_error": s.last_error} for s in schedules]
+        if as_json:
+            emit_json(data)
+            return
+        click.echo(_table(("NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT FIRE", "LAST ERROR"),
+                          [(d["name"], d["expression"], d["timezone"] or "UTC", d["kind"],
+                            d["next_fire_at"], d["last_error"]) for d in data]))
+
+    @cli.command()
+    @click.option("--jobs", "count", type=click.IntRange(1, 1_000_000), default=10_000,
+                  show_default=True, help="How many sub-jobs the bootstrap job fans out.")
+    @click.pass_context
+    def demo(ctx: click.Context, count: int) -> None:
+        """Run the built-in workload and print a summary.
+
+        A bootstrap job fans out sub-jobs with ctx.enqueue_bulk; the sub-jobs share a
+        rate-limited scope, a few fail once and are retried, and a cron schedule ticks.
+
+        \b
+        Example:
+          sqliteq demo
+        """
+        summary = run_demo(open_storage(ctx, create=True), count,
+                           lambda total: click.progressbar(length=total, label="demo",
+                                                           file=sys.stderr))
+        click.echo(_table(("", ""), list(summary.items())))
+
+    @cli.command()
+    @click.pass_context
+    def bench(ctx: click.Context) -> None:
+        """Run the benchmark suite quickly (bench/run.py --quick) and print its table.
+
+        \b
+        Example:
+          sqliteq bench
+        """
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "run.py")
+        if not os.path.exists(script):
+            fail(f"no benchmark suite at {script}: it ships with the source repository")
+        raise SystemExit(subprocess.call([sys.executable, script, "--quick"]))
+
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `sqliteq` command."""
+    _cli().main(args=argv, prog_name="sqliteq")
+
+
+if __name__ == "__main__":
+    main()
