@@ -427,6 +427,35 @@ def migrate(conn: apsw.Connection) -> None:
 TRANSIENT_RETRY_DELAYS = (0.1, 0.3, 1.0)   # seconds, each jittered by +-50 %
 
 
+class _WriteRequest:
+    """One caller's write, waiting to be run in the next group commit."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[apsw.Connection], Any]) -> None:
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    def run(self, conn: apsw.Connection) -> None:
+        """Run alone in the transaction: any error aborts the transaction."""
+        self.result = self.work(conn)
+
+    def run_in_savepoint(self, conn: apsw.Connection) -> None:
+        """Run beside other writes: an error rolls back this write only (busy errors still
+        abort the whole transaction, to be retried)."""
+        conn.execute("SAVEPOINT write")
+        try:
+            self.result, self.error = self.work(conn), None
+        except (apsw.BusyError, apsw.LockedError):
+            raise
+        except Exception as exc:
+            conn.execute("ROLLBACK TO write")
+            self.result, self.error = None, exc
+        conn.execute("RELEASE write")
+
+
 class Database:
     """Connections (one per thread), pragmas, and the single write-transaction helper.
 
@@ -445,6 +474,8 @@ class Database:
         self._connections: list[apsw.Connection] = []
         self._connections_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_WriteRequest] = []
         self._closed = False
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
@@ -491,39 +522,65 @@ class Database:
         return conn
 
     def write(self, work: Callable[[apsw.Connection], T]) -> T:
-        """Run `work(conn)` in one BEGIN IMMEDIATE transaction and commit it.
+        """Run `work(conn)` in a BEGIN IMMEDIATE transaction, and return once it committed.
 
-        Busy/locked errors roll back and retry the whole transaction up to 3 times with
-        jittered backoff, then raise TransientError; any other error rolls back and
-        propagates. `work` must therefore have no effects outside the database.
+        Group commit: while one thread holds the writer lock, the writes other threads submit
+        queue up; the next thread to take the lock runs them all in one transaction, each in
+        its own savepoint, so one commit serves many callers and an error in one write rolls
+        back only that write. Busy/locked errors retry the whole transaction up to 3 times
+        with jittered backoff, then raise TransientError; any other error propagates to its
+        caller. `work` may run on another thread and more than once, so it must have no
+        effects outside the database.
         """
+        request = _WriteRequest(work)
+        with self._pending_lock:
+            self._pending.append(request)
         with self._write_lock:
-            conn = self.connection()
-            for delay in (*TRANSIENT_RETRY_DELAYS, None):
+            if not request.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit_batch(batch)
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[no-any-return]
+
+    def _commit_batch(self, batch: list[_WriteRequest]) -> None:
+        conn = self.connection()
+        error: BaseException | None = None
+        for delay in (*TRANSIENT_RETRY_DELAYS, None):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = work(conn)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        if not conn.getautocommit():
-                            conn.execute("ROLLBACK")
-                        raise
-                except (apsw.BusyError, apsw.LockedError) as exc:
-                    if delay is None:
-                        raise TransientError(f"database {self.path!r} stayed locked through "
-                                             f"{len(TRANSIENT_RETRY_DELAYS)} retries: {exc}"
-                                             ) from None
-                    time.sleep(delay * random.uniform(0.5, 1.5))
-                    continue
-                except apsw.ReadOnlyError as exc:
-                    raise SchemaError(f"database {self.path!r} is read-only: {exc}") from None
-                except apsw.NotADBError:
-                    raise SchemaError(f"{self.path!r} is not a SQLite database") from None
-                if self._commit_waiters:
-                    self._announce_commit()
-                return result
-        raise AssertionError("unreachable")
+                    if len(batch) == 1:
+                        batch[0].run(conn)
+                    else:
+                        for request in batch:
+                            request.run_in_savepoint(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if not conn.getautocommit():
+                        conn.execute("ROLLBACK")
+                    raise
+                break
+            except (apsw.BusyError, apsw.LockedError) as exc:
+                if delay is None:
+                    error = TransientError(f"database {self.path!r} stayed locked through "
+                                           f"{len(TRANSIENT_RETRY_DELAYS)} retries: {exc}")
+                    break
+                time.sleep(delay * random.uniform(0.5, 1.5))
+            except BaseException as exc:
+                error = exc
+                break
+        for request in batch:
+            if error is not None:
+                request.result, request.error = None, error
+            if isinstance(request.error, apsw.ReadOnlyError):
+                request.error = SchemaError(f"database {self.path!r} is read-only")
+            elif isinstance(request.error, apsw.NotADBError):
+                request.error = SchemaError(f"{self.path!r} is not a SQLite database")
+            request.done = True
+        if self._commit_waiters:
+            self._announce_commit()
 
     def _announce_commit(self) -> None:
         with self._commit_cv:
@@ -601,49 +658,6 @@ class _IdMinter:
     def _prefix(self, high: int) -> str:
         """The first 18 characters of a 26-character ULID from its top 88 bits."""
         return str(ulid.ULID.from_int(high << 40))[:18]
-
-
-# --------------------------------------------------------------- Routing ----
-
-class Router(Protocol):
-    """Chooses the queue for a request whose `queue_name` is None."""
-
-    def route(self, kind: str) -> str: ...
-
-
-class DefaultRouter:
-    """Every kind goes to the "default" queue."""
-
-    def route(self, kind: str) -> str:
-        return DEFAULT_QUEUE
-
-
-class KindRouter:
-    """An explicit kind -> queue table, with a default for the rest."""
-
-    def __init__(self, routes: Mapping[str, str], default: str = DEFAULT_QUEUE) -> None:
-        self.routes = {k: _check_name(q, f"queue for kind {k!r}") for k, q in routes.items()}
-        self.default = _check_name(default, "default queue")
-
-    def route(self, kind: str) -> str:
-        return self.routes.get(kind, self.default)
-
-
-class PrefixRouter:
-    """Routes by kind prefix ({"gh_": "gh"}); the longest matching prefix wins."""
-
-    def __init__(self, prefixes: Mapping[str, str] | None = None,
-                 default: str = DEFAULT_QUEUE) -> None:
-        items = (prefixes or {}).items()
-        self.prefixes = sorted(((p, _check_name(q, f"queue for prefix {p!r}")) for p, q in items),
-                               key=lambda item: -len(item[0]))
-        self.default = _check_name(default, "default queue")
-
-    def route(self, kind: str) -> str:
-        for prefix, queue in self.prefixes:
-            if kind.startswith(prefix):
-                return queue
-        return self.default
 
 
 # ------------------------------------------------------------------ Jobs ----
@@ -1334,6 +1348,49 @@ class Storage:
         return f"Storage({self.path!r})"
 
 
+# --------------------------------------------------------------- Routing ----
+
+class Router(Protocol):
+    """Chooses the queue for a request whose `queue_name` is None."""
+
+    def route(self, kind: str) -> str: ...
+
+
+class DefaultRouter:
+    """Every kind goes to the "default" queue."""
+
+    def route(self, kind: str) -> str:
+        return DEFAULT_QUEUE
+
+
+class KindRouter:
+    """An explicit kind -> queue table, with a default for the rest."""
+
+    def __init__(self, routes: Mapping[str, str], default: str = DEFAULT_QUEUE) -> None:
+        self.routes = {k: _check_name(q, f"queue for kind {k!r}") for k, q in routes.items()}
+        self.default = _check_name(default, "default queue")
+
+    def route(self, kind: str) -> str:
+        return self.routes.get(kind, self.default)
+
+
+class PrefixRouter:
+    """Routes by kind prefix ({"gh_": "gh"}); the longest matching prefix wins."""
+
+    def __init__(self, prefixes: Mapping[str, str] | None = None,
+                 default: str = DEFAULT_QUEUE) -> None:
+        items = (prefixes or {}).items()
+        self.prefixes = sorted(((p, _check_name(q, f"queue for prefix {p!r}")) for p, q in items),
+                               key=lambda item: -len(item[0]))
+        self.default = _check_name(default, "default queue")
+
+    def route(self, kind: str) -> str:
+        for prefix, queue in self.prefixes:
+            if kind.startswith(prefix):
+                return queue
+        return self.default
+
+
 # ---------------------------------------------------------- Rate limiting ----
 
 class RateLimiter:
@@ -1684,8 +1741,8 @@ class _Finish(NamedTuple):
 class _QueueState:
     """The dispatcher's view of one queue in this process."""
 
-    __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "next_due", "paused",
-                 "backoff", "avg_seconds")
+    __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "wakes", "next_due",
+                 "paused", "backoff", "avg_seconds")
 
     def __init__(self, name: str, slots: int) -> None:
         self.name = name
@@ -1693,6 +1750,7 @@ class _QueueState:
         self.held = 0                   # claimed and not yet finished: running or buffered
         self.buffer: queue_module.SimpleQueue[_Claimed | None] = queue_module.SimpleQueue()
         self.maybe_ready = True         # a claim may find work; cleared when one comes short
+        self.wakes = 0                  # enqueues seen in this process, to not lose a wake-up
         self.next_due: int | None = None    # earliest run_at of a scheduled job, when known
         self.paused = False
         self.backoff = (1000, 3_600_000)    # ms; refreshed from the queues table
@@ -1931,6 +1989,7 @@ class Runtime:
                 qs = self._queue_states.get(name)
                 if qs is not None:
                     qs.maybe_ready = True
+                    qs.wakes += 1
                     self._wake.notify()
 
     def _wants_claim(self) -> bool:
@@ -1967,9 +2026,10 @@ class Runtime:
                 claim_from = [] if stopping else self._queues_to_claim(bool(finished))
                 if finished or claim_from:
                     lease = random.getrandbits(62)
+                    wakes = {qs.name: qs.wakes for qs in self._queue_states.values()}
                     claimed = db.write(functools.partial(self._commit, finished, claim_from,
                                                          lease))
-                    self._hand_out(claimed, lease)
+                    self._hand_out(claimed, lease, wakes)
                 if abandon:
                     self._requeue_abandoned()
                     return
@@ -2017,9 +2077,10 @@ class Runtime:
         if not committing and wanted:
             conn, now = self.storage.db.connection(), now_ms()
             for qs in list(wanted):
+                wakes = qs.wakes
                 if not conn.execute(self.READY_EXISTS, (qs.name, now)).fetchall():
                     wanted.remove(qs)
-                    qs.maybe_ready = False
+                    qs.maybe_ready = qs.wakes != wakes
                     qs.next_due = conn.execute(self.NEXT_DUE, (qs.name,)).fetchall()[0][0]
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
@@ -2049,11 +2110,12 @@ class Runtime:
             claimed.append((name, wanted, rows))
         return claimed
 
-    def _hand_out(self, claimed: list[tuple[str, int, list[Any]]], lease: int) -> None:
+    def _hand_out(self, claimed: list[tuple[str, int, list[Any]]], lease: int,
+                  wakes: dict[str, int]) -> None:
         for name, wanted, rows in claimed:
             qs = self._queue_states[name]
-            if len(rows) < wanted or not rows:
-                qs.maybe_ready = False
+            if (len(rows) < wanted or not rows) and qs.wakes == wakes[name]:
+                qs.maybe_ready = False      # unless an enqueue came in during the claim
             rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
             qs.held += len(rows)
             for job_id, kind, payload, attempt, max_attempts, errors, _, _ in rows:
