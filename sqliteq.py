@@ -2085,7 +2085,8 @@ class Runtime:
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
     def _commit(self, finished: list[_Finish], claim_from: list[tuple[str, int, int]],
-                lease: int, conn: apsw.Connection) -> list[tuple[str, int, list[Any]]]:
+                lease: int, conn: apsw.Connection
+                ) -> list[tuple[str, int, list[Any], int | None]]:
         """One transaction: apply finished jobs, then claim. Re-runnable on busy retries."""
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
         for finish in finished:
@@ -2100,20 +2101,22 @@ class Runtime:
             gate = conn.execute(self.QUEUE_GATE, (name,)).fetchall()
             paused, limit, cooldown_until = gate[0] if gate else (0, None, 0)
             if paused or cooldown_until > now:
-                claimed.append((name, wanted, []))
+                claimed.append((name, wanted, [], None if paused else cooldown_until))
                 continue
             if limit is not None:       # no prefetch: buffered jobs would count as running
                 running = conn.execute(self.COUNT_RUNNING, (name,)).fetchall()[0][0]
                 wanted = min(free_now, limit - running)
             rows = (conn.execute(self.CLAIM, (lease, self.host_id, now, name, wanted)).fetchall()
                     if wanted > 0 else [])
-            claimed.append((name, wanted, rows))
+            claimed.append((name, wanted, rows, None))
         return claimed
 
-    def _hand_out(self, claimed: list[tuple[str, int, list[Any]]], lease: int,
+    def _hand_out(self, claimed: list[tuple[str, int, list[Any], int | None]], lease: int,
                   wakes: dict[str, int]) -> None:
-        for name, wanted, rows in claimed:
+        for name, wanted, rows, cooling_until in claimed:
             qs = self._queue_states[name]
+            if cooling_until is not None:
+                qs.next_due = cooling_until     # claim again when the cool-down ends
             if (len(rows) < wanted or not rows) and qs.wakes == wakes[name]:
                 qs.maybe_ready = False      # unless an enqueue came in during the claim
             rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
