@@ -465,6 +465,9 @@ class Database:
     arbitrates between processes.
     """
 
+    SCHEMA_PROBE = ("SELECT (SELECT user_version FROM pragma_user_version),"
+                    " (SELECT count(*) FROM sqlite_master)")
+
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
                  busy_timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
@@ -505,7 +508,30 @@ class Database:
     def _open(self) -> apsw.Connection:
         try:
             conn = apsw.Connection(self.path)
+        except (apsw.CantOpenError, apsw.PermissionsError) as exc:
+            raise SchemaError(f"cannot open {self.path!r} ({exc}); sqliteq needs write access "
+                              f"to the file and its folder") from None
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _configure(self, conn: apsw.Connection) -> None:
+        """Refuse files that are not ours before changing anything, then set the pragmas."""
+        try:
             conn.setbusytimeout(self.busy_timeout_ms)
+            version, objects = conn.execute(self.SCHEMA_PROBE).fetchall()[0]
+            if version > SCHEMA_VERSION:
+                raise SchemaError(f"database {self.path!r} has schema version {version}, newer "
+                                  f"than this sqliteq ({__version__}) understands "
+                                  f"({SCHEMA_VERSION}); upgrade sqliteq")
+            if version == 0 and objects:
+                raise SchemaError(f"{self.path!r} is a SQLite database of another application "
+                                  f"(it has tables but no sqliteq schema)")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
             if mode.lower() != "wal":
                 raise SchemaError(f"cannot use {self.path!r}: journal_mode stays {mode!r}, "
@@ -517,9 +543,6 @@ class Database:
         except (apsw.ReadOnlyError, apsw.CantOpenError, apsw.PermissionsError) as exc:
             raise SchemaError(f"cannot open {self.path!r} for writing ({exc}); sqliteq needs "
                               f"write access to the file and its folder") from None
-        with self._connections_lock:
-            self._connections.append(conn)
-        return conn
 
     def write(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work(conn)` in a BEGIN IMMEDIATE transaction, and return once it committed.
@@ -2591,16 +2614,23 @@ def _cli() -> Any:
         Example:
           printf '{"kind":"resize","payload":{"n":1}}\\n' | sqliteq enqueue-bulk -
         """
-        lines = source.readlines()
-        requests = []
-        with click.progressbar(lines, label="validating", file=sys.stderr) as bar:
+        try:
+            lines = source.readlines()
+        except UnicodeDecodeError as exc:
+            fail(f"input is not valid UTF-8 text: {exc}")
+        requests, error = [], None
+        with click.progressbar(lines, label="validating", file=sys.stderr,
+                               hidden=not sys.stderr.isatty()) as bar:
             for number, line in enumerate(bar, start=1):
                 if not line.strip():
                     continue
                 try:
                     requests.append(_request_from_line(json.loads(line)))
                 except (json.JSONDecodeError, InvalidInput, TypeError) as exc:
-                    fail(f"line {number}: {exc}")
+                    error = f"line {number}: {exc}"
+                    break
+        if error is not None:
+            fail(error)
         outcomes = open_storage(ctx, create=True).jobs.enqueue_bulk(requests)
         created = sum(out.created for out in outcomes)
         if as_json:
@@ -2624,6 +2654,13 @@ def _cli() -> Any:
         Example:
           sqliteq --db jobs.db worker myapp.tasks:runtime --queues default=4,email=2 -v
         """
+        slots = {}
+        for item in (queues or "").split(",") if queues else ():
+            name, _, count = item.partition("=")
+            if not name.strip() or not count.strip().isdigit() \
+                    or not 1 <= int(count) <= 1024:
+                fail(f"bad --queues item {item!r}; use name=slots with 1 to 1024 slots")
+            slots[name.strip()] = int(count)
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         module_name, _, attribute = app.partition(":")
@@ -2634,16 +2671,15 @@ def _cli() -> Any:
             fail(f"cannot load {app!r}: {exc}")
         runtime = target if isinstance(target, Runtime) else None
         if runtime is None and callable(target):
-            runtime = target(open_storage(ctx, create=True))
+            try:
+                runtime = target(open_storage(ctx, create=True))
+            except SqliteqError:
+                raise
+            except Exception as exc:
+                fail(f"{app!r} raised {type(exc).__name__}: {exc}", 1)
         if not isinstance(runtime, Runtime):
             fail(f"{app!r} is neither a Runtime nor a function returning one")
-        if queues:
-            slots = {}
-            for item in queues.split(","):
-                name, _, count = item.partition("=")
-                if not count.strip().isdigit():
-                    fail(f"bad --queues item {item!r}; use name=slots")
-                slots[name.strip()] = int(count)
+        if slots:
             runtime.set_queues(slots)
         runtime.run()
 
@@ -2740,9 +2776,11 @@ def _cli() -> Any:
         Example:
           sqliteq retry --failed --queue email
         """
-        storage = open_storage(ctx)
         if all_failed == (job_id is not None):
             fail("give a job id or --failed (not both)")
+        if queue is not None and not all_failed:
+            fail("--queue goes with --failed")
+        storage = open_storage(ctx)
         if job_id is None:
             if queue is not None:
                 known_queue(storage, queue)
@@ -2873,7 +2911,9 @@ def _cli() -> Any:
         summary = run_demo(open_storage(ctx, create=True), count,
                            lambda total: click.progressbar(length=total, label="demo",
                                                            file=sys.stderr))
-        click.echo(_table(("", ""), list(summary.items())))
+        width = max(map(len, summary))
+        for key, value in summary.items():
+            click.echo(f"{key + ':':{width + 2}}{value}")
 
     @cli.command()
     @click.pass_context
@@ -2898,4 +2938,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # Handlers that `import sqliteq` must see this module, not a second copy of the file.
+    sys.modules.setdefault("sqliteq", sys.modules[__name__])
     main()
