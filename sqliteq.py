@@ -68,9 +68,13 @@ import ulid
 
 __version__ = "0.1.0"
 __all__ = [
-    "SqliteqError", "InvalidInput", "TransientError", "SchemaError", "ConfigError", "Cancelled",
-    "JobState", "EnqueueRequest", "EnqueueOutcome", "Job", "Queue",
-    "Storage", "Router", "DefaultRouter", "KindRouter", "PrefixRouter",
+    "Cancelled", "CancellationToken", "ConfigError", "CronExpression", "CronSchedule",
+    "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome", "EnqueueRequest",
+    "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
+    "PrefixRouter", "PreparedJobs", "ProcessInfo", "Processes", "Queue", "QueueStats",
+    "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
+    "Snooze", "SqliteqError", "Storage", "Throttled", "TransientError", "main", "now_ms",
+    "parse_duration", "run_demo",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -403,6 +407,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             name        TEXT PRIMARY KEY NOT NULL,
             last_run_at INTEGER NOT NULL
         )""",
+    ),
+    (
+        # When a queue's next scheduled job is due, in O(log n) however many wait: lets an
+        # idle dispatcher sleep until then instead of scanning the backlog on every poll.
+        "CREATE INDEX jobs_due ON jobs (queue, run_at) WHERE state = 'queued'",
+        # Each host is judged by the lease timeout it declared, not by the reaper's own.
+        "ALTER TABLE processes ADD COLUMN lease_timeout_ms INTEGER NOT NULL DEFAULT 30000",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1089,28 +1100,29 @@ class ProcessInfo:
 class Processes:
     """The heartbeat table, and the reaper that rescues jobs of silent hosts."""
 
-    UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at)"
-              " VALUES (?1, ?2, ?3, ?4, ?5, ?5)"
+    UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
+              " lease_timeout_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)"
               " ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
     DELETE = "DELETE FROM processes WHERE host_id = ?"
     SELECT_ALL = ("SELECT host_id, hostname, pid, queues, started_at, heartbeat_at"
                   " FROM processes ORDER BY started_at, host_id")
-    # Jobs running on a host that has not heartbeaten since the cutoff go back to the queue
-    # (or fail, when that was their last attempt), with an entry in their error list.
+    # A host is alive while it heartbeats within its own lease timeout. Jobs running on any
+    # other host go back to the queue (or fail, when that was their last attempt), with an
+    # entry in their error list.
     RESCUE = """
         UPDATE jobs SET
             state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
             finished_at = CASE WHEN attempt >= max_attempts THEN ?1 END,
             run_at = ?1, lease = NULL, cancel_requested = 0,
-            errors = (SELECT CASE WHEN json_array_length(e) > ?4 THEN json_remove(e, '$[0]')
+            errors = (SELECT CASE WHEN json_array_length(e) > ?3 THEN json_remove(e, '$[0]')
                                   ELSE e END
                       FROM (SELECT json_insert(coalesce(errors, '[]'), '$[#]', json_object(
-                          'at', ?3, 'attempt', attempt,
+                          'at', ?2, 'attempt', attempt,
                           'error', 'worker lost: host ' || host || ' stopped heartbeating',
                           'traceback', NULL)) AS e))
-        WHERE state = 'running'
-          AND host NOT IN (SELECT host_id FROM processes WHERE heartbeat_at >= ?2)"""
-    DELETE_SILENT = "DELETE FROM processes WHERE heartbeat_at < ?"
+        WHERE state = 'running' AND host NOT IN (
+            SELECT host_id FROM processes WHERE heartbeat_at >= ?1 - lease_timeout_ms)"""
+    DELETE_SILENT = "DELETE FROM processes WHERE heartbeat_at < ?1 - lease_timeout_ms"
     CLAIM_CHORE = ("INSERT INTO chores (name, last_run_at) VALUES (?1, ?2)"
                    " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2 WHERE last_run_at <= ?3")
     CHORE_LAST_RUN = "SELECT last_run_at FROM chores WHERE name = ?"
@@ -1119,22 +1131,23 @@ class Processes:
         self._db = db
 
     def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float) -> int:
-        """Record that `host_id` is alive, and rescue the jobs of hosts silent for longer than
-        `lease_timeout` seconds. Returns how many jobs were rescued. Idempotent."""
+        """Record that `host_id` is alive (and is to be deemed dead after `lease_timeout`
+        seconds of silence), and rescue the jobs of hosts silent for longer than their own
+        lease timeout. Returns how many jobs were rescued. Idempotent."""
         now = now_ms()
-        cutoff = now - int(lease_timeout * 1000)
 
         def beat(conn: apsw.Connection) -> int:
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
-                                       _json_encode(dict(queues)), now))
-            conn.execute(self.RESCUE, (now, cutoff, _iso_from_ms(now), MAX_ERRORS_KEPT))
+                                       _json_encode(dict(queues)), now,
+                                       int(lease_timeout * 1000)))
+            conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT))
             rescued = conn.changes()
-            conn.execute(self.DELETE_SILENT, (cutoff,))
+            conn.execute(self.DELETE_SILENT, (now,))
             return rescued
 
         rescued = self._db.write(beat)
         if rescued:
-            log.warning("rescued %d job(s) from hosts silent for %.1f s", rescued, lease_timeout)
+            log.warning("rescued %d job(s) from hosts that stopped heartbeating", rescued)
         return rescued
 
     def claim_chore(self, name: str, interval: float) -> bool:
@@ -1765,7 +1778,7 @@ class _QueueState:
     """The dispatcher's view of one queue in this process."""
 
     __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "wakes", "next_due",
-                 "paused", "backoff", "avg_seconds")
+                 "paused", "cooldown_until", "backoff", "avg_seconds")
 
     def __init__(self, name: str, slots: int) -> None:
         self.name = name
@@ -1776,6 +1789,7 @@ class _QueueState:
         self.wakes = 0                  # enqueues seen in this process, to not lose a wake-up
         self.next_due: int | None = None    # earliest run_at of a scheduled job, when known
         self.paused = False
+        self.cooldown_until = 0         # ms; buffered jobs wait until then (Throttled)
         self.backoff = (1000, 3_600_000)    # ms; refreshed from the queues table
         self.avg_seconds: float | None = None   # moving average of handler run time
 
@@ -1826,7 +1840,8 @@ class Runtime:
     READY_EXISTS = ("SELECT 1 FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
                     " LIMIT 1")
     NEXT_DUE = "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 'queued'"
-    QUEUE_SETTINGS = "SELECT name, paused, backoff_base_ms, backoff_cap_ms FROM queues"
+    QUEUE_SETTINGS = ("SELECT name, paused, backoff_base_ms, backoff_cap_ms, cooldown_until"
+                      " FROM queues")
     RUNNING_HERE = ("SELECT id, lease, cancel_requested FROM jobs"
                     " WHERE host = ? AND state = 'running'")
     # Every finalize is fenced by the claim's lease: a job rescued and claimed again
@@ -1862,6 +1877,7 @@ class Runtime:
         self._handlers: dict[str, Handler] = {}
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
+        self._last_sync = 0.0                   # when queue settings were last read
         self._finished: list[_Finish] = []
         self._wake = threading.Condition(threading.Lock())
         self._stopping = False
@@ -2022,26 +2038,31 @@ class Runtime:
     def _dispatch_loop(self) -> None:
         db = self.storage.db
         seen_version = db.data_version()
-        last_sync = time.monotonic()
+        sync_due = 0.0          # monotonic time of the next queue-settings sync, 0: none due
         self._sync_queue_settings()
+        stop_seen = False
         while True:
             with self._wake:
-                if not (self._finished or self._stopping or self._wants_claim()):
-                    self._wake.wait(self._idle_timeout())
+                busy = (self._finished or self._abandon or (self._stopping and not stop_seen)
+                        or (not self._stopping and self._wants_claim()))
+                if not busy:
+                    self._wake.wait(self._idle_timeout(sync_due))
                 finished, self._finished = self._finished, []
                 stopping, abandon = self._stopping, self._abandon
             self._settle(finished)
             try:
                 version = db.data_version()
-                if version != seen_version:
+                if version != seen_version:     # another connection committed
                     seen_version = version
                     for qs in self._queue_states.values():
                         qs.maybe_ready = True
-                    if time.monotonic() - last_sync >= self.poll_interval:
-                        last_sync = time.monotonic()
-                        finished += self._sync_queue_settings()
-                        self._sync_running()
+                    sync_due = sync_due or self._last_sync + self.poll_interval
+                if sync_due and time.monotonic() >= sync_due:
+                    sync_due = 0.0
+                    finished += self._sync_queue_settings()
+                    self._sync_running()
                 if stopping:
+                    stop_seen = True
                     finished += self._take_back_buffered("shutdown")
                     for job in self._held.values():
                         job.token.cancel("shutdown")
@@ -2053,6 +2074,7 @@ class Runtime:
                     claimed = db.write(functools.partial(self._commit, finished, claim_from,
                                                          lease))
                     self._hand_out(claimed, lease, wakes)
+                    self._note_requeues(finished)
                 if abandon:
                     self._requeue_abandoned()
                     return
@@ -2068,9 +2090,21 @@ class Runtime:
         for finish in finished:
             qs = self._queue_states[finish.job.queue]
             qs.held -= 1
+            qs.maybe_ready = True       # a slot is free (and a global limit may allow more)
             if finish.seconds:
                 qs.record_run_time(finish.seconds)
-            self._held.pop(finish.job.id, None)
+            if self._held.get(finish.job.id) is finish.job:    # not a newer claim of it
+                del self._held[finish.job.id]
+
+    def _note_requeues(self, committed: list[_Finish]) -> None:
+        """Jobs this process put back for later (retries, snoozes) are due at their run_at;
+        no other connection's commit may come to remind the dispatcher."""
+        for finish in committed:
+            if finish.statement == self.REQUEUE:
+                qs = self._queue_states[finish.job.queue]
+                run_at = finish.params[2]
+                if qs.next_due is None or run_at < qs.next_due:
+                    qs.next_due = run_at
 
     def _unsettle(self, finished: list[_Finish]) -> None:
         """The commit failed: hold the finished jobs again, to commit them next time."""
@@ -2078,13 +2112,17 @@ class Runtime:
             self._finished = finished + self._finished
         for finish in finished:
             self._queue_states[finish.job.queue].held += 1
-            self._held[finish.job.id] = finish.job
+            self._held.setdefault(finish.job.id, finish.job)
 
-    def _idle_timeout(self) -> float:
+    def _idle_timeout(self, sync_due: float) -> float:
+        """Sleep until the next poll, scheduled job or pending settings sync."""
+        timeout = self.poll_interval
         due = [qs.next_due for qs in self._queue_states.values() if qs.next_due is not None]
-        if not due:
-            return self.poll_interval
-        return max(0.0, min(self.poll_interval, (min(due) - now_ms()) / 1000))
+        if due:
+            timeout = min(timeout, (min(due) - now_ms()) / 1000)
+        if sync_due:
+            timeout = min(timeout, sync_due - time.monotonic())
+        return max(0.0, timeout)
 
     def _mark_due(self, now: int) -> None:
         for qs in self._queue_states.values():
@@ -2131,15 +2169,18 @@ class Runtime:
                 wanted = min(free_now, limit - running)
             rows = (conn.execute(self.CLAIM, (lease, self.host_id, now, name, wanted)).fetchall()
                     if wanted > 0 else [])
-            claimed.append((name, wanted, rows, None))
+            next_due = None
+            if len(rows) < wanted:
+                next_due = conn.execute(self.NEXT_DUE, (name,)).fetchall()[0][0]
+            claimed.append((name, wanted, rows, next_due))
         return claimed
 
     def _hand_out(self, claimed: list[tuple[str, int, list[Any], int | None]], lease: int,
                   wakes: dict[str, int]) -> None:
-        for name, wanted, rows, cooling_until in claimed:
+        for name, wanted, rows, due in claimed:
             qs = self._queue_states[name]
-            if cooling_until is not None:
-                qs.next_due = cooling_until     # claim again when the cool-down ends
+            if due is not None:     # claim again then: the next scheduled job, or cool-down end
+                qs.next_due = due
             if (len(rows) < wanted or not rows) and qs.wakes == wakes[name]:
                 qs.maybe_ready = False      # unless an enqueue came in during the claim
             rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
@@ -2173,13 +2214,15 @@ class Runtime:
     def _sync_queue_settings(self) -> list[_Finish]:
         """Refresh paused flags and backoff. A pause cancels the queue's running jobs and
         hands back its buffered ones (returned as finishes to commit)."""
+        self._last_sync = time.monotonic()
         finishes: list[_Finish] = []
-        for name, paused, base, cap in self.storage.db.connection().execute(
+        for name, paused, base, cap, cooldown_until in self.storage.db.connection().execute(
                 self.QUEUE_SETTINGS):
             qs = self._queue_states.get(name)
             if qs is None:
                 continue
             qs.paused, qs.backoff = bool(paused), (base, cap)
+            qs.cooldown_until = max(qs.cooldown_until, cooldown_until)
             if paused:
                 finishes += self._take_back_buffered("paused", qs)
                 for job in list(self._held.values()):
@@ -2248,6 +2291,9 @@ class Runtime:
     def _execute(self, job: _Claimed, process_id: str) -> _Finish:
         """Run the handler and turn whatever happens into a finish. Never raises."""
         started = time.perf_counter()
+        cooldown_until = self._queue_states[job.queue].cooldown_until
+        if cooldown_until > now_ms():           # throttled while it waited in the buffer
+            return self._requeue(job, cooldown_until, process_id, "requeued (cool-down)")
         try:
             job.token.raise_if_cancelled()      # e.g. paused while it waited in the buffer
             fn = self._handlers.get(job.kind)
@@ -2262,8 +2308,7 @@ class Runtime:
         except (KeyboardInterrupt, SystemExit) as exc:
             log.error("handler of job %s raised %s: stopping the runtime", job.id,
                       type(exc).__name__)
-            with self._wake:
-                self._stopping = True
+            threading.Thread(target=self.stop, name="sqliteq-stop", daemon=True).start()
             return self._requeue(job, now_ms(), process_id, "requeued")
         except BaseException as exc:    # nothing a handler does may kill a worker thread
             return self._verdict(job, exc, process_id)._replace(
@@ -2275,6 +2320,8 @@ class Runtime:
             return self._requeue(job, now + int(exc.after * 1000), process_id, "snoozed")
         if isinstance(exc, Throttled):
             until = now + int(exc.retry_after * 1000)
+            qs = self._queue_states[job.queue]
+            qs.cooldown_until = max(qs.cooldown_until, until)
             return self._requeue(job, until, process_id, "throttled")._replace(
                 cool_down_until=until)
         if token.cancelled and token.reason in ("paused", "shutdown"):
