@@ -1,0 +1,1349 @@
+"""One command for every benchmark: sqliteq next to raw apsw and its peers, interleaved.
+
+    python bench/run.py                    # full: warm-up + 5 repetitions (long: builds 5M rows)
+    python bench/run.py --quick            # about a minute or two: smaller N, 3 repetitions
+    python bench/run.py --only drain,bulk --runs 3 --out /tmp/r.json --chart /tmp/r.png
+
+Every repetition runs every selected scenario for every system in turn (A B C D E, A B C D E,
+...), each measurement on a fresh database file in a temporary folder (`--db-dir`). A warm-up
+pass runs first and is not counted: the in-process scenarios at a quarter of N (it loads code
+and caches, and builds the claim-latency tables); the child-process scenarios (latency-xproc,
+idle-cpu, peak-rss) start a fresh interpreter every time, so they have nothing to warm and
+skip it. Reported figures are medians. Output: a markdown table on stdout, JSON (`--out`), a
+bar chart of the throughput scenarios (`--chart`); progress lines on stderr.
+
+Each system is one adapter class below (RawApsw, Sqliteq, Huey, HueyRedis, PersistQueue,
+LiteQueueSystem) with a method per scenario; its `notes` (synchronous/fsync setting, thread
+model) are printed with the results. SCENARIOS is the registry; TARGETS are sqliteq's goals.
+Child-process work lives in bench/_child.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import apsw
+import ulid
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:       # benchmark the sqliteq.py next to this folder
+    sys.path.insert(0, str(ROOT))
+
+from _child import SLOTS, Countdown, enqueue_noops, huey_consumer, make_huey  # noqa: E402
+
+import sqliteq  # noqa: E402
+
+CHILD = HERE / "_child.py"
+Metrics = dict[str, float]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def size_label(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+# ------------------------------------------------------------ parameters ----
+
+@dataclass(frozen=True)
+class Sizes:
+    enqueue_1t: int
+    enqueue_8t: int
+    bulk: int
+    drain: int
+    latency_inproc: int
+    latency_xproc: int
+    idle_seconds: float
+    claim_tables: tuple[int, ...]
+    claim_samples: int
+    rss_jobs: int
+
+    def warmup(self) -> Sizes:
+        """A quarter of every N, same claim tables: the warm-up loads code and caches and
+        builds the claim tables; its figures are not counted."""
+        quarter = {name: max(10, value // 4) for name, value in asdict(self).items()
+                   if isinstance(value, int)}
+        return replace(self, **quarter)
+
+
+FULL = Sizes(enqueue_1t=5000, enqueue_8t=16_000, bulk=100_000, drain=20_000, latency_inproc=500,
+             latency_xproc=200, idle_seconds=10.0, claim_tables=(10_000, 1_000_000, 5_000_000),
+             claim_samples=200, rss_jobs=200_000)
+QUICK = Sizes(enqueue_1t=1000, enqueue_8t=4000, bulk=20_000, drain=5000, latency_inproc=150,
+              latency_xproc=60, idle_seconds=3.0, claim_tables=(10_000, 200_000),
+              claim_samples=200, rss_jobs=50_000)
+THREADS_8T = 8
+IDLE_SETTLE_SECONDS = 0.5       # after "ready", before the idle window opens
+LATENCY_GAP_SECONDS = 0.01      # random 0..this pause before each in-process probe
+XPROC_POLL_INTERVAL = 0.05      # sqliteq's default poll_interval, used by the xproc child
+PAYLOAD_SEPARATORS = (",", ":")
+
+
+@dataclass
+class Context:
+    """What a measurement needs besides its own fresh database path."""
+
+    sizes: Sizes
+    run_dir: Path
+    huey_fsync: str
+    claim_tables: ClaimTables
+
+
+class NotApplicable(Exception):
+    """This system has no way to do this scenario (no bulk API, no worker, ...)."""
+
+
+# --------------------------------------------------------------- helpers ----
+
+def raw_connection(path: str, busy_timeout_ms: int = 5000) -> apsw.Connection:
+    conn = apsw.Connection(path)
+    conn.setbusytimeout(busy_timeout_ms)
+    # One statement per execute: apsw runs the later statements of a multi-statement string
+    # only as the cursor is iterated, so "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
+    # would silently leave synchronous=FULL.
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def create_sqliteq_file(path: str) -> None:
+    """sqliteq's schema, created by opening and closing a Storage."""
+    sqliteq.Storage(path).close()
+
+
+def raw_row(i: int, now: int) -> tuple[Any, ...]:
+    """What any queue must do per job: an id, the payload as compact JSON, the time."""
+    payload = json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS)
+    return (str(ulid.ULID()), "noop", "default", payload, 0, now, 5, None, now)
+
+
+def fill_sqliteq(path: str, n: int) -> str:
+    """Pre-enqueue n no-op jobs (not timed); returns the last job id."""
+    with sqliteq.Storage(path) as storage:
+        return enqueue_noops(storage, n)
+
+
+def run_threads(count: int, setup: Callable[[int], Callable[[], None]]) -> float:
+    """Start `count` threads; each runs setup(index) untimed, then the returned work, all
+    released together. Returns the wall time from release until the last one finished."""
+    barrier = threading.Barrier(count + 1)
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            work = setup(index)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+            return
+        try:
+            barrier.wait()
+            work()
+        except threading.BrokenBarrierError:
+            return                              # another thread's setup failed
+        except BaseException as exc:            # reported by the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} thread(s) failed: {errors[0]!r}") from errors[0]
+    return elapsed
+
+
+def split(total: int, parts: int) -> list[range]:
+    """range(total) cut into `parts` contiguous pieces."""
+    step = math.ceil(total / parts)
+    return [range(low, min(total, low + step)) for low in range(0, total, step)]
+
+
+class Child:
+    """A bench/_child.py process talking JSON lines over its stdin and stdout."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"child {self.proc.args[2:]} exited with {self.proc.returncode}")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self, timeout: float = 60) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"child {self.proc.args[2:]} did not stop; killed") from None
+        if self.proc.returncode:
+            raise RuntimeError(f"child {self.proc.args[2:]} exited with {self.proc.returncode}")
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def idle_cpu_in_child(system: str, path: str, seconds: float, fsync: str) -> Metrics:
+    """CPU time a started, idle worker uses, as % of one core, reported by the child."""
+    with Child("idle", system, path, fsync) as child:
+        child.read()                                    # {"ready": true}
+        time.sleep(IDLE_SETTLE_SECONDS)
+        first = child.ask("cpu")
+        time.sleep(seconds)
+        last = child.ask("cpu")
+    return {"cpu_pct": (last["cpu"] - first["cpu"]) / (last["wall"] - first["wall"]) * 100}
+
+
+def peak_rss_in_child(system: str, path: str, n: int, fsync: str) -> Metrics:
+    with Child("rss", system, path, str(n), fsync) as child:
+        out = child.read()
+    return {key: out[key] for key in ("peak_rss_mb", "baseline_mb", "ru_maxrss_mb")}
+
+
+class ClaimTables:
+    """sqliteq files holding N finished ("done") jobs, built once per run (it is expensive)
+    and shared by the repetitions; the probe jobs a measurement adds are deleted after it."""
+
+    INSERT_DONE = ("INSERT INTO jobs (id, kind, queue, payload, state, priority, run_at, attempt,"
+                   " max_attempts, lease, worker, host, result, created_at, started_at,"
+                   " finished_at) VALUES (?1, 'noop', 'default', ?2, 'done', 0, ?3, 1, 5, 1,"
+                   " 'default-0-bench', 'bench', 'null', ?3, ?3, ?3 + 1)")
+    CHUNK = 250_000
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.paths: dict[int, str] = {}
+        self.build_seconds: dict[str, float] = {}
+
+    def path(self, size: int) -> str:
+        if size not in self.paths:
+            self.paths[size] = self._build(size)
+        return self.paths[size]
+
+    def _build(self, size: int) -> str:
+        path = str(self.folder / f"claim-table-{size_label(size)}.db")
+        log(f"  building the claim-latency table: {size:,} done rows (once per run) ...")
+        started = time.perf_counter()
+        create_sqliteq_file(path)
+        conn = raw_connection(path)
+        conn.execute("PRAGMA cache_size = -65536")
+        # An hour old, so the janitor (7-day retention) leaves them; ids "00..." sort before
+        # every real ULID ("01..."), so new jobs never interleave with them.
+        base = now_ms() - 3_600_000
+        for low in range(0, size, self.CHUNK):
+            rows = ((f"00{i:024d}", f'{{"i":{i}}}', base + i // 1000)
+                    for i in range(low, min(size, low + self.CHUNK)))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(self.INSERT_DONE, rows)
+            conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        conn.close()
+        seconds = time.perf_counter() - started
+        self.build_seconds[size_label(size)] = round(seconds, 2)
+        log(f"  built in {seconds:.1f} s ({os.path.getsize(path) / 1e6:,.0f} MB)")
+        return path
+
+    @staticmethod
+    def remove_probes(path: str) -> None:
+        conn = raw_connection(path)
+        conn.execute("DELETE FROM jobs WHERE id >= '01'")
+        conn.close()
+
+
+def sqliteq_probe_latency(storage: sqliteq.Storage, samples: int, gap: float) -> list[float]:
+    """Enqueue -> handler start, in seconds, for single jobs into an idle started Runtime."""
+    rt = sqliteq.Runtime(storage, queues={"default": SLOTS})
+    started: dict[str, float] = {}
+    ran = threading.Event()
+
+    def probe(ctx: sqliteq.JobCtx, payload: object) -> None:
+        started[ctx.job_id] = time.perf_counter()
+        ran.set()
+
+    rt.register("probe", probe)
+    delays = []
+    with rt:
+        for _ in range(samples):
+            time.sleep(random.uniform(0, gap))
+            ran.clear()
+            t0 = time.perf_counter()
+            job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("probe")).job_id
+            if not ran.wait(10):
+                raise RuntimeError("probe job did not start within 10 s")
+            delays.append(started[job_id] - t0)
+            storage.jobs.wait(job_id, timeout=10)       # idle again before the next probe
+    return delays
+
+
+# --------------------------------------------------------------- systems ----
+
+class System:
+    """One queue implementation. A scenario it cannot do raises NotApplicable."""
+
+    name = ""
+    notes = ""
+
+    def unavailable(self) -> str | None:
+        """Why this system cannot run on this machine, or None."""
+        return None
+
+    def fresh(self, path: Path) -> str:
+        """The fresh database location for one measurement (a file, or a folder)."""
+        return str(path.with_suffix(".db"))
+
+    def cleanup(self, location: str) -> None:
+        """Remove what `fresh` named, after the measurement."""
+        remove_db(location)
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
+    def drain(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
+    def latency_inproc(self, path: str, samples: int) -> Metrics:
+        raise NotApplicable
+
+    def latency_xproc(self, path: str, samples: int) -> Metrics:
+        raise NotApplicable
+
+    def idle_cpu(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def claim_latency(self, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+
+class RawApsw(System):
+    name = "raw-apsw"
+    notes = ("apsw on sqliteq's schema, WAL, synchronous=NORMAL; sqliteq's own INSERT / CLAIM /"
+             " FINISH_DONE statements, rows built in the timer (json.dumps, str(ulid.ULID()),"
+             " ms time). enqueue-8t: 8 threads, a connection each, busy_timeout 5 s. drain: one"
+             " thread, claim 100 + complete them per transaction: the SQL limit.")
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        create_sqliteq_file(path)
+        conn = raw_connection(path)
+        started = time.perf_counter()
+        for i in range(n):
+            row = raw_row(i, now_ms())
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(sqliteq.Jobs.INSERT, row)
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return {"jobs_per_s": n / elapsed}
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        create_sqliteq_file(path)
+        errors = [0] * THREADS_8T
+        connections: list[apsw.Connection] = []
+
+        def setup(index: int) -> Callable[[], None]:
+            conn = raw_connection(path)
+            connections.append(conn)
+
+            def work() -> None:
+                for i in split(n, THREADS_8T)[index]:
+                    row = raw_row(i, now_ms())
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        conn.execute(sqliteq.Jobs.INSERT, row)
+                        conn.execute("COMMIT")
+                    except (apsw.BusyError, apsw.LockedError):
+                        errors[index] += 1
+                        if not conn.getautocommit():
+                            conn.execute("ROLLBACK")
+            return work
+
+        elapsed = run_threads(THREADS_8T, setup)
+        for conn in connections:
+            conn.close()
+        return {"jobs_per_s": (n - sum(errors)) / elapsed, "errors": sum(errors)}
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        create_sqliteq_file(path)
+        conn = raw_connection(path)
+        started = time.perf_counter()
+        now = now_ms()
+        rows = [raw_row(i, now) for i in range(n)]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sqliteq.Jobs.INSERT, rows)
+        conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return {"jobs_per_s": n / elapsed}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        fill_sqliteq(path, n)
+        conn = raw_connection(path)
+        done = lease = 0
+        started = time.perf_counter()
+        while done < n:
+            lease += 1
+            now = now_ms()
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(sqliteq.Runtime.CLAIM, (lease, "raw", now, "default", 100)
+                                ).fetchall()
+            conn.executemany(sqliteq.Runtime.FINISH_DONE,
+                             [(row[0], lease, "null", "default-0-raw", now) for row in rows])
+            conn.execute("COMMIT")
+            if not rows:
+                raise RuntimeError(f"raw drain found no queued jobs after {done} of {n}")
+            done += len(rows)
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return {"jobs_per_s": n / elapsed}
+
+    def claim_latency(self, ctx: Context) -> Metrics:
+        """sqliteq's claim statement alone (LIMIT 1), one transaction, per table size."""
+        out: Metrics = {}
+        for size in ctx.sizes.claim_tables:
+            path = ctx.claim_tables.path(size)
+            conn = raw_connection(path)
+            times = []
+            try:
+                for lease in range(1, ctx.sizes.claim_samples + 1):
+                    now = now_ms()
+                    conn.execute(sqliteq.Jobs.INSERT, raw_row(lease, now))
+                    t0 = time.perf_counter()
+                    conn.execute("BEGIN IMMEDIATE")
+                    rows = conn.execute(sqliteq.Runtime.CLAIM,
+                                        (lease, "raw", now, "default", 1)).fetchall()
+                    conn.execute("COMMIT")
+                    times.append(time.perf_counter() - t0)
+                    if len(rows) != 1:
+                        raise RuntimeError(f"claim returned {len(rows)} rows")
+            finally:
+                conn.close()
+                ClaimTables.remove_probes(path)
+            out[f"p50_ms@{size_label(size)}"] = p50(times) * 1000
+        sizes = ctx.sizes.claim_tables
+        out["ratio"] = out[f"p50_ms@{size_label(sizes[-1])}"] / out[
+            f"p50_ms@{size_label(sizes[0])}"]
+        return out
+
+
+class Sqliteq(System):
+    name = "sqliteq"
+    notes = ("public API: Storage (WAL, synchronous=NORMAL), EnqueueRequest, jobs.enqueue /"
+             " enqueue_bulk, Runtime(queues={'default': 4}) = 4 worker threads fed by one"
+             " dispatcher (group commit). enqueue-8t: 8 threads share one Storage.")
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        with sqliteq.Storage(path) as storage:
+            enqueue, request = storage.jobs.enqueue, sqliteq.EnqueueRequest
+            started = time.perf_counter()
+            for i in range(n):
+                enqueue(request("noop", {"i": i}))
+            elapsed = time.perf_counter() - started
+        return {"jobs_per_s": n / elapsed}
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        with sqliteq.Storage(path) as storage:
+            def setup(index: int) -> Callable[[], None]:
+                storage.jobs.counts()           # open this thread's connection, untimed
+
+                def work() -> None:
+                    for i in split(n, THREADS_8T)[index]:
+                        storage.jobs.enqueue(sqliteq.EnqueueRequest("noop", {"i": i}))
+                return work
+
+            elapsed = run_threads(THREADS_8T, setup)
+            total = sum(storage.jobs.counts().values())
+        if total != n:
+            raise RuntimeError(f"{total} jobs in the table, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        with sqliteq.Storage(path) as storage:
+            started = time.perf_counter()
+            storage.jobs.enqueue_bulk([sqliteq.EnqueueRequest("noop", {"i": i})
+                                       for i in range(n)])
+            elapsed = time.perf_counter() - started
+        return {"jobs_per_s": n / elapsed}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        last = fill_sqliteq(path, n)
+        with sqliteq.Storage(path) as storage:
+            rt = sqliteq.Runtime(storage, queues={"default": SLOTS})
+            rt.register("noop", lambda ctx, payload: None)
+            started = time.perf_counter()
+            with rt:
+                storage.jobs.wait(last, timeout=600)
+                while (done := storage.jobs.counts()["done"]) < n:
+                    time.sleep(0.002)
+                elapsed = time.perf_counter() - started
+        if done != n:
+            raise RuntimeError(f"{done} jobs done, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def latency_inproc(self, path: str, samples: int) -> Metrics:
+        with sqliteq.Storage(path) as storage:
+            delays = sqliteq_probe_latency(storage, samples, LATENCY_GAP_SECONDS)
+        return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
+
+    def latency_xproc(self, path: str, samples: int) -> Metrics:
+        """The child's handler returns time.time() at its start; we subtract the send time.
+        Both are this machine's wall clock."""
+        create_sqliteq_file(path)
+        delays = []
+        with Child("xproc-worker", path) as child, sqliteq.Storage(path) as storage:
+            child.read()                                # {"ready": true}
+            for _ in range(samples):
+                time.sleep(random.uniform(0, XPROC_POLL_INTERVAL))     # a random poll phase
+                sent = time.time()
+                job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("stamp")).job_id
+                job = storage.jobs.wait(job_id, timeout=10)
+                if job.state != "done":
+                    raise RuntimeError(f"xproc job ended {job.state}: {job.errors}")
+                delays.append(job.result - sent)
+        return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
+
+    def idle_cpu(self, path: str, ctx: Context) -> Metrics:
+        return idle_cpu_in_child(self.name, path, ctx.sizes.idle_seconds, ctx.huey_fsync)
+
+    def claim_latency(self, ctx: Context) -> Metrics:
+        """Enqueue -> start p50 with a big table of finished jobs behind the queue."""
+        out: Metrics = {}
+        for size in ctx.sizes.claim_tables:
+            path = ctx.claim_tables.path(size)
+            try:
+                with sqliteq.Storage(path) as storage:
+                    delays = sqliteq_probe_latency(storage, ctx.sizes.claim_samples, 0.0)
+            finally:
+                ClaimTables.remove_probes(path)
+            out[f"p50_ms@{size_label(size)}"] = p50(delays) * 1000
+        sizes = ctx.sizes.claim_tables
+        out["ratio"] = out[f"p50_ms@{size_label(sizes[-1])}"] / out[
+            f"p50_ms@{size_label(sizes[0])}"]
+        return out
+
+    def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        return peak_rss_in_child(self.name, path, ctx.sizes.rss_jobs, ctx.huey_fsync)
+
+
+class Huey(System):
+    """huey with its consumer in this process: 4 thread workers (settings in _child.py)."""
+
+    name = "huey-sqlite"
+
+    def __init__(self, fsync: str) -> None:
+        self.fsync = fsync
+        self.notes = self.describe()
+
+    def describe(self) -> str:
+        sync = {"off": "fsync=False -> synchronous=OFF (never fsyncs; huey has no NORMAL)",
+                "none": "fsync=None (its default) -> SQLite's default synchronous=FULL"}
+        return (f"SqliteHuey(results=False), WAL, {sync[self.fsync]}; one shared sqlite3"
+                " connection behind a lock; consumer in-process, 4 thread workers polling with"
+                " initial_delay=1 ms, backoff 1.15, max_delay 10 ms, periodic=False; no bulk"
+                " API. Payload pickled.")
+
+    def open(self, path: str) -> Any:
+        return make_huey(self.name, path, self.fsync)
+
+    @contextlib.contextmanager
+    def instance(self, path: str) -> Iterator[Any]:
+        huey = self.open(path)
+        try:
+            yield huey
+        finally:
+            huey.storage.close()
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        with self.instance(path) as huey:
+            @huey.task()
+            def noop(i: int) -> None:
+                pass
+
+            started = time.perf_counter()
+            for i in range(n):
+                noop(i)
+            elapsed = time.perf_counter() - started
+            if huey.pending_count() != n:
+                raise RuntimeError(f"{huey.pending_count()} tasks pending, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        with self.instance(path) as huey:
+            @huey.task()
+            def noop(i: int) -> None:
+                pass
+
+            def setup(index: int) -> Callable[[], None]:
+                def work() -> None:
+                    for i in split(n, THREADS_8T)[index]:
+                        noop(i)
+                return work
+
+            elapsed = run_threads(THREADS_8T, setup)
+            if huey.pending_count() != n:
+                raise RuntimeError(f"{huey.pending_count()} tasks pending, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        with self.instance(path) as huey:
+            finished = Countdown(n)
+
+            @huey.task()
+            def noop(i: int) -> None:
+                finished.tick()
+
+            for i in range(n):
+                noop(i)
+            started = time.perf_counter()
+            with huey_consumer(huey):
+                if not finished.done.wait(600):
+                    raise RuntimeError(f"huey ran {finished.count} of {n} tasks in 600 s")
+                elapsed = time.perf_counter() - started
+        return {"jobs_per_s": n / elapsed}
+
+    def latency_inproc(self, path: str, samples: int) -> Metrics:
+        with self.instance(path) as huey:
+            ran = threading.Event()
+            started: list[float] = []
+
+            @huey.task()
+            def probe() -> None:
+                started.append(time.perf_counter())
+                ran.set()
+
+            delays = []
+            with huey_consumer(huey):
+                for _ in range(samples):
+                    time.sleep(random.uniform(0, LATENCY_GAP_SECONDS))
+                    ran.clear()
+                    t0 = time.perf_counter()
+                    probe()
+                    if not ran.wait(10):
+                        raise RuntimeError("probe task did not start within 10 s")
+                    delays.append(started[-1] - t0)
+        return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
+
+    def idle_cpu(self, path: str, ctx: Context) -> Metrics:
+        return idle_cpu_in_child(self.name, path, ctx.sizes.idle_seconds, self.fsync)
+
+    def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        return peak_rss_in_child(self.name, path, ctx.sizes.rss_jobs, self.fsync)
+
+
+class HueyRedis(Huey):
+    name = "huey-redis"
+
+    def describe(self) -> str:
+        return ("RedisHuey(results=False) on 127.0.0.1:6379 (durability: whatever the server's"
+                " persistence is), a fresh key prefix per measurement, flushed before and after;"
+                " same in-process consumer, 4 thread workers blocking in BRPOP (read_timeout"
+                " 0.1 s). Payload pickled.")
+
+    def unavailable(self) -> str | None:
+        try:
+            import redis
+            redis.Redis(socket_connect_timeout=1).ping()
+        except Exception as exc:
+            return f"Redis does not answer on 127.0.0.1:6379 ({type(exc).__name__})"
+        return None
+
+    def fresh(self, path: Path) -> str:
+        return f"sqliteq-bench-{uuid.uuid4().hex[:12]}"     # a key prefix, not a file
+
+    def cleanup(self, location: str) -> None:
+        pass                                    # instance() flushes the keys
+
+    @contextlib.contextmanager
+    def instance(self, path: str) -> Iterator[Any]:
+        huey = self.open(path)
+        huey.storage.flush_all()
+        try:
+            yield huey
+        finally:
+            huey.storage.flush_all()
+
+    def idle_cpu(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+
+class PersistQueue(System):
+    name = "persist-queue"
+    notes = ("SQLiteAckQueue(multithreading=True, auto_commit=True): one put connection and one"
+             " get connection, each behind a lock; WAL; it has no synchronous setting (SQLite's"
+             " default FULL = an fsync per commit), so the bench sets synchronous=NORMAL on both"
+             " connections, like sqliteq. put / get(raw=True) / ack(id); drain: 4 threads share"
+             " the queue. No bulk API. Payload pickled.")
+
+    def fresh(self, path: Path) -> str:
+        return str(path.with_suffix(".pq"))             # persist-queue wants a folder
+
+    @contextlib.contextmanager
+    def instance(self, path: str) -> Iterator[Any]:
+        import persistqueue
+        queue = persistqueue.SQLiteAckQueue(path, multithreading=True, auto_commit=True)
+        for conn in {id(c): c for c in (queue._putter, queue._getter)}.values():
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield queue
+        finally:
+            queue.close()
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        with self.instance(path) as queue:
+            started = time.perf_counter()
+            for i in range(n):
+                queue.put({"i": i})
+            elapsed = time.perf_counter() - started
+        return {"jobs_per_s": n / elapsed}
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        with self.instance(path) as queue:
+            def setup(index: int) -> Callable[[], None]:
+                def work() -> None:
+                    for i in split(n, THREADS_8T)[index]:
+                        queue.put({"i": i})
+                return work
+
+            elapsed = run_threads(THREADS_8T, setup)
+            if len(queue.queue()) != n:
+                raise RuntimeError(f"{len(queue.queue())} items in the queue, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        import persistqueue
+        with self.instance(path) as queue:
+            for i in range(n):
+                queue.put({"i": i})
+
+            def setup(index: int) -> Callable[[], None]:
+                def work() -> None:
+                    while True:
+                        try:
+                            item = queue.get(block=False, raw=True)
+                        except persistqueue.Empty:
+                            return
+                        queue.ack(id=item["pqid"])
+                return work
+
+            elapsed = run_threads(SLOTS, setup)
+            if queue.acked_count() != n:
+                raise RuntimeError(f"{queue.acked_count()} items acked, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+
+class LiteQueueSystem(System):
+    name = "litequeue"
+    notes = ("LiteQueue: WAL, synchronous=NORMAL (its own setting), autocommit; its sqlite3"
+             " connection is opened with check_same_thread=False but has no lock, and pop() runs"
+             " BEGIN IMMEDIATE on it, so threads cannot share one: every thread opens its own"
+             " LiteQueue on the same file (SQLite's busy timeout arbitrates). put / pop / done;"
+             " payload json.dumps'd by the caller. No bulk API.")
+
+    @staticmethod
+    def open(path: str) -> Any:
+        from litequeue import LiteQueue
+        return LiteQueue(path)
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        queue = self.open(path)
+        started = time.perf_counter()
+        for i in range(n):
+            queue.put(json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS))
+        elapsed = time.perf_counter() - started
+        queue.close()
+        return {"jobs_per_s": n / elapsed}
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        self.open(path).close()                         # create the table once
+        queues: list[Any] = []
+
+        def setup(index: int) -> Callable[[], None]:
+            queue = self.open(path)
+            queues.append(queue)
+
+            def work() -> None:
+                for i in split(n, THREADS_8T)[index]:
+                    queue.put(json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS))
+            return work
+
+        elapsed = run_threads(THREADS_8T, setup)
+        count = queues[0].qsize()
+        for queue in queues:
+            queue.close()
+        if count != n:
+            raise RuntimeError(f"{count} messages queued, expected {n}")
+        return {"jobs_per_s": n / elapsed}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        queue = self.open(path)
+        for i in range(n):
+            queue.put(json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS))
+        queue.close()
+        queues: list[Any] = []
+
+        def setup(index: int) -> Callable[[], None]:
+            queue = self.open(path)
+            queues.append(queue)
+
+            def work() -> None:
+                while (message := queue.pop()) is not None:
+                    queue.done(message.message_id)
+            return work
+
+        elapsed = run_threads(SLOTS, setup)
+        left = queues[0].qsize()
+        for queue in queues:
+            queue.close()
+        if left:
+            raise RuntimeError(f"{left} messages not done")
+        return {"jobs_per_s": n / elapsed}
+
+
+# ------------------------------------------------------------- scenarios ----
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a metric of a scenario."""
+
+    metric: str
+    label: str
+    unit: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    run: Callable[[System, str, Context], Metrics]
+    rows: Callable[[Sizes], list[Row]]
+    throughput: bool = False    # charted as jobs/s
+    in_child: bool = False      # runs in a fresh child process: no warm-up
+
+
+def jobs_per_s(sizes: Sizes) -> list[Row]:
+    return [Row("jobs_per_s", "jobs/s", "jobs/s")]
+
+
+def latency_rows(sizes: Sizes) -> list[Row]:
+    return [Row("p50_ms", "p50 ms", "ms"), Row("p99_ms", "p99 ms", "ms")]
+
+
+def claim_rows(sizes: Sizes) -> list[Row]:
+    labels = [size_label(n) for n in sizes.claim_tables]
+    return ([Row(f"p50_ms@{label}", f"p50 ms, {label} done rows", "ms") for label in labels]
+            + [Row("ratio", f"ratio {labels[-1]}/{labels[0]}", "x")])
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("enqueue-1t", "single enqueue, 1 thread",
+             lambda sys_, path, ctx: sys_.enqueue_1t(path, ctx.sizes.enqueue_1t),
+             jobs_per_s, throughput=True),
+    Scenario("enqueue-8t", "single enqueue, 8 threads",
+             lambda sys_, path, ctx: sys_.enqueue_8t(path, ctx.sizes.enqueue_8t),
+             lambda sizes: [*jobs_per_s(sizes), Row("errors", "busy errors", "n")],
+             throughput=True),
+    Scenario("bulk", "bulk enqueue, one call",
+             lambda sys_, path, ctx: sys_.bulk(path, ctx.sizes.bulk),
+             jobs_per_s, throughput=True),
+    Scenario("drain", "drain no-op jobs, 4 slots",
+             lambda sys_, path, ctx: sys_.drain(path, ctx.sizes.drain),
+             jobs_per_s, throughput=True),
+    Scenario("latency-inproc", "enqueue->start, in-process",
+             lambda sys_, path, ctx: sys_.latency_inproc(path, ctx.sizes.latency_inproc),
+             latency_rows),
+    Scenario("latency-xproc", "enqueue->start, across processes",
+             lambda sys_, path, ctx: sys_.latency_xproc(path, ctx.sizes.latency_xproc),
+             latency_rows, in_child=True),
+    Scenario("idle-cpu", "idle worker CPU",
+             lambda sys_, path, ctx: sys_.idle_cpu(path, ctx),
+             lambda sizes: [Row("cpu_pct", "% of a core", "%")], in_child=True),
+    Scenario("claim-latency", "claim with many done rows",
+             lambda sys_, path, ctx: sys_.claim_latency(ctx), claim_rows),
+    Scenario("peak-rss", "peak RSS, bulk enqueue + drain",
+             lambda sys_, path, ctx: sys_.peak_rss(path, ctx),
+             lambda sizes: [Row("peak_rss_mb", "peak MB (VmHWM)", "MB"),
+                            Row("baseline_mb", "MB after imports", "MB"),
+                            Row("ru_maxrss_mb", "ru_maxrss MB (inflated)", "MB")],
+             in_child=True),
+]}
+
+
+def scenario_sizes(name: str, sizes: Sizes) -> str:
+    return {
+        "enqueue-1t": f"N={sizes.enqueue_1t:,}",
+        "enqueue-8t": f"N={sizes.enqueue_8t:,} over {THREADS_8T} threads",
+        "bulk": f"N={sizes.bulk:,} in one call",
+        "drain": f"N={sizes.drain:,} pre-enqueued",
+        "latency-inproc": f"{sizes.latency_inproc} jobs, one at a time",
+        "latency-xproc": f"{sizes.latency_xproc} jobs, one at a time",
+        "idle-cpu": f"{sizes.idle_seconds:g} s window",
+        "claim-latency": (f"{sizes.claim_samples} jobs per table of "
+                          + ", ".join(size_label(n) for n in sizes.claim_tables) + " done rows"),
+        "peak-rss": f"N={sizes.rss_jobs:,}",
+    }[name]
+
+
+SCENARIO_NOTES = {
+    "enqueue-1t": "one transaction per job; the timer covers building each request or row.",
+    "enqueue-8t": "8 threads released together; raw counts busy errors (none expected).",
+    "bulk": "the timer covers building the requests/rows and the one transaction.",
+    "drain": ("pre-enqueue not timed; the timer runs from starting the worker until every job ran"
+              " (sqliteq: jobs.wait on the last job, then counts() confirms all done)."),
+    "latency-inproc": ("perf_counter before enqueue -> perf_counter at handler start; a random"
+                       f" 0-{LATENCY_GAP_SECONDS * 1000:.0f} ms pause before each probe, and the"
+                       " previous probe finished first, so the worker is idle."),
+    "latency-xproc": ("a child process runs the Runtime (poll_interval 50 ms); the handler"
+                      " returns time.time() at its start, the parent subtracts time.time() taken"
+                      " before enqueue. Both clocks are this machine's wall clock. A random"
+                      " 0-50 ms pause before each send avoids locking onto the poll phase."),
+    "idle-cpu": (f"child process started and idle; after {IDLE_SETTLE_SECONDS} s it reports"
+                 " time.process_time() at the start and end of the window."),
+    "claim-latency": ("the tables of done rows (ids sorting before new jobs) are built once per"
+                      " run, not per repetition - it is expensive - and shared by the"
+                      " repetitions; the probe jobs are deleted after each measurement."
+                      " sqliteq: enqueue->start p50 with a started Runtime; raw-apsw:"
+                      " sqliteq's CLAIM statement alone (LIMIT 1) in one transaction."),
+    "peak-rss": ("child process; peak RSS = VmHWM from /proc/self/status after the run (and"
+                 " after imports, for scale). ru_maxrss is shown too but is not the child's own"
+                 " peak: Linux carries the parent's peak RSS into a child across fork/exec"
+                 " (signal->maxrss), so it reports at least this bench process's size."
+                 " sqliteq: enqueue_bulk in chunks of 10k, then a Runtime with 4 slots drains."
+                 " huey-sqlite: single enqueues (no bulk API), then its consumer drains."),
+}
+
+
+# --------------------------------------------------------------- targets ----
+
+Medians = dict[str, dict[str, dict[str, float]]]   # scenario -> system -> metric -> median
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    metric: str
+    text: str
+    check: Callable[[Callable[[str, str, str], float | None]], bool | None]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _all(*conditions: bool | None) -> bool | None:
+    known = [c for c in conditions if c is not None]
+    return None if not known else all(known)
+
+
+TARGETS = [
+    Target("enqueue-1t", "jobs_per_s", ">= 0.9x raw",
+           lambda m: _none_or(_ratio(m("enqueue-1t", "sqliteq", "jobs_per_s"),
+                                     m("enqueue-1t", "raw-apsw", "jobs_per_s")), 0.9)),
+    Target("enqueue-8t", "jobs_per_s", ">= 2x raw enqueue-1t",
+           lambda m: _none_or(_ratio(m("enqueue-8t", "sqliteq", "jobs_per_s"),
+                                     m("enqueue-1t", "raw-apsw", "jobs_per_s")), 2.0)),
+    Target("bulk", "jobs_per_s", ">= 150,000/s and >= 0.65x raw",
+           lambda m: _all(_none_or(m("bulk", "sqliteq", "jobs_per_s"), 150_000),
+                          _none_or(_ratio(m("bulk", "sqliteq", "jobs_per_s"),
+                                          m("bulk", "raw-apsw", "jobs_per_s")), 0.65))),
+    Target("drain", "jobs_per_s", ">= 25,000/s and >= 10x huey-sqlite",
+           lambda m: _all(_none_or(m("drain", "sqliteq", "jobs_per_s"), 25_000),
+                          _none_or(_ratio(m("drain", "sqliteq", "jobs_per_s"),
+                                          m("drain", "huey-sqlite", "jobs_per_s")), 10.0))),
+    Target("latency-inproc", "p50_ms", "p50 <= 1 ms",
+           lambda m: _none_or_max(m("latency-inproc", "sqliteq", "p50_ms"), 1.0)),
+    Target("latency-xproc", "p50_ms", "p50 <= 50 ms (the poll interval)",
+           lambda m: _none_or_max(m("latency-xproc", "sqliteq", "p50_ms"), 50.0)),
+    Target("idle-cpu", "cpu_pct", "<= 1 % of a core",
+           lambda m: _none_or_max(m("idle-cpu", "sqliteq", "cpu_pct"), 1.0)),
+    Target("claim-latency", "ratio", "largest table within 1.5x of 10k",
+           lambda m: _none_or_max(m("claim-latency", "sqliteq", "ratio"), 1.5)),
+    Target("peak-rss", "peak_rss_mb", "<= 100 MB",
+           lambda m: _none_or_max(m("peak-rss", "sqliteq", "peak_rss_mb"), 100.0)),
+]
+
+
+def _none_or(value: float | None, minimum: float) -> bool | None:
+    return None if value is None else value >= minimum
+
+
+def _none_or_max(value: float | None, maximum: float) -> bool | None:
+    return None if value is None else value <= maximum
+
+
+# ---------------------------------------------------------------- runner ----
+
+@dataclass
+class Cell:
+    """Every repetition's metrics for one (scenario, system), or why there are none."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+    status: str = "ok"          # ok | n/a (no API for it) | skipped (not available here)
+    detail: str = ""
+    errors: list[str] = field(default_factory=list)     # failed repetitions
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.values.items() if v}
+
+
+def remove_db(location: str) -> None:
+    if os.path.isdir(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(location + suffix)
+
+
+def format_metrics(metrics: Metrics) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if key == "jobs_per_s":
+            parts.append(f"{value:,.0f} jobs/s")
+        elif key == "errors":
+            parts.append(f"{value:.0f} errors")
+        else:
+            parts.append(f"{key} {value:,.2f}")
+    return ", ".join(parts)
+
+
+def run_all(systems: list[System], scenarios: list[Scenario], runs: int, ctx: Context,
+            skipped: dict[str, str]) -> dict[str, dict[str, Cell]]:
+    cells = {sc.name: {s.name: Cell() for s in systems} for sc in scenarios}
+    for sc in scenarios:
+        for name, reason in skipped.items():
+            cells[sc.name][name] = Cell(status="skipped", detail=reason)
+    counted_sizes = ctx.sizes
+    for rep in range(runs + 1):
+        warmup = rep == 0
+        label = "warm-up" if warmup else f"run {rep}/{runs}"
+        ctx.sizes = counted_sizes.warmup() if warmup else counted_sizes
+        for sc in scenarios:
+            if warmup and sc.in_child:
+                continue
+            for system in systems:
+                cell = cells[sc.name][system.name]
+                if cell.status != "ok":
+                    continue
+                path = system.fresh(ctx.run_dir / f"r{rep}-{sc.name}-{system.name}")
+                started = time.perf_counter()
+                try:
+                    metrics = sc.run(system, path, ctx)
+                except NotApplicable:
+                    cell.status = "n/a"
+                    continue
+                except Exception as exc:
+                    error = f"{label}: {type(exc).__name__}: {exc}"
+                    cell.errors.append(error)
+                    log(f"[{label}] {sc.name:<15} {system.name:<14} ERROR {error}")
+                    continue
+                finally:
+                    system.cleanup(path)
+                seconds = time.perf_counter() - started
+                log(f"[{label}] {sc.name:<15} {system.name:<14} {format_metrics(metrics)}"
+                    f"  ({seconds:.1f} s)")
+                if not warmup:
+                    for key, value in metrics.items():
+                        cell.values.setdefault(key, []).append(value)
+    ctx.sizes = counted_sizes
+    return cells
+
+
+# ---------------------------------------------------------------- output ----
+
+def format_value(value: float, unit: str) -> str:
+    if unit == "jobs/s":
+        return f"{value:,.0f}"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "n":
+        return f"{value:,.0f}"
+    if unit == "MB":
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def markdown(cells: dict[str, dict[str, Cell]], systems: list[System], sizes: Sizes,
+             verdicts: dict[tuple[str, str], tuple[str, bool | None]]) -> str:
+    names = [s.name for s in systems]
+    lines = ["| scenario | metric | " + " | ".join(names) + " | target | sqliteq |",
+             "|---|---|" + "---:|" * len(names) + "---|---|"]
+    for scenario_name, by_system in cells.items():
+        sc = SCENARIOS[scenario_name]
+        for index, row in enumerate(sc.rows(sizes)):
+            values = []
+            for name in names:
+                cell = by_system[name]
+                value = cell.medians().get(row.metric)
+                if value is not None:
+                    values.append(format_value(value, row.unit) + ("*" if cell.errors else ""))
+                elif cell.errors:
+                    values.append("error")
+                elif cell.status == "ok":
+                    values.append("")
+                else:
+                    values.append(cell.status)
+            if row.metric == "errors" and not any(v not in ("", "n/a", "skipped")
+                                                  for v in values):
+                continue
+            text, ok = verdicts.get((scenario_name, row.metric), ("", None))
+            verdict = "" if not text else "PASS" if ok else "MISS" if ok is False else "?"
+            title = f"{scenario_name} ({scenario_sizes(scenario_name, sizes)})" if index == 0 \
+                else ""
+            lines.append(f"| {title} | {row.label} | " + " | ".join(values)
+                         + f" | {text} | {verdict} |")
+    return "\n".join(lines)
+
+
+def draw_chart(cells: dict[str, dict[str, Cell]], systems: list[System], path: str,
+               title: str) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [name for name in cells if SCENARIOS[name].throughput]
+    if not groups:
+        return False
+    names = [s.name for s in systems]
+    values = {(g, n): cells[g][n].medians().get("jobs_per_s") for g in groups for n in names}
+    present = [v for v in values.values() if v]
+    if not present:
+        return False
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+        heights = [values[(g, name)] or 0 for g in groups]
+        bars = ax.bar(xs, heights, width, label=name)
+        for bar, height in zip(bars, heights, strict=True):
+            text = (f"{height / 1000:,.1f}k" if height >= 1000 else f"{height:.0f}") if height \
+                else "n/a"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, height or 0), ha="center",
+                        va="bottom", fontsize=7, rotation=90, xytext=(0, 2),
+                        textcoords="offset points", xycoords=("data", "axes fraction")
+                        if not height else "data")
+    log_scale = max(present) / min(present) > 20
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylim(top=max(present) * (2.5 if log_scale else 1.15))
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("jobs/s (median" + (", log scale)" if log_scale else ")"))
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def machine_info() -> dict[str, Any]:
+    import huey
+    import litequeue
+    import persistqueue
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpus": os.cpu_count(), "sqlite (apsw)": apsw.sqlite_lib_version(),
+        "apsw": apsw.apsw_version(), "sqlite (sqlite3 module)": sqlite3.sqlite_version,
+        "sqliteq": sqliteq.__version__, "huey": huey.__version__,
+        "persist-queue": persistqueue.__version__, "litequeue": litequeue.__version__,
+        "loadavg at start": os.getloadavg(),
+    }
+
+
+# ------------------------------------------------------------------ main ----
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="sqliteq benchmarks: every scenario x every system, interleaved.",
+        epilog="scenarios: " + ", ".join(SCENARIOS)
+        + "; systems: raw-apsw, sqliteq, huey-sqlite, persist-queue, litequeue, huey-redis")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller N, 3 repetitions, 3 s idle window (~1-2 minutes)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="counted repetitions after the warm-up (default 5; --quick 3)")
+    parser.add_argument("--only", default=None, help="comma-separated scenarios to run")
+    parser.add_argument("--systems", default=None, help="comma-separated systems to run")
+    parser.add_argument("--out", default=str(HERE / "results.json"), help="JSON results file")
+    parser.add_argument("--chart", default=str(HERE / "results.png"), help="PNG bar chart")
+    parser.add_argument("--db-dir", default=None,
+                        help="where the temporary database files go (default: system temp)")
+    parser.add_argument("--huey-fsync", choices=("off", "none"), default="off",
+                        help="SqliteHuey fsync: off = fsync=False (synchronous=OFF, closest to"
+                             " sqliteq's NORMAL); none = huey's default (synchronous=FULL)")
+    parser.add_argument("--keep", action="store_true", help="keep the database folder")
+    args = parser.parse_args(argv)
+
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs if args.runs is not None else (3 if args.quick else 5)
+    if runs < 1:
+        parser.error("--runs must be at least 1")
+    all_systems: list[System] = [RawApsw(), Sqliteq(), Huey(args.huey_fsync), PersistQueue(),
+                                 LiteQueueSystem(), HueyRedis(args.huey_fsync)]
+    scenarios = list(SCENARIOS.values())
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in SCENARIOS]
+        if unknown:
+            parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(SCENARIOS)}")
+        scenarios = [SCENARIOS[name] for name in wanted]
+    systems = all_systems
+    if args.systems:
+        wanted = [name.strip() for name in args.systems.split(",") if name.strip()]
+        known = {s.name: s for s in all_systems}
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            parser.error(f"unknown system(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(known)}")
+        systems = [known[name] for name in wanted]
+    skipped = {s.name: reason for s in systems if (reason := s.unavailable()) is not None}
+    for name, reason in skipped.items():
+        log(f"skipping {name}: {reason}")
+
+    if args.db_dir:
+        Path(args.db_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="sqliteq-bench-", dir=args.db_dir))
+    ctx = Context(sizes, run_dir, args.huey_fsync, ClaimTables(run_dir))
+    mode = "quick" if args.quick else "full"
+    log(f"sqliteq bench ({mode}): {len(scenarios)} scenarios x {len(systems)} systems,"
+        f" warm-up + {runs} runs, databases in {run_dir}")
+    started = time.perf_counter()
+    try:
+        cells = run_all(systems, scenarios, runs, ctx, skipped)
+    finally:
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    wall = time.perf_counter() - started
+
+    medians: Medians = {sc: {name: cell.medians() for name, cell in by_system.items()}
+                        for sc, by_system in cells.items()}
+
+    def median_of(scenario: str, system: str, metric: str) -> float | None:
+        return medians.get(scenario, {}).get(system, {}).get(metric)
+
+    verdicts = {(t.scenario, t.metric): (t.text, t.check(median_of)) for t in TARGETS
+                if t.scenario in cells}
+    shown = [s for s in systems if any(cells[sc][s.name].status != "n/a" for sc in cells)]
+
+    print(f"# sqliteq benchmarks ({mode}: median of {runs} runs after a warm-up, {wall:.0f} s)\n")
+    print(markdown(cells, shown, sizes, verdicts))
+    print("\nn/a: the system has no API or worker for that scenario; skipped: not available"
+          " here; error / *: every / some repetition failed (errors in the JSON and on"
+          " stderr); ?: a figure the target needs was not measured.\n")
+    print("## Systems\n")
+    for system in shown:
+        print(f"- **{system.name}**: "
+              + (f"skipped ({skipped[system.name]})" if system.name in skipped
+                 else system.notes))
+    print("\n## Scenarios\n")
+    for name in cells:
+        print(f"- **{name}** ({scenario_sizes(name, sizes)}): {SCENARIO_NOTES[name]}")
+    if ctx.claim_tables.build_seconds:
+        print(f"- claim-latency tables built in (s): {ctx.claim_tables.build_seconds}")
+    print(f"\nMachine: {os.cpu_count()} CPUs, Python {platform.python_version()}, SQLite"
+          f" {apsw.sqlite_lib_version()} (apsw) / {sqlite3.sqlite_version}"
+          " (sqlite3 module, used by the peers).")
+
+    report = {
+        "mode": mode, "runs": runs, "warmup": 1, "wall_seconds": round(wall, 1),
+        "sizes": asdict(sizes), "machine": machine_info(), "huey_fsync": args.huey_fsync,
+        "systems": {s.name: (f"skipped: {skipped[s.name]}" if s.name in skipped else s.notes)
+                    for s in systems},
+        "scenario_notes": {name: SCENARIO_NOTES[name] for name in cells},
+        "claim_table_build_seconds": ctx.claim_tables.build_seconds,
+        "results": {sc: {name: {"status": cell.status, "detail": cell.detail,
+                                "median": cell.medians(), "values": cell.values,
+                                "errors": cell.errors}
+                         for name, cell in by_system.items()}
+                    for sc, by_system in cells.items()},
+        "targets": [{"scenario": t.scenario, "metric": t.metric, "target": t.text,
+                     "pass": verdicts[(t.scenario, t.metric)][1]}
+                    for t in TARGETS if (t.scenario, t.metric) in verdicts],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    if draw_chart(cells, shown, args.chart,
+                  f"sqliteq bench ({mode}), median of {runs} runs"):
+        log(f"wrote {args.chart}")
+
+
+if __name__ == "__main__":
+    main()
