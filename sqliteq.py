@@ -130,7 +130,8 @@ DEFAULT_MAX_ATTEMPTS = 5
 MAX_ERRORS_KEPT = 20            # a job keeps the last this-many attempt errors
 _HOSTNAME = socket.gethostname()
 
-_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# ASCII output: compact, valid UTF-8 whatever the payload holds (even lone surrogates).
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _json_decode = json.loads
 
 
@@ -146,13 +147,17 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_EARLIEST, _LATEST = -62_135_596_800, 253_402_300_799    # 0001-01-01 .. 9999-12-31 UTC
+
+
 def _epoch_seconds(value: datetime | float | int, what: str) -> float:
     """Accept an aware datetime or epoch seconds; reject naive datetimes and non-numbers."""
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidInput(f"{what} is a naive datetime; give it a timezone (e.g. UTC)")
         return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and _EARLIEST <= value <= _LATEST:
         return float(value)
     raise InvalidInput(f"{what} must be an aware datetime or epoch seconds, not {value!r}")
 
@@ -173,6 +178,16 @@ def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or value != value.strip():
         raise InvalidInput(f"{what} must be a non-empty string without surrounding spaces, "
                            f"not {value!r}")
+    return _check_text(value, what)
+
+
+def _check_text(value: str, what: str) -> str:
+    """SQLite stores UTF-8: refuse strings that cannot be encoded (lone surrogates)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{what} {value!r} is not valid Unicode text") from None
     return value
 
 
@@ -201,6 +216,7 @@ class EnqueueRequest(_RequestFields):
                 ) -> EnqueueRequest:
         if not isinstance(kind, str) or not kind:
             raise InvalidInput(f"kind must be a non-empty string, not {kind!r}")
+        _check_text(kind, "kind")
         _encode_json(payload, f"payload of {kind!r}")
         if queue_name is not None:
             _check_name(queue_name, "queue_name")
@@ -214,14 +230,29 @@ class EnqueueRequest(_RequestFields):
         elif not isinstance(max_attempts, int) or isinstance(max_attempts, bool) \
                 or not 1 <= max_attempts < 2**31:
             raise InvalidInput(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
-        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-            raise InvalidInput(f"unique_key must be a non-empty string, not {unique_key!r}")
+        if unique_key is not None:
+            if not isinstance(unique_key, str) or not unique_key:
+                raise InvalidInput(f"unique_key must be a non-empty string, not {unique_key!r}")
+            _check_text(unique_key, "unique_key")
         return tuple.__new__(cls, (kind, payload, queue_name, priority, run_at, max_attempts,
                                    unique_key))
 
+    # Every way of building one goes through __new__'s validation.
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> EnqueueRequest:  # type: ignore[override]
+        return cls._from_fields(dict(zip(cls._fields, iterable, strict=True)))
+
     def _replace(self, **changes: Any) -> EnqueueRequest:  # type: ignore[override]
-        fields = {**self._asdict(), **changes}
-        return EnqueueRequest(fields.pop("kind"), fields.pop("payload"), **fields)
+        return self._from_fields({**self._asdict(), **changes})
+
+    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:   # pickle, copy
+        fields = self._asdict()
+        return (fields.pop("kind"), fields.pop("payload")), fields
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> EnqueueRequest:
+        fields = dict(fields)
+        return cls(fields.pop("kind"), fields.pop("payload"), **fields)
 
 
 class PreparedJobs(NamedTuple):
@@ -490,13 +521,18 @@ class Database:
         self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_WriteRequest] = []
+        self._writers = 0
         self._closed = False
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
         self._commit_seq = 0
         self._commit_waiters = 0
         self._check_path()
-        self.write(migrate)
+        try:
+            self.write(migrate)
+        except BaseException:
+            self.close()
+            raise
 
     def _check_path(self) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -543,17 +579,37 @@ class Database:
             if version == 0 and objects:
                 raise SchemaError(f"{self.path!r} is a SQLite database of another application "
                                   f"(it has tables but no sqliteq schema)")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
-            if mode.lower() != "wal":
-                raise SchemaError(f"cannot use {self.path!r}: journal_mode stays {mode!r}, "
-                                  f"WAL is required")
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'};"
-                         "PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY")
+            if conn.readonly("main"):
+                raise SchemaError(f"{self.path!r} is read-only; sqliteq needs write access to "
+                                  f"the file and its folder")
+            self._use_wal(conn)
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            conn.execute("PRAGMA temp_store = MEMORY")
         except apsw.NotADBError:
             raise SchemaError(f"{self.path!r} is not a SQLite database") from None
         except (apsw.ReadOnlyError, apsw.CantOpenError, apsw.PermissionsError) as exc:
             raise SchemaError(f"cannot open {self.path!r} for writing ({exc}); sqliteq needs "
                               f"write access to the file and its folder") from None
+
+    def _use_wal(self, conn: apsw.Connection) -> None:
+        """Switch the file to WAL (a no-op once it is). Changing the journal mode needs an
+        exclusive lock, and SQLite answers a conflict with BUSY at once (its busy handler
+        would risk a deadlock), so retry here for up to the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+        while mode.lower() != "wal":
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+            except (apsw.BusyError, apsw.LockedError) as exc:
+                if time.monotonic() >= deadline:
+                    raise TransientError(f"could not switch {self.path!r} to WAL: another "
+                                         f"connection kept it locked ({exc})") from None
+                time.sleep(0.01)
+                continue
+            if mode.lower() != "wal":
+                raise SchemaError(f"cannot use {self.path!r}: journal_mode stays {mode!r}, "
+                                  f"WAL is required")
 
     def write(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work(conn)` in a BEGIN IMMEDIATE transaction, and return once it committed.
@@ -569,11 +625,17 @@ class Database:
         request = _WriteRequest(work)
         with self._pending_lock:
             self._pending.append(request)
+            self._writers += 1
+            crowded = self._writers > 1
+        if crowded:     # let the other writers queue up behind us: one commit serves all
+            time.sleep(0)
         with self._write_lock:
             if not request.done:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 self._commit_batch(batch)
+        with self._pending_lock:
+            self._writers -= 1
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[no-any-return]
@@ -665,25 +727,26 @@ class _IdMinter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last = 0
+        self._last = 0                  # the last id minted, as an integer
+        self._prefixes = (-1, "")       # (top 88 bits, their 18 characters), last used
 
     def mint(self, count: int = 1) -> list[str]:
         with self._lock:
-            seed = int(ulid.ULID())
-            if seed >> 80 <= self._last >> 80:
-                seed = self._last + 1
+            if time.time_ns() // 1_000_000 > self._last >> 80:
+                seed = int(ulid.ULID()) & ~(1 << 79)    # leave room to increment
+                if seed >> 80 <= self._last >> 80:      # python-ulid's clock lagged ours
+                    seed = self._last + 1
             else:
-                seed &= ~(1 << 79)      # leave room to increment without overflowing the time
+                seed = self._last + 1
             self._last = seed + count - 1
         pairs = _CROCKFORD_PAIRS
-        ids = []
-        prefix_of = self._prefix
         high, low = seed >> 40, seed & 0xFF_FFFF_FFFF
-        prefix = prefix_of(high)
+        prefix = self._prefix(high)
+        ids = []
         for _ in range(count):
             if low > 0xFF_FFFF_FFFF:
                 high, low = high + 1, 0
-                prefix = prefix_of(high)
+                prefix = self._prefix(high)
             ids.append(prefix + pairs[low >> 30] + pairs[(low >> 20) & 1023]
                        + pairs[(low >> 10) & 1023] + pairs[low & 1023])
             low += 1
@@ -691,7 +754,16 @@ class _IdMinter:
 
     def _prefix(self, high: int) -> str:
         """The first 18 characters of a 26-character ULID from its top 88 bits."""
-        return str(ulid.ULID.from_int(high << 40))[:18]
+        cached_high, prefix = self._prefixes
+        if high != cached_high:
+            prefix = str(ulid.ULID.from_int(high << 40))[:18]
+            self._prefixes = (high, prefix)
+        return prefix
+
+
+# One minter per process, shared by every Storage: ids stay unique and ordered even between
+# two Storage objects on the same file. (The only process-wide state besides the logger.)
+_mint_ids = _IdMinter().mint
 
 
 # ------------------------------------------------------------------ Jobs ----
@@ -750,7 +822,7 @@ class Jobs:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._mint = _IdMinter().mint
+        self._mint = _mint_ids
         self._known_queues: set[str] = set()
         # Called with the set of queue names after every committed enqueue in this process;
         # runtimes use it to wake their dispatcher at once instead of at the next poll.
@@ -800,7 +872,7 @@ class Jobs:
                         route(kind), f"queue chosen by the router for kind {kind!r}")
                     routed[kind] = queue
             rows.append((job_id, kind, queue, payload_json, priority,
-                         now if run_at is None else int(run_at * 1000), max_attempts,
+                         now if run_at is None else round(run_at * 1000), max_attempts,
                          unique_key, now))
         return PreparedJobs(rows, {row[2] for row in rows})
 
