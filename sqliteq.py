@@ -147,7 +147,11 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-_EARLIEST, _LATEST = -62_135_596_800, 253_402_300_799    # 0001-01-01 .. 9999-12-31 UTC
+# 0001-01-01 .. the last millisecond of 9999-12-31, UTC: what datetime can read back.
+_EARLIEST, _LATEST = -62_135_596_800, 253_402_300_799.999
+
+
+_LATEST_MS = int(_LATEST * 1000)
 
 
 def _epoch_seconds(value: datetime | float | int, what: str) -> float:
@@ -155,7 +159,7 @@ def _epoch_seconds(value: datetime | float | int, what: str) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidInput(f"{what} is a naive datetime; give it a timezone (e.g. UTC)")
-        return value.timestamp()
+        value = value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool) \
             and _EARLIEST <= value <= _LATEST:
         return float(value)
@@ -214,9 +218,7 @@ class EnqueueRequest(_RequestFields):
                 priority: int = 0, run_at: datetime | float | None = None,
                 max_attempts: int | None = None, unique_key: str | None = None
                 ) -> EnqueueRequest:
-        if not isinstance(kind, str) or not kind:
-            raise InvalidInput(f"kind must be a non-empty string, not {kind!r}")
-        _check_text(kind, "kind")
+        _check_name(kind, "kind")
         _encode_json(payload, f"payload of {kind!r}")
         if queue_name is not None:
             _check_name(queue_name, "queue_name")
@@ -627,24 +629,28 @@ class Database:
             self._pending.append(request)
             self._writers += 1
             crowded = self._writers > 1
-        if crowded:     # let the other writers queue up behind us: one commit serves all
-            time.sleep(0)
-        with self._write_lock:
-            if not request.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                self._commit_batch(batch)
-        with self._pending_lock:
-            self._writers -= 1
+        try:
+            if crowded:     # let the other writers queue up behind us: one commit serves all
+                time.sleep(0)
+            with self._write_lock:
+                if not request.done:
+                    with self._pending_lock:
+                        batch, self._pending = self._pending, []
+                    self._commit_batch(batch)
+        finally:
+            with self._pending_lock:
+                self._writers -= 1
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[no-any-return]
 
     def _commit_batch(self, batch: list[_WriteRequest]) -> None:
-        conn = self.connection()
+        """Run a batch of writes in one transaction; every request ends done, with its
+        result or its error (never left waiting, whatever fails)."""
         error: BaseException | None = None
         for delay in (*TRANSIENT_RETRY_DELAYS, None):
             try:
+                conn = self.connection()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     if len(batch) == 1:
@@ -805,11 +811,14 @@ class Jobs:
                      " WHERE id = ?1 AND state = 'queued'")
     REQUEST_CANCEL = ("UPDATE jobs SET cancel_requested = 1"
                       " WHERE id = ? AND state = 'running'")
-    RETRY = ("UPDATE jobs SET state = 'queued', attempt = 0, run_at = ?2, finished_at = NULL,"
+    # A retried job starts afresh (its error history stays, for the record).
+    RETRY = ("UPDATE jobs SET state = 'queued', attempt = 0, run_at = ?2, started_at = NULL,"
+             " finished_at = NULL, worker = NULL, host = NULL, result = NULL,"
              " cancel_requested = 0, lease = NULL WHERE id = ?1"
              " AND state IN ('failed', 'cancelled')")
     RETRY_FAILED = ("UPDATE OR IGNORE jobs SET state = 'queued', attempt = 0, run_at = ?2,"
-                    " finished_at = NULL, cancel_requested = 0, lease = NULL"
+                    " started_at = NULL, finished_at = NULL, worker = NULL, host = NULL,"
+                    " result = NULL, cancel_requested = 0, lease = NULL"
                     " WHERE state = 'failed' AND (?1 IS NULL OR queue = ?1)")
     RUN_NOW = "UPDATE jobs SET run_at = ?2 WHERE id = ?1 AND state = 'queued' AND run_at > ?2"
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
@@ -872,7 +881,8 @@ class Jobs:
                         route(kind), f"queue chosen by the router for kind {kind!r}")
                     routed[kind] = queue
             rows.append((job_id, kind, queue, payload_json, priority,
-                         now if run_at is None else round(run_at * 1000), max_attempts,
+                         now if run_at is None else min(round(run_at * 1000), _LATEST_MS),
+                         max_attempts,
                          unique_key, now))
         return PreparedJobs(rows, {row[2] for row in rows})
 
@@ -1090,8 +1100,9 @@ class Queues:
     def set_limit(self, name: str, limit: int | None) -> None:
         """At most `limit` jobs of this queue run at once across all processes (None: no cap)."""
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                  or limit < 0):
-            raise InvalidInput(f"limit must be a non-negative integer or None, not {limit!r}")
+                                  or limit < 1):
+            raise InvalidInput(f"limit must be a positive integer (pause a queue to stop it) "
+                               f"or None, not {limit!r}")
         self._update(name, self.SET_LIMIT, limit)
 
     def set_backoff(self, name: str, base: timedelta | float, cap: timedelta | float) -> None:

@@ -1,0 +1,590 @@
+"""Storage: the file, its schema and pragmas, refusing unusable files, transient retries."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+import sqliteq
+from sqliteq import EnqueueRequest, SchemaError
+
+TABLES = {"jobs", "queues", "processes", "cron", "rate_limits"}
+
+
+def raw(path: Path | str) -> apsw.Connection:
+    conn = apsw.Connection(str(path))
+    conn.setbusytimeout(10_000)
+    return conn
+
+
+def scalar(path: Path | str, statement: str, *params):
+    conn = raw(path)
+    try:
+        return conn.execute(statement, params).fetchall()[0][0]
+    finally:
+        conn.close()
+
+
+def schema(path: Path | str) -> list[tuple]:
+    conn = raw(path)
+    try:
+        return conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------ the file ----
+
+def test_opening_creates_the_file_and_schema(db_path):
+    with sqliteq.Storage(db_path) as storage:
+        assert storage.path == str(db_path)
+    assert db_path.is_file()
+    assert TABLES <= {name for kind, name, _ in schema(db_path) if kind == "table"}
+
+
+def test_file_is_in_wal_mode(storage, db_path):
+    assert scalar(db_path, "PRAGMA journal_mode") == "wal"
+
+
+def test_user_version_is_the_schema_version(storage, db_path):
+    assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION >= 1
+
+
+def test_reopening_keeps_jobs_and_schema(db_path):
+    with sqliteq.Storage(db_path) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k", {"a": 1})).job_id
+    before = schema(db_path)
+    for _ in range(2):
+        with sqliteq.Storage(db_path) as storage:
+            assert storage.jobs.get(job_id).payload == {"a": 1}
+    assert schema(db_path) == before
+    assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION
+
+
+def test_two_storages_on_one_file_see_each_other(db_path):
+    with sqliteq.Storage(db_path) as one, sqliteq.Storage(db_path) as two:
+        job_id = one.jobs.enqueue(EnqueueRequest("k")).job_id
+        assert two.jobs.get(job_id).id == job_id
+
+
+def test_context_manager_closes_every_threads_connection(db_path):
+    with sqliteq.Storage(db_path) as storage:
+        storage.jobs.enqueue(EnqueueRequest("k"))
+        thread = threading.Thread(target=storage.jobs.enqueue, args=(EnqueueRequest("k"),))
+        thread.start()
+        thread.join()
+        assert Path(f"{db_path}-wal").exists()
+    # SQLite removes the WAL file when the last connection to the database closes.
+    assert not Path(f"{db_path}-wal").exists()
+    with pytest.raises(sqliteq.SqliteqError):
+        storage.jobs.counts()
+    storage.close()     # closing twice is harmless
+
+
+def test_default_synchronous_is_normal(storage):
+    assert storage.db.connection().execute("PRAGMA synchronous").fetchall() == [(1,)]
+
+
+def test_durable_sets_synchronous_full_on_every_connection(db_path):
+    with sqliteq.Storage(db_path, durable=True) as storage:
+        assert storage.db.connection().execute("PRAGMA synchronous").fetchall() == [(2,)]
+        seen = []
+        thread = threading.Thread(target=lambda: seen.extend(
+            storage.db.connection().execute("PRAGMA synchronous").fetchall()))
+        thread.start()
+        thread.join()
+        assert seen == [(2,)]
+
+
+@pytest.mark.parametrize("busy_timeout", [-1, "5", True])
+def test_busy_timeout_must_be_a_non_negative_number(db_path, busy_timeout):
+    with pytest.raises(sqliteq.InvalidInput):
+        sqliteq.Storage(db_path, busy_timeout=busy_timeout)
+
+
+# -------------------------------------------------------- refusing files ----
+
+def test_newer_schema_is_refused_and_the_file_left_unchanged(db_path):
+    sqliteq.Storage(db_path).close()
+    conn = raw(db_path)
+    conn.execute(f"PRAGMA user_version = {sqliteq.SCHEMA_VERSION + 1}")
+    conn.close()
+    before = db_path.read_bytes()
+    with pytest.raises(SchemaError, match="newer"):
+        sqliteq.Storage(db_path)
+    assert db_path.read_bytes() == before
+    assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION + 1
+
+
+def test_newer_schema_in_rollback_mode_is_refused_unchanged(db_path):
+    conn = raw(db_path)
+    conn.execute(f"CREATE TABLE t (x); PRAGMA user_version = {sqliteq.SCHEMA_VERSION + 1}")
+    conn.close()
+    before = db_path.read_bytes()
+    with pytest.raises(SchemaError):
+        sqliteq.Storage(db_path)
+    assert db_path.read_bytes() == before
+
+
+def test_file_refused_as_newer_is_released_at_once(db_path):
+    sqliteq.Storage(db_path).close()
+    conn = raw(db_path)
+    conn.execute(f"PRAGMA user_version = {sqliteq.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaError) as refused:
+        sqliteq.Storage(db_path)
+    assert refused.value is not None           # the error (and its traceback) is still held
+    assert not Path(f"{db_path}-wal").exists()  # yet no connection keeps the file open
+
+
+@pytest.mark.parametrize("junk", [b"not a database, just text\n" * 100, bytes(range(256)) * 16],
+                         ids=["text", "binary"])
+def test_file_that_is_not_sqlite_is_refused_unchanged(db_path, junk):
+    db_path.write_bytes(junk)
+    with pytest.raises(SchemaError):
+        sqliteq.Storage(db_path)
+    assert db_path.read_bytes() == junk
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(SchemaError, match="does not exist"):
+        sqliteq.Storage(tmp_path / "missing" / "q.db")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_directory_as_path_is_refused(tmp_path):
+    with pytest.raises(SchemaError):
+        sqliteq.Storage(tmp_path)
+
+
+def test_schema_error_is_a_sqliteq_error():
+    assert issubclass(SchemaError, sqliteq.SqliteqError)
+
+
+# ---------------------------------------------------- read-only (as a non-root user) ----
+
+AS_ROOT = os.geteuid() == 0
+NOBODY = 65534
+
+OPEN_UNPRIVILEGED = """
+import os, sys
+import sqliteq
+if os.geteuid() == 0:          # root ignores file modes, so become 'nobody' (after imports)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    with sqliteq.Storage(sys.argv[1]) as storage:
+        print("opened", flush=True)
+        if sys.argv[2] == "enqueue":
+            storage.jobs.enqueue(sqliteq.EnqueueRequest("k"))
+            print("enqueued")
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.fixture
+def reachable_dir():
+    """A fresh folder an unprivileged child can reach (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="sqliteq-test-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o700)
+    shutil.rmtree(folder)
+
+
+def writable(path: Path) -> None:
+    if AS_ROOT:
+        os.chown(path, NOBODY, NOBODY)
+    path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def read_only(path: Path) -> None:
+    if AS_ROOT:
+        os.chown(path, 0, 0)
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    else:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+@pytest.fixture
+def open_unprivileged(run_python):
+    """Open the file with sqliteq in a child process that cannot override file modes.
+
+    Returns what the child printed: "opened" and/or the name of the exception it got.
+    """
+
+    def run(path: Path, then: str = "open") -> list[str]:
+        proc = run_python(OPEN_UNPRIVILEGED, str(path), then)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    return run
+
+
+def existing_database(folder: Path) -> Path:
+    path = folder / "q.db"
+    sqliteq.Storage(path).close()
+    return path
+
+
+def test_new_file_in_read_only_folder_is_refused(reachable_dir, open_unprivileged):
+    read_only(reachable_dir)
+    assert open_unprivileged(reachable_dir / "q.db") == ["SchemaError"]
+    assert list(reachable_dir.iterdir()) == []
+
+
+def test_writable_file_in_read_only_folder_is_refused(reachable_dir, open_unprivileged):
+    path = existing_database(reachable_dir)
+    writable(path)
+    read_only(reachable_dir)
+    assert open_unprivileged(path) == ["SchemaError"]
+
+
+def test_read_only_file_in_read_only_folder_is_refused(reachable_dir, open_unprivileged):
+    path = existing_database(reachable_dir)
+    read_only(path)
+    read_only(reachable_dir)
+    assert open_unprivileged(path) == ["SchemaError"]
+
+
+def test_read_only_file_in_writable_folder_is_refused(reachable_dir, open_unprivileged):
+    path = existing_database(reachable_dir)
+    read_only(path)
+    writable(reachable_dir)
+    assert open_unprivileged(path) == ["SchemaError"]
+
+
+def test_writing_to_a_read_only_file_raises_schema_error(reachable_dir, open_unprivileged):
+    path = existing_database(reachable_dir)
+    read_only(path)
+    writable(reachable_dir)
+    assert open_unprivileged(path, "enqueue")[-1] == "SchemaError"
+    assert scalar(path, "SELECT count(*) FROM jobs") == 0
+
+
+# ---------------------------------------------------------------- indexes ----
+
+READY_JOBS = ("SELECT id FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
+              " ORDER BY priority, run_at, id LIMIT ?")
+
+
+def test_ready_job_query_reads_the_claim_index_in_claim_order(storage, db_path):
+    conn = raw(db_path)
+    plan = " ".join(row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN " + READY_JOBS, ("default", sqliteq.now_ms(), 10)))
+    conn.close()
+    assert "jobs_claim" in plan
+    assert "TEMP B-TREE" not in plan      # the index order is the claim order: no sort
+
+
+def test_claim_index_is_partial_on_queued_jobs(storage, db_path):
+    sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_claim'")
+    assert "(queue, priority, run_at, id)" in sql
+    assert "WHERE state = 'queued'" in sql
+
+
+def test_unique_key_index_is_partial_on_active_jobs(storage, db_path):
+    sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_unique_active'")
+    assert sql.startswith("CREATE UNIQUE INDEX")
+    assert "state IN ('queued', 'running')" in sql
+
+
+# ------------------------------------------------------------- migrations ----
+
+def test_database_of_another_application_is_refused_unchanged(db_path):
+    conn = raw(db_path)
+    conn.execute("CREATE TABLE queues (theirs); INSERT INTO queues VALUES ('keep me')")
+    conn.close()
+    before = db_path.read_bytes()
+    with pytest.raises(SchemaError):
+        sqliteq.Storage(db_path)
+    assert db_path.read_bytes() == before
+
+
+def with_step(monkeypatch, *statements: str) -> None:
+    """Pretend this sqliteq has one more migration step (a later release would)."""
+    steps = (*sqliteq.MIGRATIONS, statements)
+    monkeypatch.setattr(sqliteq, "MIGRATIONS", steps)
+    monkeypatch.setattr(sqliteq, "SCHEMA_VERSION", len(steps))
+
+
+def test_a_new_migration_step_is_applied_on_open_and_keeps_the_data(db_path, monkeypatch):
+    with sqliteq.Storage(db_path) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k", "kept")).job_id
+    version = sqliteq.SCHEMA_VERSION
+    with_step(monkeypatch, "CREATE TABLE extra (x)", "CREATE INDEX extra_x ON extra (x)")
+    with sqliteq.Storage(db_path) as storage:
+        assert storage.jobs.get(job_id).payload == "kept"
+    assert scalar(db_path, "PRAGMA user_version") == version + 1
+    assert {"extra", "extra_x"} <= {name for _, name, _ in schema(db_path)}
+
+
+def test_a_failed_migration_step_leaves_the_file_as_it_was(db_path, monkeypatch):
+    """A step runs in one transaction with its user_version change: all of it or nothing."""
+    with sqliteq.Storage(db_path) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k", "kept")).job_id
+    before = schema(db_path)
+    version = sqliteq.SCHEMA_VERSION
+    with_step(monkeypatch, "CREATE TABLE extra (x)", "CREATE TABLE jobs (duplicate)")
+    with pytest.raises(apsw.SQLError, match="already exists"):
+        sqliteq.Storage(db_path)
+    assert schema(db_path) == before
+    assert scalar(db_path, "PRAGMA user_version") == version
+    monkeypatch.undo()
+    with sqliteq.Storage(db_path) as storage:
+        assert storage.jobs.get(job_id).payload == "kept"
+
+
+def test_file_whose_migration_failed_is_released_at_once(db_path, monkeypatch):
+    sqliteq.Storage(db_path).close()
+    with_step(monkeypatch, "CREATE TABLE jobs (duplicate)")
+    with pytest.raises(apsw.SQLError) as failed:
+        sqliteq.Storage(db_path)
+    assert failed.value is not None
+    assert not Path(f"{db_path}-wal").exists()
+
+
+def test_migration_sets_schema_and_version_together(db_path):
+    conn = raw(db_path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    assert scalar(db_path, "PRAGMA user_version") == 0
+    sqliteq.Storage(db_path).close()
+    assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION
+    assert TABLES <= {name for kind, name, _ in schema(db_path) if kind == "table"}
+
+
+def test_opening_waits_while_another_process_writes_the_new_file(db_path, hold_writer_lock):
+    """Another process switching a new file to WAL holds its rollback-mode write lock so.
+
+    Several processes that open a new file at once hit this (seen as apsw.BusyError in about
+    one round in a hundred of four processes each opening a new file together).
+    """
+    hold_writer_lock("0.5")
+    with sqliteq.Storage(db_path) as storage:
+        assert storage.jobs.counts()["queued"] == 0
+
+
+OPENERS, ROUNDS = 4, 100
+
+
+def open_new_files(folder: str, start, done, failed, errors) -> None:
+    """Child process: each round, open a new file at the same moment as the other children.
+
+    Stops at the first failure in any child (the flag is read between two barriers, so every
+    child stops after the same round).
+    """
+    failures = []
+    for n in range(ROUNDS):
+        start.wait(timeout=60)
+        try:
+            sqliteq.Storage(os.path.join(folder, f"{n}.db")).close()
+        except Exception as exc:
+            failures.append(f"round {n}: {type(exc).__module__}.{type(exc).__name__}: {exc}")
+            failed.set()
+        done.wait(timeout=60)
+        if failed.is_set():
+            break
+    errors.put(failures)
+
+
+def test_processes_opening_new_files_together_all_succeed(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    start, done = ctx.Barrier(OPENERS), ctx.Barrier(OPENERS)
+    failed, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=open_new_files, args=(str(tmp_path), start, done, failed, errors))
+             for _ in range(OPENERS)]
+    for proc in procs:
+        proc.start()
+    failures = [f for _ in procs for f in errors.get(timeout=120)]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert failures == []
+    assert [proc.exitcode for proc in procs] == [0] * OPENERS
+
+
+# ------------------------------------------------------ transient retries ----
+
+HOLD_WRITER_LOCK = """
+import sys, time, apsw
+conn = apsw.Connection(sys.argv[1])
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+if sys.argv[2] == "until-told":
+    sys.stdin.readline()
+else:
+    time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def hold_writer_lock(db_path, child_env):
+    """Start a process that holds the file's writer lock; returns once it holds it."""
+    procs: list[subprocess.Popen] = []
+
+    def start(release: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_WRITER_LOCK, str(db_path), release],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=child_env)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_lock_held_through_every_retry_raises_transient_error(db_path, hold_writer_lock):
+    with sqliteq.Storage(db_path, busy_timeout=0.05) as storage:
+        holder = hold_writer_lock("until-told")
+        started = time.monotonic()
+        with pytest.raises(sqliteq.TransientError):
+            storage.jobs.enqueue(EnqueueRequest("k"))
+        # Every jittered back-off (at least half its nominal delay) was slept first.
+        assert time.monotonic() - started >= sum(sqliteq.TRANSIENT_RETRY_DELAYS) / 2
+        holder.communicate("release\n", timeout=30)
+        assert sum(storage.jobs.counts().values()) == 0
+
+
+def test_lock_released_during_the_retries_lets_enqueue_succeed(db_path, hold_writer_lock):
+    with sqliteq.Storage(db_path, busy_timeout=0.05) as storage:
+        hold_writer_lock("0.3")
+        out = storage.jobs.enqueue(EnqueueRequest("k", {"after": "retry"}))
+        assert storage.jobs.get(out.job_id).payload == {"after": "retry"}
+
+
+def test_transient_error_is_a_sqliteq_error():
+    assert issubclass(sqliteq.TransientError, sqliteq.SqliteqError)
+    assert not issubclass(sqliteq.TransientError, ValueError)
+
+
+# ------------------------------------------------- writes from many threads ----
+
+def test_a_failing_write_does_not_undo_other_threads_writes(storage):
+    """Concurrent writes may share one commit; each still succeeds or fails on its own."""
+    class Refused(Exception):
+        pass
+
+    def half_then_fail(conn):
+        conn.execute("INSERT INTO queues (name) VALUES (?)", (f"half-{threading.get_ident()}",))
+        raise Refused
+
+    outcomes: dict[str, list] = {"enqueued": [], "refused": [], "unexpected": []}
+
+    def enqueuer() -> None:
+        for n in range(150):
+            try:
+                outcomes["enqueued"].append(storage.jobs.enqueue(EnqueueRequest("k", n)).job_id)
+            except BaseException as exc:
+                outcomes["unexpected"].append(exc)
+
+    def failer() -> None:
+        for _ in range(150):
+            try:
+                storage.db.write(half_then_fail)
+            except Refused as exc:
+                outcomes["refused"].append(exc)
+            except BaseException as exc:
+                outcomes["unexpected"].append(exc)
+
+    threads = [threading.Thread(target=fn) for fn in (enqueuer, failer) * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes["unexpected"] == []
+    assert len(outcomes["refused"]) == 600
+    assert len(set(map(id, outcomes["refused"]))) == 600     # each caller got its own error
+    assert storage.jobs.counts()["queued"] == len(set(outcomes["enqueued"])) == 600
+    assert [q.name for q in storage.queues.list()] == ["default"]
+
+
+LEADER_CANNOT_CONNECT = r"""
+import os, queue, resource, sys, threading, time
+import sqliteq
+
+storage = sqliteq.Storage(sys.argv[1])
+
+
+def serve(inbox, outbox, work):
+    storage.jobs.counts()                   # this thread's connection is open from now on
+    outbox.put("ready")
+    while (item := inbox.get()) is not None:
+        try:
+            outbox.put(work(item))
+        except Exception as exc:
+            outbox.put("sqliteq-error" if isinstance(exc, sqliteq.SqliteqError)
+                       else f"{type(exc).__name__}: {exc}")
+
+
+def hold_writer(event):                     # writes queue up behind this one meanwhile
+    return storage.db.write(lambda conn: event.wait(10))
+
+
+def enqueue(_):
+    out = storage.jobs.enqueue(sqliteq.EnqueueRequest("k"))
+    return "stored" if storage.jobs.get(out.job_id) else "missing"
+
+
+pipes = {name: (queue.Queue(), queue.Queue()) for name in ("holder", "writer")}
+threads = [threading.Thread(target=serve, args=(*pipes["holder"], hold_writer)),
+           threading.Thread(target=serve, args=(*pipes["writer"], enqueue))]
+for thread in threads:
+    thread.start()
+assert [pipes[name][1].get(timeout=30) for name in pipes] == ["ready", "ready"]
+# From now on a thread's first connection cannot open: no file descriptors are left.
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+
+for trial in range(20):
+    release = threading.Event()
+    pipes["holder"][0].put(release)
+    time.sleep(0.02)
+    newcomer = []
+
+    def first_write():
+        try:
+            storage.jobs.enqueue(sqliteq.EnqueueRequest("k"))
+            newcomer.append("stored")
+        except sqliteq.SchemaError:
+            newcomer.append("cannot-connect")
+
+    fresh = threading.Thread(target=first_write)
+    fresh.start()
+    time.sleep(0.02)                        # queued first, so it most often leads the batch
+    pipes["writer"][0].put(trial)
+    time.sleep(0.02)
+    release.set()
+    fresh.join(30)
+    pipes["holder"][1].get(timeout=30)
+    print(newcomer[0], pipes["writer"][1].get(timeout=30), flush=True)
+for inbox, _ in pipes.values():
+    inbox.put(None)
+"""
+
+
+def test_a_thread_that_cannot_connect_does_not_lose_other_threads_writes(db_path, run_python):
+    """A write queued behind a thread whose connection fails to open must not vanish."""
+    proc = run_python(LEADER_CANNOT_CONNECT, str(db_path))
+    assert proc.returncode == 0, proc.stderr
+    trials = [line.split(maxsplit=1) for line in proc.stdout.splitlines()]
+    assert len(trials) == 20
+    assert "cannot-connect" in {newcomer for newcomer, _ in trials}   # the setup bites
+    assert {other for _, other in trials} <= {"stored", "sqliteq-error"}
