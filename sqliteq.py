@@ -1260,9 +1260,15 @@ class Processes:
 class RateLimits:
     """Token buckets shared by every process on the file: `storage.rate_limits`."""
 
-    CONFIGURE = ("INSERT INTO rate_limits (scope, capacity, refill_per_sec, tokens, updated_at)"
-                 " VALUES (?1, ?2, ?3, ?2, ?4) ON CONFLICT (scope) DO UPDATE SET"
-                 " capacity = ?2, refill_per_sec = ?3, tokens = min(tokens, ?2)")
+    # Reconfiguring first banks what the old rate refilled so far: a new rate applies from
+    # the change on, never retroactively.
+    CONFIGURE = """
+        INSERT INTO rate_limits (scope, capacity, refill_per_sec, tokens, updated_at)
+        VALUES (?1, ?2, ?3, ?2, ?4)
+        ON CONFLICT (scope) DO UPDATE SET
+            capacity = ?2, refill_per_sec = ?3, updated_at = max(updated_at, ?4),
+            tokens = min(?2, capacity,
+                         tokens + max(0, ?4 - updated_at) / 1000.0 * refill_per_sec)"""
     SELECT = "SELECT capacity, refill_per_sec, tokens, updated_at FROM rate_limits WHERE scope = ?"
     SET_TOKENS = "UPDATE rate_limits SET tokens = ?2, updated_at = ?3 WHERE scope = ?1"
 
@@ -1302,7 +1308,10 @@ class RateLimits:
 
     def drain(self, scope: str) -> None:
         """Empty the bucket, e.g. after an upstream answered HTTP 429."""
-        self._db.write(lambda conn: conn.execute(self.SET_TOKENS, (scope, 0.0, now_ms())))
+        drained = self._db.write(lambda conn: conn.execute(
+            self.SET_TOKENS, (scope, 0.0, now_ms())) and conn.changes())
+        if not drained:
+            raise ConfigError(f"rate-limit scope {scope!r} is not configured")
 
 
 # ------------------------------------------------------------------ Cron ----
@@ -1350,7 +1359,7 @@ class CronSchedules:
                   " FROM cron ORDER BY name")
     SELECT_DUE = ("SELECT name, expression, timezone, request, next_fire_at FROM cron"
                   " WHERE enabled AND next_fire_at <= ?")
-    NEXT_FIRE = "SELECT min(next_fire_at) FROM cron WHERE enabled"
+    NEXT_FIRES = "SELECT name, next_fire_at FROM cron WHERE enabled AND next_fire_at NOT NULL"
     ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
                " WHERE name = ?1 AND next_fire_at = ?2")
     # Ticks later than this were missed while no process ran the schedule: they collapse
@@ -1378,9 +1387,11 @@ class CronSchedules:
                 for name, expression, tz, request, next_fire, enabled, last_error
                 in self._db.connection().execute(self.SELECT_ALL)]
 
-    def next_fire_ms(self) -> int | None:
-        """When the earliest enabled schedule fires next."""
-        return self._db.connection().execute(self.NEXT_FIRE).fetchall()[0][0]
+    def next_fire_ms(self, names: set[str]) -> int | None:
+        """When the earliest of the named schedules fires next."""
+        fires = [at for name, at in self._db.connection().execute(self.NEXT_FIRES)
+                 if name in names]
+        return min(fires, default=None)
 
     def fire_due(self, names: set[str], router: Router | None) -> int:
         """Enqueue one job for each due tick of the named schedules; returns how many ticks
@@ -1393,8 +1404,7 @@ class CronSchedules:
             if not due:
                 return fired
             for name, expression, tz, request, tick in due:
-                fired += self._fire(name, self._expression(expression, tz), request, tick,
-                                    router)
+                fired += self._fire(name, expression, tz, request, tick, router)
 
     def _expression(self, expression: str, tz: str | None) -> CronExpression:
         parsed = self._parsed.get((expression, tz))
@@ -1402,18 +1412,19 @@ class CronSchedules:
             parsed = self._parsed[(expression, tz)] = CronExpression(expression, tz)
         return parsed
 
-    def _fire(self, name: str, expression: CronExpression, request_json: str, tick: int,
+    def _fire(self, name: str, expression: str, tz: str | None, request_json: str, tick: int,
               router: Router | None) -> int:
         now = now_ms()
         missed = now - tick > self.MISSED_AFTER_MS
-        after = now if missed else tick
-        following = expression.next_after(datetime.fromtimestamp(after / 1000, timezone.utc))
-        following_ms = None if following is None else int(following.timestamp() * 1000)
+        following_ms: int | None = None
         prepared, error = None, None
         try:
+            following = self._expression(expression, tz).next_after(
+                datetime.fromtimestamp((now if missed else tick) / 1000, timezone.utc))
+            following_ms = None if following is None else int(following.timestamp() * 1000)
             prepared = self._jobs.prepare(
                 [_request_from_json(request_json, (now if missed else tick) / 1000)], router)
-        except (InvalidInput, TypeError, ValueError, KeyError) as exc:
+        except Exception as exc:    # a bad stored schedule or a failing router: record it
             error = f"{type(exc).__name__}: {exc}"
             log.error("cron schedule %r cannot enqueue: %s", name, error)
 
@@ -1659,7 +1670,9 @@ class CronExpression:
     and @hourly/@daily/@weekly/@monthly/@yearly. When both day fields are restricted, a day
     matching either runs (as in Vixie cron). Times are wall-clock times in `tz`:
 
-    * a time skipped by a spring-forward DST change fires once, at the moment of the jump;
+    * a time skipped by a spring-forward DST change fires once, at the moment of the jump
+      (a job at a fixed hour is never lost) - unless the hour field is `*`, whose schedule
+      simply goes on in the next real hour;
     * a time repeated by a fall-back change fires once (its first occurrence), unless the
       hour field is `*`, in which case it fires in both passes (every real hour).
     """
@@ -1699,7 +1712,7 @@ class CronExpression:
         def number(token: str) -> int:
             value = names.get(token.upper())
             if value is None:
-                if not token.isdigit():
+                if not (token.isascii() and token.isdigit()):
                     raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
                                        f"{text!r}: {token!r} is not a number"
                                        + (" or a name" if names else ""))
@@ -1713,8 +1726,8 @@ class CronExpression:
         for item in text.split(","):
             span, _, step_text = item.partition("/")
             step = 1
-            if step_text:
-                if not step_text.isdigit() or int(step_text) == 0:
+            if "/" in item:
+                if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                     raise InvalidInput(f"cron expression {self.expression!r}: {field} field "
                                        f"{text!r}: step {step_text!r} must be a positive number")
                 step = int(step_text)
@@ -1728,7 +1741,7 @@ class CronExpression:
                                        f"{text!r}: range {span!r} runs backwards")
             else:
                 first = number(span)
-                last = high if step_text else first
+                last = high if "/" in item else first
             chosen.update(range(first, last + 1, step))
         return tuple(sorted(chosen))
 
@@ -1775,8 +1788,11 @@ class CronExpression:
         after = after.astimezone(timezone.utc)
         local = after.astimezone(self.tz)
         start = local.replace(tzinfo=None, microsecond=0)
-        if local.fold == 0 and local.replace(fold=1).utcoffset() != local.utcoffset():
-            start -= timedelta(hours=3)     # in a repeated hour: its second pass is still ahead
+        # In a repeated hour, an every-hour schedule's second pass is still ahead: look back
+        # over the repeated span for wall times whose second occurrence is after `after`.
+        fold_span = local.utcoffset() - local.replace(fold=1).utcoffset()   # type: ignore[operator]
+        if local.fold == 0 and fold_span > timedelta(0) and self.every_hour:
+            start -= fold_span
         best: datetime | None = None
         best_wall = start
         for wall in self._wall_times_from(start):
@@ -1798,7 +1814,9 @@ class CronExpression:
             return [(first, False)]
         if first.astimezone(self.tz).replace(tzinfo=None) == wall:      # repeated time
             return [(first, False), (second, True)] if self.every_hour else [(first, False)]
-        return [(_transition_between(second, first, self.tz), False)]   # skipped time
+        if self.every_hour:                                             # skipped time
+            return []
+        return [(_transition_between(second, first, self.tz), False)]
 
 
 def _transition_between(low: datetime, high: datetime, tz: tzinfo) -> datetime:
@@ -2042,9 +2060,9 @@ class Runtime:
                                     name=f"{qs.name}-{slot}-{self.host_id}")
                    for qs in self._queue_states.values() for slot in range(qs.slots)]
         self.storage.jobs.enqueue_listeners.append(self._on_enqueue)
+        log.info("runtime %s starting: queues %s", self.host_id, self.queues)
         for thread in (self._dispatcher, self._heartbeat, self._scheduler, *workers):
             thread.start()
-        log.info("runtime %s started: queues %s", self.host_id, self.queues)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, ask running handlers to stop (reason "shutdown"), wait for them up
@@ -2347,13 +2365,16 @@ class Runtime:
             try:
                 if self._schedules:
                     self.storage.cron.fire_due(set(self._schedules), self.router)
-                    next_fire = self.storage.cron.next_fire_ms()
+                    next_fire = self.storage.cron.next_fire_ms(set(self._schedules))
                     if next_fire is not None:
                         timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
+            except Exception:
+                log.exception("cron error; retrying in 1 s")
+            try:
                 if self.storage.processes.claim_chore("janitor", self.janitor_interval):
                     self.storage.jobs.sweep_expired()
             except Exception:
-                log.exception("scheduler error; retrying in 1 s")
+                log.exception("janitor error; retrying in 1 s")
 
     # -- workers --
 

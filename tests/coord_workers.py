@@ -1,0 +1,234 @@
+"""Child-process entry points for tests/test_coordination.py and tests/test_cron.py.
+
+Run as ``python tests/coord_workers.py COMMAND --db PATH [options]`` (cwd = repo root):
+
+* ``ratelimit``: threads call `RateLimiter.acquire("api")` in a loop once the go file
+  exists; prints one JSON line ``{"first_attempts": [...], "grants": [...]}`` (epoch s).
+* ``runtime``: a `Runtime` on one queue with the handlers below, run with `rt.run()`
+  (SIGTERM stops it gracefully).
+* ``cron``: a `Runtime` that declares ``rt.cron("tick", EXPR, EnqueueRequest("tick"))``.
+* ``chore``: prints ``storage.processes.claim_chore(NAME, INTERVAL)`` as JSON.
+
+Handlers record what they see in the ``runs`` table of the same database file
+(`create_runs_table`): one row per handler run with its wall-clock start and end
+(time.time(), seconds) and what it did. Every child exits on its own when its parent test
+process goes away, so none outlives a crashed test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+# A child started from a fresh clone imports the checkout's sqliteq even without
+# `pip install -e .`: the repository root is this file's parent's parent.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sqliteq
+
+RUNS_TABLE = """
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY, job_id TEXT, kind TEXT, queue TEXT, attempt INTEGER,
+    pid INTEGER, started REAL, ended REAL, what TEXT)
+"""
+
+
+def create_runs_table(db_path: Path | str) -> None:
+    """Create (and migrate) the sqliteq file, then the table the handlers write."""
+    sqliteq.Storage(db_path).close()
+    conn = apsw.Connection(str(db_path))
+    try:
+        conn.setbusytimeout(20_000)
+        conn.execute(RUNS_TABLE)
+    finally:
+        conn.close()
+
+
+def _watchdog(max_life: float) -> None:
+    """Exit if the parent test process is gone or this child lived too long."""
+    parent, deadline = os.getppid(), time.monotonic() + max_life
+    while True:
+        time.sleep(0.2)
+        if os.getppid() != parent or time.monotonic() > deadline:
+            os._exit(70)
+
+
+def _insert_run(ctx: sqliteq.JobCtx, started: float, ended: float | None, what: str) -> int:
+    def insert(conn: apsw.Connection) -> int:
+        conn.execute("INSERT INTO runs (job_id, kind, queue, attempt, pid, started, ended,"
+                     " what) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (ctx.job_id, ctx.kind, ctx.queue, ctx.attempt, os.getpid(), started,
+                      ended, what))
+        return conn.last_insert_rowid()
+
+    return ctx.storage.db.write(insert)
+
+
+def register_handlers(rt: sqliteq.Runtime) -> None:
+    @rt.handler("sleep")
+    def sleep(ctx: sqliteq.JobCtx, payload: dict[str, Any]) -> None:
+        """Record the wall-clock interval in which this handler ran."""
+        started = time.time()
+        time.sleep(payload["ms"] / 1000)
+        _insert_run(ctx, started, time.time(), "slept")
+
+    @rt.handler("gather")
+    def gather(ctx: sqliteq.JobCtx, payload: dict[str, Any]) -> None:
+        """Start, then wait until `payload["n"]` gather jobs of the same round have started
+        (or 15 s pass): proves that many ran at the same time when they all end waiting."""
+        started = time.time()
+        seq = _insert_run(ctx, started, None, "gathering")
+        conn = ctx.storage.db.connection()
+        deadline = time.monotonic() + 15
+        met = False
+        while time.monotonic() < deadline:
+            count = conn.execute("SELECT count(*) FROM runs WHERE kind = 'gather'"
+                                 ).fetchall()[0][0]
+            if count >= payload["n"]:
+                met = True
+                break
+            time.sleep(0.01)
+        ended = time.time()
+        ctx.storage.db.write(lambda c: c.execute(
+            "UPDATE runs SET ended = ?, what = ? WHERE seq = ?",
+            (ended, "met" if met else "timed out", seq)))
+
+    @rt.handler("throttle_once")
+    def throttle_once(ctx: sqliteq.JobCtx, payload: Any) -> str:
+        """The first run records its time and raises Throttled; later runs succeed."""
+        started = time.time()
+        conn = ctx.storage.db.connection()
+        throttled_before = conn.execute(
+            "SELECT 1 FROM runs WHERE job_id = ? AND what = 'throttled'",
+            (ctx.job_id,)).fetchall()
+        if not throttled_before:
+            _insert_run(ctx, started, time.time(), "throttled")
+            raise sqliteq.Throttled(payload["seconds"])
+        _insert_run(ctx, started, time.time(), "ran")
+        return "ok"
+
+    @rt.handler("note")
+    def note(ctx: sqliteq.JobCtx, payload: Any) -> None:
+        started = time.time()
+        _insert_run(ctx, started, time.time(), "ran")
+
+    @rt.handler("tick")
+    def tick(ctx: sqliteq.JobCtx, payload: Any) -> None:
+        return None
+
+
+def run_ratelimit(args: argparse.Namespace) -> int:
+    storage = sqliteq.Storage(args.db)
+    limiter = sqliteq.RateLimiter(storage)
+    go = Path(args.go)
+    Path(args.ready).touch()
+    while not go.exists():
+        time.sleep(0.002)
+    first_attempts: list[float] = []
+    grants: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.time() + args.seconds
+
+    def loop() -> None:
+        mine: list[float] = []
+        first = time.time()        # taken before the first acquire can reach the bucket
+        try:
+            while True:
+                remaining = stop_at - time.time()
+                if remaining <= 0:
+                    break
+                try:
+                    limiter.acquire("api", timeout=remaining)
+                except TimeoutError:
+                    break
+                mine.append(time.time())    # taken after the grant committed
+        except BaseException as exc:
+            with lock:
+                errors.append(repr(exc))
+        with lock:
+            first_attempts.append(first)
+            grants.extend(mine)
+
+    threads = [threading.Thread(target=loop) for _ in range(args.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    storage.close()
+    print(json.dumps({"first_attempts": first_attempts, "grants": grants, "errors": errors}))
+    return 1 if errors else 0
+
+
+def run_runtime(args: argparse.Namespace, schedule: str | None = None) -> int:
+    errors = _ErrorFlag()
+    logging.getLogger().addHandler(errors)
+    storage = sqliteq.Storage(args.db)
+    rt = sqliteq.Runtime(storage, {args.queue: args.slots}, poll_interval=args.poll,
+                         heartbeat_interval=0.2, lease_timeout=10.0, shutdown_timeout=10.0)
+    register_handlers(rt)
+    if schedule is not None:
+        rt.cron("tick", schedule, sqliteq.EnqueueRequest("tick"))
+    rt.run()
+    storage.close()
+    return 1 if errors.seen else 0
+
+
+class _ErrorFlag(logging.Handler):
+    """Remembers whether anything was logged at ERROR or above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = True
+
+
+def run_chore(args: argparse.Namespace) -> int:
+    with sqliteq.Storage(args.db) as storage:
+        print(json.dumps(storage.processes.claim_chore(args.name, args.interval)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("ratelimit", "runtime", "cron", "chore"))
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--go", default="")
+    parser.add_argument("--ready", default="")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--queue", default="default")
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--poll", type=float, default=0.02)
+    parser.add_argument("--schedule", default="* * * * * *")
+    parser.add_argument("--name", default="x")
+    parser.add_argument("--interval", type=float, default=60.0)
+    parser.add_argument("--max-life", type=float, default=120.0)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s pid={os.getpid()} %(threadName)s %(levelname)s "
+                               f"%(name)s: %(message)s")
+    threading.Thread(target=_watchdog, args=(args.max_life,), daemon=True).start()
+    if args.command == "ratelimit":
+        return run_ratelimit(args)
+    if args.command == "runtime":
+        return run_runtime(args)
+    if args.command == "cron":
+        return run_runtime(args, args.schedule)
+    return run_chore(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
