@@ -33,10 +33,24 @@ Guarantees:
   committed before it; `Storage(path, durable=True)` uses `synchronous=FULL`, which makes every
   commit durable on return at the cost of one fsync per commit.
 
-MIT License. Copyright (c) 2026 the sqliteq authors. Permission is hereby granted, free of
-charge, to any person obtaining a copy of this software, to deal in it without restriction,
-subject to including this notice; the software is provided "as is", without warranty of any
-kind. Full text: https://opensource.org/license/mit
+MIT License
+
+Copyright (c) 2026 the sqliteq authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+and associated documentation files (the "Software"), to deal in the Software without
+restriction, including without limitation the rights to use, copy, modify, merge, publish,
+distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+Software is furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING
+BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 """
 
 from __future__ import annotations
@@ -123,7 +137,6 @@ class JobState(str, Enum):
         return self.value
 
 
-ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 FINISHED_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
@@ -149,8 +162,6 @@ def now_ms() -> int:
 
 # 0001-01-01 .. the last millisecond of 9999-12-31, UTC: what datetime can read back.
 _EARLIEST, _LATEST = -62_135_596_800, 253_402_300_799.999
-
-
 _LATEST_MS = int(_LATEST * 1000)
 
 
