@@ -485,13 +485,15 @@ TRANSIENT_RETRY_DELAYS = (0.1, 0.3, 1.0)   # seconds, each jittered by +-50 %
 class _WriteRequest:
     """One caller's write, waiting to be run in the next group commit."""
 
-    __slots__ = ("done", "error", "result", "work")
+    __slots__ = ("done", "error", "gate", "result", "work")
 
     def __init__(self, work: Callable[[apsw.Connection], Any]) -> None:
         self.work = work
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.gate = threading.Lock()    # held until the request is done or handed the lead
+        self.gate.acquire()
 
     def run(self, conn: apsw.Connection) -> None:
         """Run alone in the transaction: any error aborts the transaction."""
@@ -514,10 +516,11 @@ class _WriteRequest:
 class Database:
     """Connections (one per thread), pragmas, and the single write-transaction helper.
 
-    Every write goes through `write`: a process-local lock first, so threads queue in memory
-    rather than sleep-polling in SQLite's busy handler, then `BEGIN IMMEDIATE`, so the writer
-    lock is taken up front and no lock upgrade can deadlock. The busy timeout then only
-    arbitrates between processes.
+    Every write goes through `write`. Threads of one process queue their writes in memory and
+    one of them at a time (the leader) commits what has queued, so they neither sleep-poll in
+    SQLite's busy handler nor pay a commit each; the busy timeout only arbitrates between
+    processes. Each transaction is `BEGIN IMMEDIATE`: the writer lock is taken up front, so
+    no lock upgrade can deadlock.
     """
 
     SCHEMA_PROBE = ("SELECT (SELECT user_version FROM pragma_user_version),"
@@ -531,10 +534,9 @@ class Database:
         self._local = threading.local()
         self._connections: list[apsw.Connection] = []
         self._connections_lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_WriteRequest] = []
-        self._writers = 0
+        self._leader = False            # a thread is committing the queued writes
         self._closed = False
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
@@ -627,10 +629,10 @@ class Database:
     def write(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work(conn)` in a BEGIN IMMEDIATE transaction, and return once it committed.
 
-        Group commit: while one thread holds the writer lock, the writes other threads submit
-        queue up; the next thread to take the lock runs them all in one transaction, each in
-        its own savepoint, so one commit serves many callers and an error in one write rolls
-        back only that write. Busy/locked errors retry the whole transaction up to 3 times
+        Group commit: while one thread (the leader) commits, the writes other threads submit
+        queue up; the next leader runs them all in one transaction, each in its own
+        savepoint, so one commit serves many callers and an error in one write rolls back
+        only that write. Busy/locked errors retry the whole transaction up to 3 times
         with jittered backoff, then raise TransientError; any other error propagates to its
         caller. `work` may run on another thread and more than once, so it must have no
         effects outside the database.
@@ -638,22 +640,36 @@ class Database:
         request = _WriteRequest(work)
         with self._pending_lock:
             self._pending.append(request)
-            self._writers += 1
-            crowded = self._writers > 1
-        try:
-            if crowded:     # let the other writers queue up behind us: one commit serves all
-                time.sleep(0)
-            with self._write_lock:
-                if not request.done:
-                    with self._pending_lock:
-                        batch, self._pending = self._pending, []
-                    self._commit_batch(batch)
-        finally:
-            with self._pending_lock:
-                self._writers -= 1
+            leading = not self._leader
+            self._leader = True
+        if not leading:
+            request.gate.acquire()      # the leader commits it, or hands us the lead
+        if not request.done:
+            self._lead()
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[no-any-return]
+
+    def _lead(self) -> None:
+        """Commit everything queued so far in one transaction, then pass the lead to the
+        first writer that queued meanwhile (or give it up)."""
+        batch: list[_WriteRequest] = []
+        try:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            self._commit_batch(batch)
+        except BaseException as exc:    # never leave a queued writer waiting
+            for request in batch:
+                if not request.done:
+                    request.error, request.done = exc, True
+                    request.gate.release()
+            raise
+        finally:
+            with self._pending_lock:
+                if self._pending:
+                    self._pending[0].gate.release()
+                else:
+                    self._leader = False
 
     def _commit_batch(self, batch: list[_WriteRequest]) -> None:
         """Run a batch of writes in one transaction; every request ends done, with its
@@ -692,6 +708,7 @@ class Database:
             elif isinstance(request.error, apsw.NotADBError):
                 request.error = SchemaError(f"{self.path!r} is not a SQLite database")
             request.done = True
+            request.gate.release()
         if self._commit_waiters:
             self._announce_commit()
 
