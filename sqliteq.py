@@ -1875,7 +1875,7 @@ Handler = Callable[[JobCtx, Any], Any]
 # jobs. Slow handlers get no prefetch: a job never waits long in one process's buffer while
 # another process has a free slot.
 PREFETCH_SECONDS = 0.002
-PREFETCH_PER_SLOT = 8
+PREFETCH_PER_SLOT = 32
 
 
 class _Claimed(NamedTuple):
