@@ -1955,7 +1955,8 @@ class Runtime:
     Per queue, `slots` worker threads are fed by one dispatcher thread per process. The
     dispatcher claims jobs for free slots and commits finished jobs in the same transaction
     (group commit). A heartbeat thread keeps this process's row fresh, rescues jobs of silent
-    hosts, and delivers cancellation requests to running handlers.
+    hosts, and delivers cancellation requests to running handlers. A scheduler thread fires
+    cron ticks and, once per `janitor_interval` across the cluster, deletes expired jobs.
     """
 
     CLAIM = """
