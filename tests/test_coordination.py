@@ -184,6 +184,7 @@ def test_rate_limit_is_shared_across_processes(db: Path, storage: sqliteq.Storag
     # elapsed is an over-estimate and the bound computed from it is conservative.
     elapsed = max(grants) - min(firsts)
     bound = capacity + refill * elapsed + 1
+    print(f"\n{len(grants)} grants in {elapsed:.3f} s; bound {bound:.1f}")
     assert 2.8 < elapsed < 4.5
     assert len(grants) <= bound, f"{len(grants)} grants in {elapsed:.3f} s"
     assert len(grants) >= 0.9 * bound, f"only {len(grants)} of {bound:.1f} in {elapsed:.3f} s"
