@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,13 +20,11 @@ from typing import Any
 
 import apsw
 import pytest
-from coord_workers import create_runs_table
+from coord_workers import Children, create_runs_table
 
 import sqliteq
 from sqliteq import EnqueueRequest
 
-REPO = Path(sqliteq.__file__).resolve().parent
-COORD_WORKERS = Path(__file__).resolve().parent / "coord_workers.py"
 HOUR = 3600.0
 
 
@@ -56,53 +53,6 @@ def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(statement, params).fetchall()
     finally:
         conn.close()
-
-
-class Children:
-    """Child processes started by a test, with output in files; all killed in `close`."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        index = len(self.procs)
-        with open(self.log_dir / f"{index}.out", "wb") as out, \
-                open(self.log_dir / f"{index}.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(COORD_WORKERS), *args], cwd=REPO,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        self.procs.append(proc)
-        return proc
-
-    def stdout(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.log_dir / f"{self.procs.index(proc)}.out").read_text(errors="replace")
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.log_dir / f"{self.procs.index(proc)}.err").read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"child {proc.pid} exited with {proc.returncode}:\n"
-                                     f"{self.stderr(proc)}")
-
-    def finish(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
-        """Wait for a child that exits by itself; its stdout. Fails on a non-zero exit."""
-        code = proc.wait(timeout)
-        assert code == 0, f"child exited with {code}:\n{self.stderr(proc)}"
-        return self.stdout(proc)
-
-    def terminate(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-        """SIGTERM (graceful `rt.run()` stop); fails unless it exits cleanly."""
-        proc.terminate()
-        self.finish(proc, timeout)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
 
 
 @pytest.fixture

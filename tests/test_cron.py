@@ -21,8 +21,6 @@ from __future__ import annotations
 import calendar
 import functools
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from zoneinfo import ZoneInfo
 
 import apsw
 import pytest
+from coord_workers import Children
 from croniter import croniter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,8 +39,6 @@ from hypothesis import strategies as st
 import sqliteq
 from sqliteq import EnqueueRequest
 
-REPO = Path(sqliteq.__file__).resolve().parent
-COORD_WORKERS = Path(__file__).resolve().parent / "coord_workers.py"
 UTC = timezone.utc
 
 ZONES = ("America/New_York", "Europe/London", "Europe/Berlin", "Australia/Sydney",
@@ -637,39 +634,6 @@ def first_nine_in_paris(moment: datetime) -> datetime:
 
 
 # ================================================== schedules in a cluster ====
-
-class Children:
-    """Child processes started by a test; every one is killed in `close`."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        index = len(self.procs)
-        with open(self.log_dir / f"{index}.out", "wb") as out, \
-                open(self.log_dir / f"{index}.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(COORD_WORKERS), *args], cwd=REPO,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        self.procs.append(proc)
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.log_dir / f"{self.procs.index(proc)}.err").read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"child {proc.pid} exited with {proc.returncode}:\n"
-                                     f"{self.stderr(proc)}")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
-
 
 @pytest.fixture
 def children(tmp_path: Path) -> Iterator[Children]:
