@@ -480,6 +480,7 @@ def migrate(conn: apsw.Connection) -> None:
 # -------------------------------------------------------------- Database ----
 
 TRANSIENT_RETRY_DELAYS = (0.1, 0.3, 1.0)   # seconds, each jittered by +-50 %
+LEAD_HANDOFF_TIMEOUT = 0.1      # seconds a writer handed the group-commit lead has to take it
 
 
 class _WriteRequest:
@@ -492,8 +493,13 @@ class _WriteRequest:
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
-        self.gate = threading.Lock()    # held until the request is done or handed the lead
+        self.gate = threading.Lock()    # released to wake the writer (done, or lead is free)
         self.gate.acquire()
+
+    def wake(self) -> None:
+        """Wake the waiting writer (call with the pending lock held: wakes never race)."""
+        if self.gate.locked():
+            self.gate.release()
 
     def run(self, conn: apsw.Connection) -> None:
         """Run alone in the transaction: any error aborts the transaction."""
@@ -536,7 +542,9 @@ class Database:
         self._connections_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_WriteRequest] = []
-        self._leader = False            # a thread is committing the queued writes
+        self._leader: _WriteRequest | None = None   # whose writer commits the next batch
+        self._leading = False           # that writer is committing now
+        self._lead_handed_at = 0.0
         self._closed = False
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
@@ -640,40 +648,70 @@ class Database:
         request = _WriteRequest(work)
         with self._pending_lock:
             self._pending.append(request)
-            leading = not self._leader
-            self._leader = True
-        if not leading:
-            request.gate.acquire()      # the leader commits it, or hands us the lead
-        if not request.done:
-            self._lead()
+            leading = self._leader is None
+            if leading:
+                self._leader, self._leading = request, True
+        while True:
+            if leading:
+                self._lead()
+            if request.done:
+                break
+            request.gate.acquire(timeout=LEAD_HANDOFF_TIMEOUT)  # until done or handed the lead
+            with self._pending_lock:
+                leading = self._take_lead(request)
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[no-any-return]
 
+    def _take_lead(self, request: _WriteRequest) -> bool:
+        """Whether `request`'s writer leads the next commit (call with the pending lock held).
+        It does when it was handed the lead, or when the writer handed it has not taken it in
+        time (interrupted while waiting, say): a lost hand-off must not stall every writer."""
+        if request.done or self._leading:
+            return False
+        if self._leader is not request and (
+                time.monotonic() - self._lead_handed_at < LEAD_HANDOFF_TIMEOUT):
+            return False
+        self._leader, self._leading = request, True
+        return True
+
     def _lead(self) -> None:
-        """Commit everything queued so far in one transaction, then pass the lead to the
-        first writer that queued meanwhile (or give it up)."""
-        batch: list[_WriteRequest] = []
+        """Commit everything queued so far in one transaction, then hand the lead to the
+        first writer that queued meanwhile."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        error: BaseException | None = None
         try:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            self._commit_batch(batch)
+            error = self._commit_batch(batch)
         except BaseException as exc:    # never leave a queued writer waiting
-            for request in batch:
-                if not request.done:
-                    request.error, request.done = exc, True
-                    request.gate.release()
+            error = exc
             raise
         finally:
             with self._pending_lock:
-                if self._pending:
-                    self._pending[0].gate.release()
-                else:
-                    self._leader = False
+                self._finish_requests(batch, error)
+                self._leading = False
+                self._leader = self._pending[0] if self._pending else None
+                self._lead_handed_at = time.monotonic()
+                if self._leader is not None:
+                    self._leader.wake()
 
-    def _commit_batch(self, batch: list[_WriteRequest]) -> None:
-        """Run a batch of writes in one transaction; every request ends done, with its
-        result or its error (never left waiting, whatever fails)."""
+    def _finish_requests(self, batch: list[_WriteRequest], error: BaseException | None
+                         ) -> None:
+        """Mark a batch done (with `error`, if the whole transaction failed) and wake its
+        writers. Called with the pending lock held."""
+        for request in batch:
+            if error is not None:
+                request.result, request.error = None, error
+            if isinstance(request.error, apsw.ReadOnlyError):
+                request.error = SchemaError(f"database {self.path!r} is read-only")
+            elif isinstance(request.error, apsw.NotADBError):
+                request.error = SchemaError(f"{self.path!r} is not a SQLite database")
+            request.done = True
+            request.wake()
+
+    def _commit_batch(self, batch: list[_WriteRequest]) -> BaseException | None:
+        """Run a batch of writes in one transaction, each request getting its result or its
+        own error; returns the error that failed the whole transaction, if one did."""
         error: BaseException | None = None
         for delay in (*TRANSIENT_RETRY_DELAYS, None):
             try:
@@ -700,17 +738,9 @@ class Database:
             except BaseException as exc:
                 error = exc
                 break
-        for request in batch:
-            if error is not None:
-                request.result, request.error = None, error
-            if isinstance(request.error, apsw.ReadOnlyError):
-                request.error = SchemaError(f"database {self.path!r} is read-only")
-            elif isinstance(request.error, apsw.NotADBError):
-                request.error = SchemaError(f"{self.path!r} is not a SQLite database")
-            request.done = True
-            request.gate.release()
         if self._commit_waiters:
             self._announce_commit()
+        return error
 
     def _announce_commit(self) -> None:
         with self._commit_cv:
