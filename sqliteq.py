@@ -1221,6 +1221,14 @@ class Queues:
 
 # ------------------------------------------------------------- Processes ----
 
+def _describe(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} that cannot be shown>"
+
+
 def _iso_from_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
@@ -1252,8 +1260,9 @@ class Processes:
     # entry in their error list.
     RESCUE = """
         UPDATE jobs SET
-            state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
-            finished_at = CASE WHEN attempt >= max_attempts THEN ?1 END,
+            state = CASE WHEN cancel_requested THEN 'cancelled'
+                         WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 END,
             run_at = ?1, lease = NULL, cancel_requested = 0,
             errors = (SELECT CASE WHEN json_array_length(e) > ?3 THEN json_remove(e, '$[0]')
                                   ELSE e END
@@ -1660,16 +1669,6 @@ class CancellationToken:
 
 # -------------------------------------------------------- Handler context ----
 
-def _retry_transient(call: Callable[[], T]) -> T:
-    """Run `call`, retrying TransientError 3 more times (100 ms, 300 ms, 1 s, jittered)."""
-    for delay in TRANSIENT_RETRY_DELAYS:
-        try:
-            return call()
-        except TransientError:
-            time.sleep(delay * random.uniform(0.5, 1.5))
-    return call()
-
-
 class JobCtx:
     """What a handler knows about the job it runs, and how it enqueues follow-up work."""
 
@@ -1691,13 +1690,13 @@ class JobCtx:
         self.queue = queue
 
     def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
-        """Enqueue a follow-up job through the runtime's router."""
-        return _retry_transient(lambda: self.storage.jobs.enqueue(request, self.router))
+        """Enqueue a follow-up job through the runtime's router (lock contention is retried
+        3 times, as every write is)."""
+        return self.storage.jobs.enqueue(request, self.router)
 
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
         """Enqueue many follow-up jobs in one transaction (one writer-lock hold)."""
-        requests = list(requests)
-        return _retry_transient(lambda: self.storage.jobs.enqueue_bulk(requests, self.router))
+        return self.storage.jobs.enqueue_bulk(requests, self.router)
 
     def __repr__(self) -> str:
         return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
@@ -2010,8 +2009,10 @@ class Runtime:
                    " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     FINISH_FAILED = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5, finished_at = ?6"
                      " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    REQUEUE = ("UPDATE jobs SET state = 'queued', run_at = ?3, errors = ?4, worker = ?5,"
-               " attempt = attempt - ?6, lease = NULL"
+    # A cancel request that arrives while a job is being put back ends it instead.
+    REQUEUE = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
+               " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?7 END,"
+               " run_at = ?3, errors = ?4, worker = ?5, attempt = attempt - ?6, lease = NULL"
                " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     COOL_DOWN = "UPDATE queues SET cooldown_until = max(cooldown_until, ?2) WHERE name = ?1"
 
@@ -2363,13 +2364,16 @@ class Runtime:
         return finishes
 
     def _requeue_abandoned(self) -> None:
-        """Shutdown timed out: put the jobs whose handlers still run back, refunded."""
-        finishes = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
-                    for job in self._held.values()]
-        self.storage.db.write(lambda conn: conn.executemany(
-            self.REQUEUE, [finish.params for finish in finishes]))
+        """Shutdown timed out: commit what finished meanwhile, and put the jobs whose
+        handlers still run back in their queues, refunded."""
+        with self._wake:
+            finished, self._finished = self._finished, []
+        self._settle(finished)
+        stuck = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
+                 for job in self._held.values()]
+        self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0))
         log.warning("shutdown timed out: %d running job(s) returned to their queues",
-                    len(finishes))
+                    len(stuck))
 
     def _sync_queue_settings(self) -> list[_Finish]:
         """Refresh paused flags and backoff. A pause cancels the queue's running jobs and
@@ -2443,7 +2447,13 @@ class Runtime:
             job = qs.buffer.get()
             if job is None:
                 return
-            finish = self._execute(job, process_id)
+            try:
+                finish = self._execute(job, process_id)
+            except BaseException as exc:    # e.g. an exception whose str() raises
+                log.error("job %s (%s): the verdict failed (%s); failing the job", job.id,
+                          job.kind, type(exc).__name__)
+                finish = _Finish("failed", self.FINISH_FAILED, (
+                    job.id, job.lease, "failed", job.errors, process_id, now_ms()), job)
             if job_log.isEnabledFor(logging.INFO):
                 job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, finish.verdict,
                              process_id, finish.seconds * 1000)
@@ -2471,8 +2481,9 @@ class Runtime:
         except (KeyboardInterrupt, SystemExit) as exc:
             log.error("handler of job %s raised %s: stopping the runtime", job.id,
                       type(exc).__name__)
+            finish = self._verdict(job, exc, process_id)    # counts the attempt
             threading.Thread(target=self.stop, name="sqliteq-stop", daemon=True).start()
-            return self._requeue(job, now_ms(), process_id, "requeued")
+            return finish
         except BaseException as exc:    # nothing a handler does may kill a worker thread
             return self._verdict(job, exc, process_id)._replace(
                 seconds=time.perf_counter() - started)
@@ -2508,18 +2519,19 @@ class Runtime:
         log.debug("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
                   job.attempt, type(exc).__name__, delay_ms / 1000)
         return _Finish("retry", self.REQUEUE, (job.id, job.lease, now + delay_ms,
-                                      self._errors_with(job, exc, now), process_id, 0), job)
+                                      self._errors_with(job, exc, now), process_id, 0, now),
+                       job)
 
     def _requeue(self, job: _Claimed, run_at: int, process_id: str, verdict: str) -> _Finish:
         """Back to the queue with the attempt refunded."""
-        return _Finish(verdict, self.REQUEUE,
-                       (job.id, job.lease, run_at, job.errors, process_id or None, 1), job)
+        return _Finish(verdict, self.REQUEUE, (job.id, job.lease, run_at, job.errors,
+                                               process_id or None, 1, now_ms()), job)
 
     @staticmethod
     def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:
         errors = [] if job.errors is None else _json_decode(job.errors)
         errors.append({"at": _iso_from_ms(now), "attempt": job.attempt,
-                       "error": f"{type(exc).__name__}: {exc}",
+                       "error": f"{type(exc).__name__}: {_describe(exc)}",
                        "traceback": "".join(traceback.format_exception(
                            type(exc), exc, exc.__traceback__))})
         return _json_encode(errors[-MAX_ERRORS_KEPT:])

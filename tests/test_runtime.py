@@ -1081,3 +1081,41 @@ def test_a_limited_queue_claims_the_next_job_as_soon_as_one_finishes(storage, ma
     with rt:
         wait_until(lambda: storage.jobs.counts()["done"] == 5, 1.5, "5 quick jobs to finish")
     assert [storage.jobs.get(job_id).result for job_id in ids] == list(range(5))
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+def test_an_exception_that_cannot_be_printed_fails_the_job_and_spares_the_worker(
+        storage, make_runtime):
+    rt = make_runtime()                 # one slot: a dead worker would stall the next job
+    rt.register("unprintable", lambda ctx, payload: (_ for _ in ()).throw(Unprintable()))
+    rt.register("ok", lambda ctx, payload: "fine")
+    bad = rt.enqueue(EnqueueRequest("unprintable", max_attempts=1)).job_id
+    good = rt.enqueue(EnqueueRequest("ok")).job_id
+    with rt:
+        failed = storage.jobs.wait(bad, timeout=10)
+        done = storage.jobs.wait(good, timeout=10)
+    assert failed.state == "failed"
+    assert failed.errors[-1]["error"].startswith("Unprintable: <Unprintable")
+    assert (done.state, done.result) == ("done", "fine")
+
+
+def test_a_cancel_requested_while_the_job_is_put_back_ends_it_cancelled(
+        storage, make_runtime):
+    runs = []
+
+    def snooze_after_cancel(ctx: sqliteq.JobCtx, payload: Any) -> None:
+        runs.append(ctx.attempt)
+        assert ctx.storage.jobs.cancel(ctx.job_id) == "cancel_requested"
+        raise sqliteq.Snooze(0.01)      # the attempt would be put back, but it was cancelled
+
+    rt = make_runtime()
+    rt.register("snoozer", snooze_after_cancel)
+    job_id = rt.enqueue(EnqueueRequest("snoozer")).job_id
+    with rt:
+        job = storage.jobs.wait(job_id, timeout=10)
+    assert job.state == "cancelled" and job.finished_at is not None
+    assert runs == [1]
