@@ -2039,6 +2039,7 @@ class Runtime:
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
+        self._heartbeat_seen = False            # a heartbeat passed since the last sync
         self._finished: list[_Finish] = []
         self._wake = threading.Condition(threading.Lock())
         self._stopping = False
@@ -2213,8 +2214,11 @@ class Runtime:
             self._settle(finished)
             try:
                 version = db.data_version()
-                if version != seen_version:     # another connection committed
-                    seen_version = version
+                # Another connection committed, or a heartbeat passed: this connection's
+                # own group commits (which may carry other threads' writes, a pause say)
+                # never change its data_version, so each heartbeat also asks for a sync.
+                if version != seen_version or self._heartbeat_seen:
+                    seen_version, self._heartbeat_seen = version, False
                     for qs in self._queue_states.values():
                         qs.maybe_ready = True
                     sync_due = sync_due or self._last_sync + self.poll_interval
@@ -2302,7 +2306,8 @@ class Runtime:
                 wakes = qs.wakes
                 if not conn.execute(self.READY_EXISTS, (qs.name, now)).fetchall():
                     wanted.remove(qs)
-                    qs.maybe_ready = qs.wakes != wakes
+                    with self._wake:
+                        qs.maybe_ready = qs.wakes != wakes
                     qs.next_due = conn.execute(self.NEXT_DUE, (qs.name,)).fetchall()[0][0]
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
@@ -2342,8 +2347,9 @@ class Runtime:
             qs = self._queue_states[name]
             if due is not None:     # claim again then: the next scheduled job, or cool-down end
                 qs.next_due = due
-            if (len(rows) < wanted or not rows) and qs.wakes == wakes[name]:
-                qs.maybe_ready = False      # unless an enqueue came in during the claim
+            if len(rows) < wanted or not rows:
+                with self._wake:    # unless an enqueue came in during the claim
+                    qs.maybe_ready = qs.wakes != wakes[name]
             rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
             qs.held += len(rows)
             for job_id, kind, payload, attempt, max_attempts, errors, _, _ in rows:
@@ -2416,6 +2422,7 @@ class Runtime:
             try:
                 self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
                 self._sync_running()
+                self._heartbeat_seen = True
             except Exception:
                 log.exception("heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
 
