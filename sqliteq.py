@@ -1903,6 +1903,7 @@ Handler = Callable[[JobCtx, Any], Any]
 # memory, so workers are not idle while the dispatcher commits, and each commit carries more
 # jobs. Slow handlers get no prefetch: a job never waits long in one process's buffer while
 # another process has a free slot.
+ABANDON_TIMEOUT = 10.0      # seconds stop() waits for the dispatcher to requeue stuck jobs
 PREFETCH_SECONDS = 0.002
 PREFETCH_PER_SLOT = 32
 
@@ -2048,6 +2049,7 @@ class Runtime:
         self._dispatcher: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
+        self._stop_lock = threading.Lock()
 
     # -- registration and enqueueing --
 
@@ -2108,6 +2110,8 @@ class Runtime:
             raise ConfigError("a runtime starts once; create a new one to start again")
         self._started = True
         self.host_id = str(ulid.ULID())
+        for name, (expression, request) in self._schedules.items():
+            self.storage.cron.declare(name, expression, request)
         self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                             name=f"sqliteq-dispatch-{self.host_id}")
@@ -2115,8 +2119,6 @@ class Runtime:
                                            name=f"sqliteq-heartbeat-{self.host_id}")
         self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
                                            name=f"sqliteq-scheduler-{self.host_id}")
-        for name, (expression, request) in self._schedules.items():
-            self.storage.cron.declare(name, expression, request)
         workers = [threading.Thread(target=self._work_loop, args=(qs, slot), daemon=True,
                                     name=f"{qs.name}-{slot}-{self.host_id}")
                    for qs in self._queue_states.values() for slot in range(qs.slots)]
@@ -2129,18 +2131,24 @@ class Runtime:
         """Stop claiming, ask running handlers to stop (reason "shutdown"), wait for them up
         to `timeout` (default `shutdown_timeout`) seconds, then put jobs still running back
         in their queue with the attempt refunded. Safe to call more than once."""
-        if not self._started or self._stopped.is_set():
-            return
+        with self._stop_lock:           # a second caller waits for the first to finish
+            if self._dispatcher is not None and not self._stopped.is_set():
+                self._stop(self.shutdown_timeout if timeout is None else timeout)
+
+    def _stop(self, timeout: float) -> None:
         assert self._dispatcher and self._heartbeat and self._scheduler
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        self._dispatcher.join(self.shutdown_timeout if timeout is None else timeout)
+        self._dispatcher.join(timeout)
         if self._dispatcher.is_alive():
             with self._wake:
                 self._abandon = True
                 self._wake.notify_all()
-            self._dispatcher.join()
+            self._dispatcher.join(ABANDON_TIMEOUT)
+            if self._dispatcher.is_alive():
+                log.error("runtime %s: the dispatcher did not stop; its running jobs are left "
+                          "to the reaper of any other process", self.host_id)
         for qs in self._queue_states.values():
             for _ in range(qs.slots):
                 qs.buffer.put(None)
@@ -2442,9 +2450,17 @@ class Runtime:
                 log.exception("cron error; retrying in 1 s")
             try:
                 if self.storage.processes.claim_chore("janitor", self.janitor_interval):
-                    self.storage.jobs.sweep_expired()
+                    # On its own thread: a long sweep must not make cron ticks late.
+                    threading.Thread(target=self._sweep, name="sqliteq-janitor",
+                                     daemon=True).start()
             except Exception:
                 log.exception("janitor error; retrying in 1 s")
+
+    def _sweep(self) -> None:
+        try:
+            self.storage.jobs.sweep_expired()
+        except Exception:
+            log.exception("janitor sweep failed; the next pass retries")
 
     # -- workers --
 
