@@ -663,6 +663,14 @@ class Database:
             raise request.error
         return request.result  # type: ignore[no-any-return]
 
+    def write_changes(self, statement: str, params: Sequence[Any]) -> int:
+        """Run one statement in a write transaction; how many rows it changed."""
+        def run(conn: apsw.Connection) -> int:
+            conn.execute(statement, params)
+            return conn.changes()
+
+        return self.write(run)
+
     def _take_lead(self, request: _WriteRequest) -> bool:
         """Whether `request`'s writer leads the next commit (call with the pending lock held).
         It does when it was handed the lead, or when the writer handed it has not taken it in
@@ -856,7 +864,6 @@ class Jobs:
     INSERT_UNIQUE = INSERT + " ON CONFLICT DO NOTHING"
     SELECT_ACTIVE_BY_KEY = ("SELECT id FROM jobs WHERE unique_key = ?"
                             " AND state IN ('queued', 'running')")
-    ENSURE_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
     SELECT_ONE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
     SELECT_STATE = "SELECT state FROM jobs WHERE id = ?"
     COUNT_BY_STATE = "SELECT state, count(*) FROM jobs GROUP BY state"
@@ -880,16 +887,14 @@ class Jobs:
                     " WHERE state = 'failed' AND (?1 IS NULL OR queue = ?1)")
     RUN_NOW = "UPDATE jobs SET run_at = ?2 WHERE id = ?1 AND state = 'queued' AND run_at > ?2"
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
-    PURGE_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
-                   " WHERE state = ?1 AND finished_at < ?2 LIMIT ?3)")
-    PURGE_CHUNK_ROWS = 2000
+    DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+                             " WHERE state = ?1 AND finished_at < ?2"
+                             " AND (?3 IS NULL OR queue = ?3) LIMIT ?4)")
+    DELETE_CHUNK_ROWS = 2000
     RETENTIONS = "SELECT name, retain_done_ms, retain_failed_ms FROM queues"
-    SWEEP_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
-                   " WHERE state = ?1 AND finished_at < ?2 AND queue = ?3 LIMIT ?4)")
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._mint = _mint_ids
         self._known_queues: set[str] = set()
         # Called with the set of queue names after every committed enqueue in this process;
         # runtimes use it to wake their dispatcher at once instead of at the next poll.
@@ -898,7 +903,7 @@ class Jobs:
     # -- enqueue --
 
     def enqueue(self, request: EnqueueRequest, router: Router | None = None) -> EnqueueOutcome:
-        """Insert one job; durable when this returns."""
+        """Insert one job; committed when this returns (see Guarantees for durability)."""
         return self.enqueue_bulk((request,), router)[0]
 
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest],
@@ -918,7 +923,7 @@ class Jobs:
         """
         requests = list(requests)
         now = now_ms()
-        ids = self._mint(len(requests))
+        ids = _mint_ids(len(requests))
         route = router.route if router is not None else None
         routed: dict[str, str] = {}
         rows = []
@@ -949,7 +954,7 @@ class Jobs:
         """Insert prepared jobs; the caller holds a write transaction on `conn`."""
         rows = prepared.rows
         for name in prepared.queues - self._known_queues:
-            conn.execute(self.ENSURE_QUEUE, (name,))
+            conn.execute(Queues.ENSURE, (name,))
         if not any(row[7] for row in rows):
             conn.executemany(self.INSERT, rows)
             return [EnqueueOutcome(row[0], True) for row in rows]
@@ -1059,18 +1064,15 @@ class Jobs:
     def retry_failed(self, queue: str | None = None) -> int:
         """Retry every failed job (of one queue, if given). Jobs whose unique key is held by
         an active job are left failed. Returns how many were requeued."""
-        return self._db.write(lambda conn: conn.execute(
-            self.RETRY_FAILED, (queue, now_ms())) and conn.changes())
+        return self._db.write_changes(self.RETRY_FAILED, (queue, now_ms()))
 
     def run_now(self, job_id: str) -> bool:
         """Make a scheduled (queued, future run_at) job ready now. False if not applicable."""
-        return self._db.write(lambda conn: bool(
-            conn.execute(self.RUN_NOW, (job_id, now_ms())) and conn.changes()))
+        return bool(self._db.write_changes(self.RUN_NOW, (job_id, now_ms())))
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running (cancel a running one first)."""
-        return self._db.write(lambda conn: bool(
-            conn.execute(self.DELETE, (job_id,)) and conn.changes()))
+        return bool(self._db.write_changes(self.DELETE, (job_id,)))
 
     def purge(self, state: str, older_than: timedelta | float) -> int:
         """Delete jobs in a finished state that finished more than `older_than` ago.
@@ -1083,14 +1085,18 @@ class Jobs:
             raise InvalidInput(f"purge takes a finished state (done, failed, cancelled), "
                                f"not {state!r}")
         cutoff = now_ms() - int(_duration_seconds(older_than, "older_than") * 1000)
+        return self._delete_finished(state, cutoff)
+
+    def _delete_finished(self, state: str, cutoff: int, queue: str | None = None) -> int:
+        """Delete jobs in `state` finished before `cutoff` (of one queue, if given), a chunk
+        per transaction, so no writer waits long behind a big delete."""
         total = 0
         while True:
-            deleted = self._db.write(lambda conn: conn.execute(
-                self.PURGE_CHUNK, (state, cutoff, self.PURGE_CHUNK_ROWS)) and conn.changes())
+            deleted = self._db.write_changes(self.DELETE_FINISHED_CHUNK,
+                                             (state, cutoff, queue, self.DELETE_CHUNK_ROWS))
             total += deleted
-            if deleted < self.PURGE_CHUNK_ROWS:
+            if deleted < self.DELETE_CHUNK_ROWS:
                 return total
-
 
     def sweep_expired(self) -> int:
         """Delete finished jobs past their queue's retention: `done` ones after the queue's
@@ -1101,13 +1107,7 @@ class Jobs:
                 self.RETENTIONS).fetchall():
             for state, retain in (("done", retain_done), ("failed", retain_failed),
                                   ("cancelled", retain_failed)):
-                params = (state, now - retain, queue, self.PURGE_CHUNK_ROWS)
-                while True:
-                    deleted = self._db.write(lambda conn, params=params: conn.execute(
-                        self.SWEEP_CHUNK, params) and conn.changes())
-                    total += deleted
-                    if deleted < self.PURGE_CHUNK_ROWS:
-                        break
+                total += self._delete_finished(state, now - retain, queue)
         if total:
             log.info("janitor deleted %d finished job(s) past retention", total)
         return total
@@ -1307,15 +1307,15 @@ class Processes:
         last = self._db.connection().execute(self.CHORE_LAST_RUN, (name,)).fetchall()
         if last and last[0][0] > cutoff:
             return False        # read first: most calls need no writer lock
-        return self._db.write(lambda conn: bool(
-            conn.execute(self.CLAIM_CHORE, (name, now, cutoff)) and conn.changes()))
+        return bool(self._db.write_changes(self.CLAIM_CHORE, (name, now, cutoff)))
 
     def remove(self, host_id: str) -> None:
         """Forget a host that stopped cleanly."""
         self._db.write(lambda conn: conn.execute(self.DELETE, (host_id,)))
 
     def list(self) -> list[ProcessInfo]:
-        """Every process that has heartbeaten recently enough not to be reaped yet."""
+        """Every registered process: live ones, and silent ones the reaper has not removed
+        yet (compare `heartbeat_at` with their lease timeout)."""
         return [ProcessInfo(host, hostname, pid, _json_decode(queues),
                             _datetime_from_ms(started), _datetime_from_ms(beat))  # type: ignore[arg-type]
                 for host, hostname, pid, queues, started, beat
@@ -1375,9 +1375,7 @@ class RateLimits:
 
     def drain(self, scope: str) -> None:
         """Empty the bucket, e.g. after an upstream answered HTTP 429."""
-        drained = self._db.write(lambda conn: conn.execute(
-            self.SET_TOKENS, (scope, 0.0, now_ms())) and conn.changes())
-        if not drained:
+        if not self._db.write_changes(self.SET_TOKENS, (scope, 0.0, now_ms())):
             raise ConfigError(f"rate-limit scope {scope!r} is not configured")
 
 
@@ -1550,7 +1548,9 @@ class Storage:
 class Router(Protocol):
     """Chooses the queue for a request whose `queue_name` is None."""
 
-    def route(self, kind: str) -> str: ...
+    def route(self, kind: str) -> str:
+        """The queue for jobs of `kind`."""
+        ...
 
 
 class DefaultRouter:
@@ -1649,6 +1649,7 @@ class CancellationToken:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the token has fired."""
         return self._event.is_set()
 
     def cancel(self, reason: str) -> None:
@@ -2008,7 +2009,7 @@ class Runtime:
     # elsewhere is never overwritten by this (old, slow) claim.
     FINISH_DONE = ("UPDATE jobs SET state = 'done', result = ?3, worker = ?4, finished_at = ?5"
                    " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    FINISH_FAILED = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5, finished_at = ?6"
+    FINISH_WITH_ERRORS = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5, finished_at = ?6"
                      " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # A cancel request that arrives while a job is being put back ends it instead.
     REQUEUE = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
@@ -2475,7 +2476,7 @@ class Runtime:
             except BaseException as exc:    # e.g. an exception whose str() raises
                 log.error("job %s (%s): the verdict failed (%s); failing the job", job.id,
                           job.kind, type(exc).__name__)
-                finish = _Finish("failed", self.FINISH_FAILED, (
+                finish = _Finish("failed", self.FINISH_WITH_ERRORS, (
                     job.id, job.lease, "failed", job.errors, process_id, now_ms()), job)
             if job_log.isEnabledFor(logging.INFO):
                 job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, finish.verdict,
@@ -2524,13 +2525,13 @@ class Runtime:
         if token.cancelled and token.reason in ("paused", "shutdown"):
             return self._requeue(job, now, process_id, f"requeued ({token.reason})")
         if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
-            return _Finish("cancelled", self.FINISH_FAILED, (job.id, job.lease, "cancelled",
+            return _Finish("cancelled", self.FINISH_WITH_ERRORS, (job.id, job.lease, "cancelled",
                                                 self._errors_with(job, exc, now), process_id,
                                                 now), job)
         if isinstance(exc, Dead) or job.attempt >= job.max_attempts:
             log.warning("job %s (%s) failed for good on attempt %d: %s", job.id, job.kind,
                         job.attempt, type(exc).__name__)
-            return _Finish("failed", self.FINISH_FAILED, (job.id, job.lease, "failed",
+            return _Finish("failed", self.FINISH_WITH_ERRORS, (job.id, job.lease, "failed",
                                                 self._errors_with(job, exc, now), process_id,
                                                 now), job)
         if isinstance(exc, Retry) and exc.after is not None:
