@@ -18,9 +18,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 from coord_workers import Children, create_runs_table
+from support import raw, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -29,31 +29,6 @@ HOUR = 3600.0
 
 
 # ================================================================ helpers ====
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.01, check: Callable[[], None] | None = None) -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if check is not None:
-            check()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-    """One statement on its own raw apsw connection (behind sqliteq's back)."""
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.setbusytimeout(20_000)
-        return conn.execute(statement, params).fetchall()
-    finally:
-        conn.close()
-
 
 @pytest.fixture
 def children(tmp_path: Path) -> Iterator[Children]:

@@ -22,19 +22,19 @@ import calendar
 import functools
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import apsw
 import pytest
 from coord_workers import Children
 from croniter import croniter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import raw, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -53,27 +53,6 @@ MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
 
 
 # ================================================================ helpers ====
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.setbusytimeout(20_000)
-        return conn.execute(statement, params).fetchall()
-    finally:
-        conn.close()
-
 
 @dataclass(frozen=True)
 class Field:

@@ -23,6 +23,7 @@ from typing import Any
 import apsw
 import pytest
 import ulid
+from support import wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -34,19 +35,6 @@ FAST = {"poll_interval": 0.02, "heartbeat_interval": 0.1, "lease_timeout": 5.0}
 
 
 # ------------------------------------------------------------- helpers ----
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-               ) -> Any:
-    """Poll `predicate` every few ms until it is truthy; fail with a message at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
 
 def ms(moment: datetime | float) -> int:
     """A datetime or epoch seconds as integer epoch milliseconds (the database's unit)."""
