@@ -1087,27 +1087,31 @@ class Jobs:
         cutoff = now_ms() - int(_duration_seconds(older_than, "older_than") * 1000)
         return self._delete_finished(state, cutoff)
 
-    def _delete_finished(self, state: str, cutoff: int, queue: str | None = None) -> int:
+    def _delete_finished(self, state: str, cutoff: int, queue: str | None = None,
+                         stop: threading.Event | None = None) -> int:
         """Delete jobs in `state` finished before `cutoff` (of one queue, if given), a chunk
-        per transaction, so no writer waits long behind a big delete."""
+        per transaction, so no writer waits long behind a big delete. Gives up between
+        chunks once `stop` is set."""
         total = 0
-        while True:
+        while stop is None or not stop.is_set():
             deleted = self._db.write_changes(self.DELETE_FINISHED_CHUNK,
                                              (state, cutoff, queue, self.DELETE_CHUNK_ROWS))
             total += deleted
             if deleted < self.DELETE_CHUNK_ROWS:
-                return total
+                break
+        return total
 
-    def sweep_expired(self) -> int:
+    def sweep_expired(self, stop: threading.Event | None = None) -> int:
         """Delete finished jobs past their queue's retention: `done` ones after the queue's
         `retain_done`, `failed` and `cancelled` ones after `retain_failed`. In chunks of
-        short transactions. Returns the number of rows deleted."""
+        short transactions; once `stop` is set it gives up after the current chunk (the next
+        sweep finishes the work). Returns the number of rows deleted."""
         now, total = now_ms(), 0
         for queue, retain_done, retain_failed in self._db.connection().execute(
                 self.RETENTIONS).fetchall():
             for state, retain in (("done", retain_done), ("failed", retain_failed),
                                   ("cancelled", retain_failed)):
-                total += self._delete_finished(state, now - retain, queue)
+                total += self._delete_finished(state, now - retain, queue, stop)
         if total:
             log.info("janitor deleted %d finished job(s) past retention", total)
         return total
@@ -2050,6 +2054,7 @@ class Runtime:
         self._dispatcher: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
+        self._janitor: threading.Thread | None = None     # the current sweep, if one runs
         self._stop_lock = threading.Lock()
 
     # -- registration and enqueueing --
@@ -2155,7 +2160,9 @@ class Runtime:
                 qs.buffer.put(None)
         self._stopped.set()
         self._heartbeat.join()
-        self._scheduler.join()
+        self._scheduler.join()          # no sweep can start after this
+        if self._janitor is not None:   # a sweep stops after its current chunk
+            self._janitor.join()
         if self._on_enqueue in self.storage.jobs.enqueue_listeners:
             self.storage.jobs.enqueue_listeners.remove(self._on_enqueue)
         self.storage.processes.remove(self.host_id)
@@ -2450,16 +2457,19 @@ class Runtime:
             except Exception:
                 log.exception("cron error; retrying in 1 s")
             try:
-                if self.storage.processes.claim_chore("janitor", self.janitor_interval):
+                sweeping = self._janitor is not None and self._janitor.is_alive()
+                if not sweeping and self.storage.processes.claim_chore(
+                        "janitor", self.janitor_interval):
                     # On its own thread: a long sweep must not make cron ticks late.
-                    threading.Thread(target=self._sweep, name="sqliteq-janitor",
-                                     daemon=True).start()
+                    self._janitor = threading.Thread(target=self._sweep, daemon=True,
+                                                     name=f"sqliteq-janitor-{self.host_id}")
+                    self._janitor.start()
             except Exception:
                 log.exception("janitor error; retrying in 1 s")
 
     def _sweep(self) -> None:
         try:
-            self.storage.jobs.sweep_expired()
+            self.storage.jobs.sweep_expired(self._stopped)
         except Exception:
             log.exception("janitor sweep failed; the next pass retries")
 

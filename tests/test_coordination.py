@@ -467,6 +467,28 @@ def test_runtime_janitor_sweeps_by_itself(db: Path, storage: sqliteq.Storage) ->
                    "the janitor's next sweep")
 
 
+def test_stop_ends_a_janitor_sweep_in_progress(tmp_path: Path) -> None:
+    # A big backlog of expired rows: the sweep is still deleting chunks when stop() runs.
+    # stop() must end it after its current chunk, so closing the storage right after finds
+    # no thread still using a connection; the next sweep deletes the rest.
+    db = tmp_path / "sweep.db"
+    rows = 150_000
+    with sqliteq.Storage(db) as storage:
+        storage.jobs.enqueue_bulk([EnqueueRequest("ok") for _ in range(rows)])
+        raw(db, "UPDATE jobs SET state = 'done', finished_at = 0")
+        rt = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
+        rt.start()
+        wait_until(lambda: raw(db, "SELECT count(*) FROM jobs")[0][0] < rows, 30,
+                   "the janitor to start deleting")
+        rt.stop(timeout=5)
+        assert not [t for t in threading.enumerate() if t.name.startswith("sqliteq-janitor")]
+        left = raw(db, "SELECT count(*) FROM jobs")[0][0]
+    assert 0 < left < rows, "the sweep should have been stopped part-way"
+    with sqliteq.Storage(db) as storage:
+        assert storage.jobs.sweep_expired() == left
+    assert raw(db, "SELECT count(*) FROM jobs") == [(0,)]
+
+
 def test_claim_chore_once_per_interval_cluster_wide(db: Path, storage: sqliteq.Storage,
                                                     children: Children) -> None:
     assert storage.processes.claim_chore("x", 60) is True
