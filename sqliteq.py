@@ -546,6 +546,10 @@ class Database:
         self._leading = False           # that writer is committing now
         self._lead_handed_at = 0.0
         self._closed = False
+        # Writes of this process that took effect. A thread that counts its own can tell
+        # when other threads wrote, even when their writes rode in its own group commit
+        # (which does not change its connection's data_version).
+        self.writes_committed = 0
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
         self._commit_seq = 0
@@ -732,6 +736,7 @@ class Database:
                         for request in batch:
                             request.run_in_savepoint(conn)
                     conn.execute("COMMIT")
+                    self.writes_committed += sum(request.error is None for request in batch)
                 except BaseException:
                     if not conn.getautocommit():
                         conn.execute("ROLLBACK")
@@ -975,7 +980,7 @@ class Jobs:
     def announce(self, prepared: PreparedJobs) -> None:
         """After the commit: wake this process's runtimes serving the jobs' queues."""
         self._known_queues |= prepared.queues
-        for listener in self.enqueue_listeners:
+        for listener in tuple(self.enqueue_listeners):     # a runtime may stop meanwhile
             listener(prepared.queues)
 
     # -- reading --
@@ -1288,9 +1293,8 @@ class Processes:
         """Record that `host_id` is alive (and is to be deemed dead after `lease_timeout`
         seconds of silence), and rescue the jobs of hosts silent for longer than their own
         lease timeout. Returns how many jobs were rescued. Idempotent."""
-        now = now_ms()
-
         def beat(conn: apsw.Connection) -> int:
+            now = now_ms()      # taken with the writer lock held: waiting for it ages no beat
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
                                        _json_encode(dict(queues)), now,
                                        int(lease_timeout * 1000)))
@@ -1909,6 +1913,7 @@ Handler = Callable[[JobCtx, Any], Any]
 # jobs. Slow handlers get no prefetch: a job never waits long in one process's buffer while
 # another process has a free slot.
 ABANDON_TIMEOUT = 10.0      # seconds stop() waits for the dispatcher to requeue stuck jobs
+WORKER_EXIT_TIMEOUT = 1.0   # seconds stop() gives idle workers to exit, even after a timeout
 PREFETCH_SECONDS = 0.002
 PREFETCH_PER_SLOT = 32
 
@@ -2045,7 +2050,6 @@ class Runtime:
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
-        self._heartbeat_seen = False            # a heartbeat passed since the last sync
         self._finished: list[_Finish] = []
         self._wake = threading.Condition(threading.Lock())
         self._stopping = False
@@ -2054,6 +2058,7 @@ class Runtime:
         self._dispatcher: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._janitor: threading.Thread | None = None     # the current sweep, if one runs
         self._stop_lock = threading.Lock()
 
@@ -2125,24 +2130,29 @@ class Runtime:
                                            name=f"sqliteq-heartbeat-{self.host_id}")
         self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
                                            name=f"sqliteq-scheduler-{self.host_id}")
-        workers = [threading.Thread(target=self._work_loop, args=(qs, slot), daemon=True,
-                                    name=f"{qs.name}-{slot}-{self.host_id}")
-                   for qs in self._queue_states.values() for slot in range(qs.slots)]
+        self._workers = [threading.Thread(target=self._work_loop, args=(qs, slot),
+                                          daemon=True, name=f"{qs.name}-{slot}-{self.host_id}")
+                         for qs in self._queue_states.values() for slot in range(qs.slots)]
         self.storage.jobs.enqueue_listeners.append(self._on_enqueue)
         log.info("runtime %s starting: queues %s", self.host_id, self.queues)
-        for thread in (self._dispatcher, self._heartbeat, self._scheduler, *workers):
+        for thread in (self._dispatcher, self._heartbeat, self._scheduler, *self._workers):
             thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, ask running handlers to stop (reason "shutdown"), wait for them up
         to `timeout` (default `shutdown_timeout`) seconds, then put jobs still running back
-        in their queue with the attempt refunded. Safe to call more than once."""
+        in their queue with the attempt refunded. Safe to call more than once.
+
+        When it returns, no thread of this runtime uses the storage any more, except the
+        handlers that outlived `timeout` (a warning names how many): close the storage only
+        once they have returned."""
         with self._stop_lock:           # a second caller waits for the first to finish
             if self._dispatcher is not None and not self._stopped.is_set():
                 self._stop(self.shutdown_timeout if timeout is None else timeout)
 
     def _stop(self, timeout: float) -> None:
         assert self._dispatcher and self._heartbeat and self._scheduler
+        deadline = time.monotonic() + timeout
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -2158,6 +2168,15 @@ class Runtime:
         for qs in self._queue_states.values():
             for _ in range(qs.slots):
                 qs.buffer.put(None)
+        # Idle workers exit at once; the deadline gives them a moment even after a timeout.
+        deadline = max(deadline, time.monotonic() + WORKER_EXIT_TIMEOUT)
+        others = [worker for worker in self._workers if worker is not threading.current_thread()]
+        for worker in others:           # (stop() may be called from a handler)
+            worker.join(max(0.0, deadline - time.monotonic()))
+        still_running = sum(worker.is_alive() for worker in others)
+        if still_running:
+            log.warning("runtime %s: %d handler(s) still running after stop; close the "
+                        "storage only once they return", self.host_id, still_running)
         self._stopped.set()
         self._heartbeat.join()
         self._scheduler.join()          # no sweep can start after this
@@ -2215,9 +2234,10 @@ class Runtime:
 
     def _dispatch_loop(self) -> None:
         db = self.storage.db
-        seen_version = db.data_version()
+        seen_version: int | None = None     # None: sync on the first round
+        own_writes = 0                      # of db.writes_committed, the dispatcher's own
+        seen_others = 0
         sync_due = 0.0          # monotonic time of the next queue-settings sync, 0: none due
-        self._sync_queue_settings()
         stop_seen = False
         while True:
             with self._wake:
@@ -2229,12 +2249,11 @@ class Runtime:
                 stopping, abandon = self._stopping, self._abandon
             self._settle(finished)
             try:
-                version = db.data_version()
-                # Another connection committed, or a heartbeat passed: this connection's
-                # own group commits (which may carry other threads' writes, a pause say)
-                # never change its data_version, so each heartbeat also asks for a sync.
-                if version != seen_version or self._heartbeat_seen:
-                    seen_version, self._heartbeat_seen = version, False
+                # Another connection committed, or another thread of this process wrote
+                # (a pause, say, that may have ridden in this connection's own commit).
+                version, others = db.data_version(), db.writes_committed - own_writes
+                if version != seen_version or others != seen_others:
+                    seen_version, seen_others = version, others
                     for qs in self._queue_states.values():
                         qs.maybe_ready = True
                     sync_due = sync_due or self._last_sync + self.poll_interval
@@ -2254,6 +2273,7 @@ class Runtime:
                     wakes = {qs.name: qs.wakes for qs in self._queue_states.values()}
                     claimed = db.write(functools.partial(self._commit, finished, claim_from,
                                                          lease))
+                    own_writes += 1
                     self._hand_out(claimed, lease, wakes)
                     self._note_requeues(finished)
                 if abandon:
@@ -2408,7 +2428,8 @@ class Runtime:
             if qs is None:
                 continue
             qs.paused, qs.backoff = bool(paused), (base, cap)
-            qs.cooldown_until = max(qs.cooldown_until, cooldown_until)
+            with self._wake:            # workers raise it too (Throttled)
+                qs.cooldown_until = max(qs.cooldown_until, cooldown_until)
             if paused:
                 finishes += self._take_back_buffered("paused", qs)
                 for job in list(self._held.values()):
@@ -2438,7 +2459,6 @@ class Runtime:
             try:
                 self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
                 self._sync_running()
-                self._heartbeat_seen = True
             except Exception:
                 log.exception("heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
 
@@ -2529,7 +2549,8 @@ class Runtime:
         if isinstance(exc, Throttled):
             until = now + int(exc.retry_after * 1000)
             qs = self._queue_states[job.queue]
-            qs.cooldown_until = max(qs.cooldown_until, until)
+            with self._wake:            # the dispatcher's settings sync raises it too
+                qs.cooldown_until = max(qs.cooldown_until, until)
             return self._requeue(job, until, process_id, "throttled")._replace(
                 cool_down_until=until)
         if token.cancelled and token.reason in ("paused", "shutdown"):

@@ -26,6 +26,7 @@ import sqliteq
 from sqliteq import EnqueueRequest
 
 HOUR = 3600.0
+COOL_DOWN = 3.0     # seconds: long enough for a slow machine to act within one cool-down
 
 
 # ================================================================ helpers ====
@@ -304,22 +305,22 @@ def test_throttled_cools_the_queue_down_in_every_process(db: Path, storage: sqli
     procs = start_runtimes(children, db, "thr", slots=2, count=2)
     wait_registered(storage, children, procs)
     throttled_id = storage.jobs.enqueue(
-        EnqueueRequest("throttle_once", {"seconds": 1.0}, queue_name="thr")).job_id
+        EnqueueRequest("throttle_once", {"seconds": COOL_DOWN}, queue_name="thr")).job_id
     [throttle] = wait_until(lambda: [r for r in runs(db) if r["what"] == "throttled"], 20,
                             "the job to throttle", check=children.check_alive)
-    thrown_at = throttle["ended"]           # taken just before `raise Throttled(1.0)`
+    thrown_at = throttle["ended"]           # taken just before `raise Throttled(COOL_DOWN)`
     # The cool-down is committed with the job's requeue; enqueue right after it is.
     [cooldown] = wait_until(lambda: [q.cooldown_until for q in storage.queues.list()
                                      if q.name == "thr" and q.cooldown_until], 10,
                             "the queue's cool-down to be committed")
-    assert thrown_at + 1.0 - 0.005 <= cooldown.timestamp() <= thrown_at + 1.5
+    assert thrown_at + COOL_DOWN - 0.005 <= cooldown.timestamp() <= thrown_at + COOL_DOWN + 0.5
     others = [out.job_id for out in storage.jobs.enqueue_bulk(
         [EnqueueRequest("note", queue_name="thr") for _ in range(6)])]
-    assert time.time() < thrown_at + 0.9, "too slow to test the cool-down"
+    assert time.time() < thrown_at + COOL_DOWN - 0.1, "too slow to test the cool-down"
 
     for job_id in [throttled_id, *others]:
         assert storage.jobs.wait(job_id, timeout=20).state == sqliteq.JobState.DONE
-    earliest = thrown_at + 1.0 - 0.005
+    earliest = thrown_at + COOL_DOWN - 0.005
     started = [r for r in runs(db) if r["what"] == "ran"]
     assert len(started) == 7
     assert min(r["started"] for r in started) >= earliest

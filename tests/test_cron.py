@@ -770,8 +770,8 @@ def test_a_router_error_in_one_schedule_does_not_stop_the_others(tmp_path: Path)
         rt.cron("a-bad", "* * * * * *", EnqueueRequest("bad"))
         rt.cron("b-good", "* * * * * *", EnqueueRequest("good"))
         with rt:
-            wait_until(lambda: good_jobs(storage) >= 2, 4, "the good schedule to fire")
+            wait_until(lambda: good_jobs(storage) >= 2, 10, "the good schedule to fire")
             errors = wait_until(lambda: [s.last_error for s in storage.cron.list()
-                                         if s.name == "a-bad" and s.last_error], 4,
+                                         if s.name == "a-bad" and s.last_error], 10,
                                 "the failing schedule to record its error")
         assert "no route for 'bad'" in errors[0]

@@ -379,7 +379,9 @@ def test_a_job_of_an_unknown_kind_fails_its_attempt(storage, make_runtime):
 
 
 def test_an_unknown_kind_is_retried_so_a_newer_deploy_can_run_it(storage, make_runtime):
-    fast_backoff(storage)
+    # A long backoff keeps the second attempt from starting before the old runtime stops;
+    # run_now makes it due for the new one.
+    storage.queues.set_backoff("default", 60, 60)
     old = make_runtime({"default": 1})
     job_id = storage.jobs.enqueue(EnqueueRequest("new_feature", max_attempts=3)).job_id
     with old:
@@ -390,6 +392,7 @@ def test_an_unknown_kind_is_retried_so_a_newer_deploy_can_run_it(storage, make_r
     assert job.attempt == 1
     assert "no handler registered for kind" in job.errors[0]["error"]
 
+    assert storage.jobs.run_now(job_id) is True
     new = make_runtime({"default": 1})
     new.register("new_feature", lambda ctx, payload: "shipped")
     with new:
@@ -527,6 +530,39 @@ def test_a_job_enqueued_in_process_wakes_an_idle_runtime_at_once(storage, make_r
     assert started[0] - enqueued < 1.0
 
 
+def test_in_process_admin_writes_take_effect_while_the_dispatcher_commits_all_the_time(
+        storage, make_runtime):
+    # A backlog of quick jobs keeps the dispatcher committing, so an operator's write often
+    # rides in the dispatcher's own group commit, which leaves its data_version unchanged.
+    # Heartbeats 30 s apart: retry, run_now and resume must still take effect within polls.
+    rt = make_runtime({"busy": 2, "gated": 1}, heartbeat_interval=30.0, lease_timeout=60.0)
+    failed_once: set[str] = set()
+
+    @rt.handler("fails_once")
+    def fails_once(ctx, payload):
+        if ctx.job_id not in failed_once:
+            failed_once.add(ctx.job_id)
+            raise sqliteq.Dead("first run")
+        return "ran"
+
+    rt.register("quick", lambda ctx, payload: None)
+    rt.enqueue_bulk([EnqueueRequest("quick", queue_name="busy") for _ in range(100_000)])
+    gated = {"queue_name": "gated"}
+    with rt:
+        for _ in range(10):
+            job_id = rt.enqueue(EnqueueRequest("fails_once", **gated)).job_id
+            assert storage.jobs.wait(job_id, timeout=10).state == "failed"
+            assert storage.jobs.retry(job_id)
+            assert storage.jobs.wait(job_id, timeout=5).state == "done"
+
+            later = rt.enqueue(EnqueueRequest("fails_once", run_at=time.time() + 3600,
+                                              max_attempts=2, **gated)).job_id
+            failed_once.add(later)
+            assert storage.jobs.run_now(later)
+            assert storage.jobs.wait(later, timeout=5).state == "done"
+        assert storage.jobs.counts("busy")["queued"] > 0, "the backlog ran out too soon"
+
+
 # ------------------------------------------------------------- shutdown ----
 
 def test_stop_cancels_a_cooperative_handler_and_requeues_its_job_refunded(
@@ -554,6 +590,19 @@ def test_stop_cancels_a_cooperative_handler_and_requeues_its_job_refunded(
     job = storage.jobs.get(job_id)
     assert job.state == "queued"
     assert job.attempt == 0
+
+
+def test_when_stop_returns_no_thread_of_the_runtime_is_left(storage, make_runtime):
+    # Workers, dispatcher, heartbeat, scheduler and janitor: the storage may be closed now.
+    rt = make_runtime({"default": 3, "other": 2})
+    rt.register("quick", lambda ctx, payload: None)
+    with rt:
+        outs = rt.enqueue_bulk([EnqueueRequest("quick") for _ in range(50)])
+        for out in outs:
+            storage.jobs.wait(out.job_id, timeout=10)
+        names = [t.name for t in threading.enumerate() if rt.host_id in t.name]
+        assert len(names) >= 3 + 5, names       # (a janitor sweep may have come and gone)
+    assert [t.name for t in threading.enumerate() if rt.host_id in t.name] == []
 
 
 def test_stop_gives_up_on_a_stuck_handler_and_its_late_finish_changes_nothing(
@@ -639,7 +688,7 @@ def test_pausing_a_queue_stops_its_running_job_and_its_claims_until_resumed(
             time.sleep(0.005)
         storage.queues.pause("default")
 
-        wait_until(lambda: reasons, 2, "the running handler's token to fire")
+        wait_until(lambda: reasons, 5, "the running handler's token to fire")
         assert reasons == ["paused"]
         wait_until(lambda: state_of(storage, first) == "queued", 5, "the job to be requeued")
         assert storage.jobs.get(first).attempt == 0
@@ -681,12 +730,12 @@ def test_cancelling_a_running_job_reaches_its_handler_and_ends_it_cancelled(
         assert running.wait(10)
         requested = time.monotonic()
         assert storage.jobs.cancel(job_id) == "cancel_requested"
-        wait_until(lambda: observed, 2, "the handler to see the cancellation")
+        wait_until(lambda: observed, 5, "the handler to see the cancellation")
         job = storage.jobs.wait(job_id, timeout=10)
 
     reason, seen_at = observed[0]
     assert reason == "cancelled"
-    assert seen_at - requested < 2
+    assert seen_at - requested < 5
     assert job.state == "cancelled"
     assert job.attempt == 1
 
@@ -741,9 +790,9 @@ def test_throttled_requeues_refunded_and_cools_the_whole_queue_down(storage, mak
 
 
 def test_a_throttled_queue_resumes_when_its_cool_down_ends(storage, make_runtime):
-    # Heartbeats 3 s apart: only the runtime's own timer for the cool-down's end can start
-    # the queue again on time.
-    rt = make_runtime({"default": 1}, heartbeat_interval=3.0, lease_timeout=10.0)
+    # Heartbeats 10 s apart: only the runtime's own timer for the cool-down's end can start
+    # the queue again in time.
+    rt = make_runtime({"default": 1}, heartbeat_interval=10.0, lease_timeout=30.0)
     starts: dict[str, list[float]] = {}
     throttled = threading.Event()
 
@@ -758,10 +807,10 @@ def test_a_throttled_queue_resumes_when_its_cool_down_ends(storage, make_runtime
         rt.enqueue(EnqueueRequest("call", "first"))
         assert throttled.wait(10)
         rt.enqueue(EnqueueRequest("call", "second"))
-        wait_until(lambda: "second" in starts and len(starts["first"]) == 2, 1.5,
+        wait_until(lambda: "second" in starts and len(starts["first"]) == 2, 5,
                    "both jobs to start after the cool-down")
     throttled_at = starts["first"][0]
-    assert 0.3 - 0.005 <= starts["second"][0] - throttled_at < 1.5
+    assert 0.3 - 0.005 <= starts["second"][0] - throttled_at < 5
     assert 0.3 - 0.005 <= starts["first"][1] - throttled_at < 1.5
 
 
@@ -955,9 +1004,9 @@ def test_a_second_signal_exits_at_once(storage, tmp_path):
 
 def test_a_retried_job_starts_when_its_delay_ends_not_at_the_next_heartbeat(
         storage, make_runtime):
-    # Heartbeats 3 s apart. Two retries in a row, so that one stray commit by another
+    # Heartbeats 10 s apart. Two retries in a row, so that one stray commit by another
     # connection (say, the janitor's at start-up) cannot rescue both.
-    rt = make_runtime({"default": 1}, heartbeat_interval=3.0, lease_timeout=10.0)
+    rt = make_runtime({"default": 1}, heartbeat_interval=10.0, lease_timeout=30.0)
     starts: list[float] = []
 
     @rt.handler("later")
@@ -968,9 +1017,9 @@ def test_a_retried_job_starts_when_its_delay_ends_not_at_the_next_heartbeat(
 
     with rt:
         rt.enqueue(EnqueueRequest("later"))
-        wait_until(lambda: len(starts) >= 3, 2.0, "the third attempt")
+        wait_until(lambda: len(starts) >= 3, 8, "the third attempt")
     for before, after in itertools.pairwise(starts):
-        assert 0.2 - 0.005 <= after - before < 1.0
+        assert 0.2 - 0.005 <= after - before < 4
 
 
 def test_prefetched_jobs_also_wait_out_a_cool_down(storage, make_runtime):
@@ -1033,9 +1082,9 @@ def test_stop_waits_for_a_slow_handler_without_spinning(storage, make_runtime):
 
 def test_jobs_scheduled_while_the_slots_are_busy_start_at_their_run_at(
         storage, make_runtime):
-    # Heartbeats 3 s apart. Two scheduled jobs, so that one stray commit by another
+    # Heartbeats 10 s apart. Two scheduled jobs, so that one stray commit by another
     # connection (say, the janitor's at start-up) cannot rescue both.
-    rt = make_runtime({"default": 1}, heartbeat_interval=3.0, lease_timeout=10.0)
+    rt = make_runtime({"default": 1}, heartbeat_interval=10.0, lease_timeout=30.0)
     starts: dict[str, float] = {}
     release = threading.Event()
 
@@ -1052,14 +1101,14 @@ def test_jobs_scheduled_while_the_slots_are_busy_start_at_their_run_at(
         for name, run_at in due.items():
             rt.enqueue(EnqueueRequest("k", name, run_at=run_at))
         release.set()               # the slot frees long before the scheduled jobs are due
-        wait_until(lambda: "second" in starts, 2.0, "both scheduled jobs to start")
+        wait_until(lambda: "second" in starts, 8, "both scheduled jobs to start")
     for name, run_at in due.items():
-        assert run_at - 0.001 <= starts[name] < run_at + 1.0
+        assert run_at - 0.001 <= starts[name] < run_at + 4
 
 
 def test_a_limited_queue_claims_the_next_job_as_soon_as_one_finishes(storage, make_runtime):
     storage.queues.set_limit("default", 1)
-    rt = make_runtime({"default": 4}, heartbeat_interval=3.0, lease_timeout=10.0)
+    rt = make_runtime({"default": 4}, heartbeat_interval=10.0, lease_timeout=30.0)
 
     @rt.handler("quick")
     def quick(ctx, payload):
@@ -1067,7 +1116,7 @@ def test_a_limited_queue_claims_the_next_job_as_soon_as_one_finishes(storage, ma
 
     ids = [rt.enqueue(EnqueueRequest("quick", n)).job_id for n in range(5)]
     with rt:
-        wait_until(lambda: storage.jobs.counts()["done"] == 5, 1.5, "5 quick jobs to finish")
+        wait_until(lambda: storage.jobs.counts()["done"] == 5, 5, "5 quick jobs to finish")
     assert [storage.jobs.get(job_id).result for job_id in ids] == list(range(5))
 
 

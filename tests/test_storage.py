@@ -505,11 +505,14 @@ def test_a_failing_write_does_not_undo_other_threads_writes(storage):
                 outcomes["unexpected"].append(exc)
 
     threads = [threading.Thread(target=fn) for fn in (enqueuer, failer) * 4]
+    committed_before = storage.db.writes_committed
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert outcomes["unexpected"] == []
+    # The count of writes that took effect is exact, whoever's commit carried them.
+    assert storage.db.writes_committed - committed_before == 600
     assert len(outcomes["refused"]) == 600
     assert len(set(map(id, outcomes["refused"]))) == 600     # each caller got its own error
     assert storage.jobs.counts()["queued"] == len(set(outcomes["enqueued"])) == 600
