@@ -778,13 +778,22 @@ class Database:
         return self.connection().execute("PRAGMA data_version").fetchall()[0][0]
 
     def close(self) -> None:
-        """Close every connection this object opened. Safe to call twice."""
+        """Close every connection this object opened. Safe to call twice. A connection that
+        another thread is using at that moment (a runtime not stopped, say) is left to close
+        when that thread lets go of it, and SqliteqError says so once the rest are closed."""
         self._closed = True
         with self._connections_lock:
             connections, self._connections = self._connections, []
+        in_use = 0
         for conn in connections:
-            conn.close()
+            try:
+                conn.close()
+            except apsw.ThreadingViolationError:
+                in_use += 1
         self._local = threading.local()
+        if in_use:
+            raise SqliteqError(f"closed {self.path!r} while {in_use} other thread(s) were "
+                               f"using it; stop every Runtime on a Storage before closing it")
 
 
 # ------------------------------------------------------------------- Ids ----
@@ -1649,30 +1658,42 @@ class CancellationToken:
     """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled" or
     "lost" (another process rescued the job). Handlers poll `cancelled` or `wait` on it."""
 
-    __slots__ = ("_event", "reason")
+    __slots__ = ("_event", "_lock", "reason")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        # The Event is made by the first wait(): most tokens are never waited on, and one
+        # is minted per claimed job.
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
         self.reason: str | None = None
 
     @property
     def cancelled(self) -> bool:
         """Whether the token has fired."""
-        return self._event.is_set()
+        return self.reason is not None
 
     def cancel(self, reason: str) -> None:
         """Fire the token; the first reason sticks."""
-        if self.reason is None:
-            self.reason = reason
-        self._event.set()
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            event = self._event
+        if event is not None:
+            event.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep until the token fires (True) or `timeout` seconds pass (False)."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self.reason is not None:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def raise_if_cancelled(self) -> None:
         """Raise `Cancelled` if the token has fired."""
-        if self._event.is_set():
+        if self.reason is not None:
             raise Cancelled(f"job cancelled: {self.reason}")
 
 

@@ -711,6 +711,29 @@ def test_pausing_a_queue_stops_its_running_job_and_its_claims_until_resumed(
 
 # --------------------------------------------------------------- cancel ----
 
+def test_a_cancellation_token_wakes_every_waiter_and_keeps_its_first_reason():
+    token = sqliteq.CancellationToken()
+    assert (token.cancelled, token.reason) == (False, None)
+    assert token.wait(0.01) is False
+    token.raise_if_cancelled()                  # not fired: does nothing
+    results: list[bool] = []
+    waiters = [threading.Thread(target=lambda: results.append(token.wait(30)))
+               for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    waiters[0].join(0.2)
+    assert waiters[0].is_alive(), "a waiter returned before the token fired"
+    token.cancel("paused")
+    token.cancel("shutdown")
+    for waiter in waiters:
+        waiter.join(30)
+    assert results == [True] * 4
+    assert (token.cancelled, token.reason) == (True, "paused")
+    assert token.wait(0) is True and token.wait() is True
+    with pytest.raises(sqliteq.Cancelled, match="paused"):
+        token.raise_if_cancelled()
+
+
 def test_cancelling_a_running_job_reaches_its_handler_and_ends_it_cancelled(
         storage, make_runtime):
     rt = make_runtime({"default": 1})

@@ -91,6 +91,30 @@ def test_context_manager_closes_every_threads_connection(db_path):
     storage.close()     # closing twice is harmless
 
 
+def test_closing_while_another_thread_uses_a_connection_is_a_clear_error(db_path):
+    storage = sqliteq.Storage(db_path)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_statement() -> None:
+        conn = storage.db.connection()
+        conn.create_scalar_function("hold", lambda: (inside.set(), release.wait(30))[1])
+        conn.execute("SELECT hold()").fetchall()
+
+    holder = threading.Thread(target=hold_a_statement)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(sqliteq.SqliteqError, match="1 other thread"):
+            storage.close()
+    finally:
+        release.set()
+        holder.join(30)
+    with pytest.raises(sqliteq.SqliteqError, match="storage is closed"):
+        storage.jobs.counts()           # closed for every thread all the same
+    with sqliteq.Storage(db_path) as again:     # the file is fine
+        assert again.jobs.counts()["queued"] == 0
+
+
 def test_default_synchronous_is_normal(storage):
     assert storage.db.connection().execute("PRAGMA synchronous").fetchall() == [(1,)]
 
