@@ -1930,13 +1930,14 @@ Handler = Callable[[JobCtx, Any], Any]
 
 # A queue of fast handlers claims ahead: beyond its free slots, as many jobs as its slots run
 # in about PREFETCH_SECONDS (at most PREFETCH_PER_SLOT per slot). The extra jobs wait in
-# memory, so workers are not idle while the dispatcher commits, and each commit carries more
-# jobs. Slow handlers get no prefetch: a job never waits long in one process's buffer while
-# another process has a free slot.
+# memory, so workers are not idle while the dispatcher commits (a commit of a hundred
+# finishes and claims takes milliseconds), and each commit carries more jobs. Slow handlers
+# get no prefetch: a job never waits long in one process's buffer while another process has
+# a free slot.
 ABANDON_TIMEOUT = 10.0      # seconds stop() waits for the dispatcher to requeue stuck jobs
 WORKER_EXIT_TIMEOUT = 1.0   # seconds stop() gives idle workers to exit, even after a timeout
-PREFETCH_SECONDS = 0.002
-PREFETCH_PER_SLOT = 32
+PREFETCH_SECONDS = 0.005
+PREFETCH_PER_SLOT = 128
 
 
 class _Claimed(NamedTuple):

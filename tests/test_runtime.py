@@ -532,9 +532,10 @@ def test_a_job_enqueued_in_process_wakes_an_idle_runtime_at_once(storage, make_r
 
 def test_in_process_admin_writes_take_effect_while_the_dispatcher_commits_all_the_time(
         storage, make_runtime):
-    # A backlog of quick jobs keeps the dispatcher committing, so an operator's write often
-    # rides in the dispatcher's own group commit, which leaves its data_version unchanged.
-    # Heartbeats 30 s apart: retry, run_now and resume must still take effect within polls.
+    # A backlog of quick jobs keeps the dispatcher committing, so the operator's writes in
+    # this process share group commits with it (and a write that rides in the dispatcher's
+    # own commit leaves its data_version unchanged). Heartbeats 30 s apart: retry and
+    # run_now must still take effect within a few polls.
     rt = make_runtime({"busy": 2, "gated": 1}, heartbeat_interval=30.0, lease_timeout=60.0)
     failed_once: set[str] = set()
 
@@ -627,7 +628,7 @@ def test_stop_gives_up_on_a_stuck_handler_and_its_late_finish_changes_nothing(
         assert running.wait(10)
         began = time.monotonic()
         rt.stop(timeout=0.3)
-        assert time.monotonic() - began < 3
+        assert time.monotonic() - began < 5     # not the 30 s the handler would take
         job = storage.jobs.get(job_id)
         assert (job.state, job.attempt) == ("queued", 0)
     finally:
@@ -834,7 +835,7 @@ def test_a_throttled_queue_resumes_when_its_cool_down_ends(storage, make_runtime
                    "both jobs to start after the cool-down")
     throttled_at = starts["first"][0]
     assert 0.3 - 0.005 <= starts["second"][0] - throttled_at < 5
-    assert 0.3 - 0.005 <= starts["first"][1] - throttled_at < 1.5
+    assert 0.3 - 0.005 <= starts["first"][1] - throttled_at < 5
 
 
 def test_a_queue_limit_caps_concurrency_across_slots(storage, make_runtime):
