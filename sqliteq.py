@@ -1968,7 +1968,8 @@ class _Finish(NamedTuple):
 class _QueueState:
     """The dispatcher's view of one queue in this process."""
 
-    __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "wakes", "next_due",
+    __slots__ = ("name", "slots", "held", "buffer", "maybe_ready", "wakes", "claim_wakes",
+                 "next_due",
                  "paused", "cooldown_until", "backoff", "avg_seconds")
 
     def __init__(self, name: str, slots: int) -> None:
@@ -1978,6 +1979,7 @@ class _QueueState:
         self.buffer: queue_module.SimpleQueue[_Claimed | None] = queue_module.SimpleQueue()
         self.maybe_ready = True         # a claim may find work; cleared when one comes short
         self.wakes = 0                  # enqueues seen in this process, to not lose a wake-up
+        self.claim_wakes = 0            # of those, the ones the last claim already saw
         self.next_due: int | None = None    # earliest run_at of a scheduled job, when known
         self.paused = False
         self.cooldown_until = 0         # ms; buffered jobs wait until then (Throttled)
@@ -2362,6 +2364,8 @@ class Runtime:
             conn, now = self.storage.db.connection(), now_ms()
             for qs in list(wanted):
                 wakes = qs.wakes
+                if wakes != qs.claim_wakes:
+                    continue            # just enqueued here: claim at once, no need to look
                 if not conn.execute(self.READY_EXISTS, (qs.name, now)).fetchall():
                     wanted.remove(qs)
                     with self._wake:
@@ -2403,6 +2407,7 @@ class Runtime:
                   wakes: dict[str, int]) -> None:
         for name, wanted, rows, due in claimed:
             qs = self._queue_states[name]
+            qs.claim_wakes = wakes[name]
             if due is not None:     # claim again then: the next scheduled job, or cool-down end
                 qs.next_due = due
             if len(rows) < wanted or not rows:
