@@ -595,15 +595,30 @@ def test_stop_cancels_a_cooperative_handler_and_requeues_its_job_refunded(
 
 def test_when_stop_returns_no_thread_of_the_runtime_is_left(storage, make_runtime):
     # Workers, dispatcher, heartbeat, scheduler and janitor: the storage may be closed now.
+    # One handler ignores its token a little past the stop timeout: stop() gives up on its
+    # job, but still waits (briefly) for its thread instead of leaving it running.
     rt = make_runtime({"default": 3, "other": 2})
     rt.register("quick", lambda ctx, payload: None)
+    lingering = threading.Event()
+
+    @rt.handler("linger")
+    def linger(ctx, payload):
+        lingering.set()
+        time.sleep(0.5)                 # ignores the shutdown token
+        return "late"
+
     with rt:
         outs = rt.enqueue_bulk([EnqueueRequest("quick") for _ in range(50)])
         for out in outs:
             storage.jobs.wait(out.job_id, timeout=10)
         names = [t.name for t in threading.enumerate() if rt.host_id in t.name]
         assert len(names) >= 3 + 5, names       # (a janitor sweep may have come and gone)
+        late = rt.enqueue(EnqueueRequest("linger")).job_id
+        assert lingering.wait(10)
+        rt.stop(timeout=0.1)
     assert [t.name for t in threading.enumerate() if rt.host_id in t.name] == []
+    job = storage.jobs.get(late)
+    assert (job.state, job.attempt, job.result) == ("queued", 0, None)   # given up, refunded
 
 
 def test_stop_gives_up_on_a_stuck_handler_and_its_late_finish_changes_nothing(
