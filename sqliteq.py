@@ -87,8 +87,8 @@ __all__ = [
     "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
     "PrefixRouter", "PreparedJobs", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
-    "Snooze", "SqliteqError", "Storage", "Throttled", "TransientError", "main", "now_ms",
-    "parse_duration", "run_demo",
+    "Snooze", "SqliteqError", "Storage", "StorageError", "Throttled", "TransientError", "main",
+    "now_ms", "parse_duration", "run_demo",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -111,7 +111,15 @@ class TransientError(SqliteqError):
 
 
 class SchemaError(SqliteqError):
-    """The database file cannot be used: not SQLite, newer schema, read-only, missing folder."""
+    """The database file cannot be used: not SQLite, corrupt, newer schema, read-only, or a
+    missing folder. A runtime that meets it stops."""
+
+
+class StorageError(SqliteqError):
+    """The disk failed the database file: disk full, an I/O error.
+
+    Retrying helps only once an operator acts; a runtime backs off until then. A write that
+    fails this way may still have taken effect (see README "Guarantees")."""
 
 
 class ConfigError(SqliteqError):
@@ -483,6 +491,22 @@ TRANSIENT_RETRY_DELAYS = (0.1, 0.3, 1.0)   # seconds, each jittered by +-50 %
 LEAD_HANDOFF_TIMEOUT = 0.1      # seconds a writer handed the group-commit lead has to take it
 
 
+def _storage_error(exc: apsw.Error, path: str) -> BaseException:
+    """The SqliteqError that tells a caller what a database error means for them; errors
+    of the SQL itself (a bug) stay as they are."""
+    if isinstance(exc, apsw.ReadOnlyError):
+        return SchemaError(f"database {path!r} is read-only")
+    if isinstance(exc, apsw.NotADBError):
+        return SchemaError(f"{path!r} is not a SQLite database")
+    if isinstance(exc, apsw.CorruptError):
+        return SchemaError(f"database {path!r} is corrupt ({exc}); restore it from a backup")
+    if isinstance(exc, apsw.FullError):
+        return StorageError(f"disk full writing {path!r} ({exc}); free space and retry")
+    if isinstance(exc, (apsw.IOError, apsw.CantOpenError, apsw.NoLFSError)):
+        return StorageError(f"I/O error on {path!r} ({exc})")
+    return exc
+
+
 class _WriteRequest:
     """One caller's write, waiting to be run in the next group commit."""
 
@@ -533,8 +557,15 @@ class Database:
                     " (SELECT count(*) FROM sqlite_master)")
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
-                 busy_timeout: float = 5.0) -> None:
+                 busy_timeout: float = 5.0, vfs: str | None = None) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise InvalidInput(f"database path must be a non-empty str or os.PathLike, "
+                               f"not {path!r}")
+        if vfs is not None and vfs not in apsw.vfs_names():
+            raise InvalidInput(f"unknown SQLite VFS {vfs!r}; registered: "
+                               f"{', '.join(apsw.vfs_names())}")
         self.path = os.fspath(path)
+        self.vfs = vfs
         self.durable = durable
         self.busy_timeout_ms = int(_duration_seconds(busy_timeout, "busy_timeout") * 1000)
         self._local = threading.local()
@@ -545,6 +576,7 @@ class Database:
         self._leader: _WriteRequest | None = None   # whose writer commits the next batch
         self._leading = False           # that writer is committing now
         self._lead_handed_at = 0.0
+        self._batch_committed = False   # whether the leader's last COMMIT took effect
         self._closed = False
         # Writes of this process that took effect. A thread that counts its own can tell
         # when other threads wrote, even when their writes rode in its own group commit
@@ -581,7 +613,7 @@ class Database:
 
     def _open(self) -> apsw.Connection:
         try:
-            conn = apsw.Connection(self.path)
+            conn = apsw.Connection(self.path, vfs=self.vfs)
         except (apsw.CantOpenError, apsw.PermissionsError) as exc:
             raise SchemaError(f"cannot open {self.path!r} ({exc}); sqliteq needs write access "
                               f"to the file and its folder") from None
@@ -648,21 +680,30 @@ class Database:
         with jittered backoff, then raise TransientError; any other error propagates to its
         caller. `work` may run on another thread and more than once, so it must have no
         effects outside the database.
+
+        A BaseException that interrupts this thread (KeyboardInterrupt, say) reaches only
+        this caller: the transaction is rolled back unless its COMMIT already took effect,
+        the other writes of the batch run again in the next one, and a write still queued
+        is withdrawn, so it never happens behind the caller's back.
         """
         request = _WriteRequest(work)
-        with self._pending_lock:
-            self._pending.append(request)
-            leading = self._leader is None
-            if leading:
-                self._leader, self._leading = request, True
-        while True:
-            if leading:
-                self._lead()
-            if request.done:
-                break
-            request.gate.acquire(timeout=LEAD_HANDOFF_TIMEOUT)  # until done or handed the lead
+        try:
             with self._pending_lock:
-                leading = self._take_lead(request)
+                self._pending.append(request)
+                leading = self._leader is None
+                if leading:
+                    self._leader, self._leading = request, True
+            while True:
+                if leading:
+                    self._lead(request)
+                if request.done:
+                    break
+                request.gate.acquire(timeout=LEAD_HANDOFF_TIMEOUT)  # until done or handed lead
+                with self._pending_lock:
+                    leading = self._take_lead(request)
+        except BaseException:
+            self._withdraw(request)
+            raise
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[no-any-return]
@@ -687,70 +728,114 @@ class Database:
         self._leader, self._leading = request, True
         return True
 
-    def _lead(self) -> None:
+    def _withdraw(self, request: _WriteRequest) -> None:
+        """An interrupted writer gives up: its write leaves the queue if no batch took it
+        yet, and a lead it was given (or holds) passes on."""
+        with self._pending_lock:
+            if request in self._pending:
+                self._pending.remove(request)
+            if self._leader is request:
+                self._hand_lead()
+
+    def _hand_lead(self) -> None:
+        """Pass the lead to the first queued writer (call with the pending lock held)."""
+        self._leading = False
+        self._leader = self._pending[0] if self._pending else None
+        self._lead_handed_at = time.monotonic()
+        if self._leader is not None:
+            self._leader.wake()
+
+    def _lead(self, own: _WriteRequest) -> None:
         """Commit everything queued so far in one transaction, then hand the lead to the
         first writer that queued meanwhile."""
-        with self._pending_lock:
-            batch, self._pending = self._pending, []
+        batch: list[_WriteRequest] = []
+        again: list[_WriteRequest] = []
         error: BaseException | None = None
+        self._batch_committed = False
         try:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
             error = self._commit_batch(batch)
-        except BaseException as exc:    # never leave a queued writer waiting
-            error = exc
+        except BaseException:           # this thread was interrupted: only its writer sees it
+            if not self._batch_committed:
+                again = [request for request in batch if request is not own]
             raise
         finally:
-            with self._pending_lock:
-                self._finish_requests(batch, error)
-                self._leading = False
-                self._leader = self._pending[0] if self._pending else None
-                self._lead_handed_at = time.monotonic()
-                if self._leader is not None:
-                    self._leader.wake()
+            # Run to the end even if a second interrupt lands here: a half-finished batch
+            # would leave its writers waiting forever.
+            while True:
+                try:
+                    self._finish_batch(own, batch, again, error)
+                    break
+                except BaseException:
+                    continue
 
-    def _finish_requests(self, batch: list[_WriteRequest], error: BaseException | None
-                         ) -> None:
+    def _finish_batch(self, own: _WriteRequest, batch: list[_WriteRequest],
+                      again: list[_WriteRequest], error: BaseException | None) -> None:
         """Mark a batch done (with `error`, if the whole transaction failed) and wake its
-        writers. Called with the pending lock held."""
-        for request in batch:
-            if error is not None:
-                request.result, request.error = None, error
-            if isinstance(request.error, apsw.ReadOnlyError):
-                request.error = SchemaError(f"database {self.path!r} is read-only")
-            elif isinstance(request.error, apsw.NotADBError):
-                request.error = SchemaError(f"{self.path!r} is not a SQLite database")
-            request.done = True
-            request.wake()
+        writers; `again` go back to the head of the queue. Idempotent."""
+        with self._pending_lock:
+            for request in reversed(again):
+                if request not in self._pending:
+                    self._pending.insert(0, request)
+            for request in batch:
+                if request.done or request in again:
+                    continue
+                if error is not None:
+                    request.result, request.error = None, error
+                if isinstance(request.error, apsw.Error):
+                    request.error = _storage_error(request.error, self.path)
+                request.done = True
+                request.wake()
+            if self._leading and self._leader is own:
+                self._hand_lead()
 
     def _commit_batch(self, batch: list[_WriteRequest]) -> BaseException | None:
         """Run a batch of writes in one transaction, each request getting its result or its
-        own error; returns the error that failed the whole transaction, if one did."""
+        own error; returns the error that failed the whole transaction, if one did.
+
+        Whatever interrupts it, no transaction stays open on the connection (which would
+        keep SQLite's writer lock from every process), and `_batch_committed` tells whether
+        the COMMIT took effect."""
+        try:
+            conn = self.connection()
+        except Exception as exc:
+            return exc
         error: BaseException | None = None
-        for delay in (*TRANSIENT_RETRY_DELAYS, None):
-            try:
-                conn = self.connection()
-                conn.execute("BEGIN IMMEDIATE")
+        try:
+            for delay in (*TRANSIENT_RETRY_DELAYS, None):
                 try:
-                    if len(batch) == 1:
-                        batch[0].run(conn)
-                    else:
-                        for request in batch:
-                            request.run_in_savepoint(conn)
-                    conn.execute("COMMIT")
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        if len(batch) == 1:
+                            batch[0].run(conn)
+                        else:
+                            for request in batch:
+                                request.run_in_savepoint(conn)
+                        self._batch_committed = True    # from here the COMMIT may take effect
+                        conn.execute("COMMIT")
+                    finally:
+                        if not conn.getautocommit():    # failed, or stopped before COMMIT
+                            self._batch_committed = False
+                            conn.execute("ROLLBACK")
                     self.writes_committed += sum(request.error is None for request in batch)
-                except BaseException:
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
-                    raise
-                break
-            except (apsw.BusyError, apsw.LockedError) as exc:
-                if delay is None:
-                    error = TransientError(f"database {self.path!r} stayed locked through "
-                                           f"{len(TRANSIENT_RETRY_DELAYS)} retries: {exc}")
                     break
-                time.sleep(delay * random.uniform(0.5, 1.5))
-            except BaseException as exc:
-                error = exc
-                break
+                except (apsw.BusyError, apsw.LockedError) as exc:
+                    self._batch_committed = False
+                    if delay is None:
+                        error = TransientError(f"database {self.path!r} stayed locked through "
+                                               f"{len(TRANSIENT_RETRY_DELAYS)} retries: {exc}")
+                        break
+                    time.sleep(delay * random.uniform(0.5, 1.5))
+                except Exception as exc:        # SQLite rolled back a COMMIT that failed
+                    self._batch_committed = False
+                    error = exc
+                    break
+        except BaseException:
+            if not conn.getautocommit():        # interrupted in the cleanup itself
+                self._batch_committed = False
+                conn.execute("ROLLBACK")
+            raise
         if self._commit_waiters:
             self._announce_commit()
         return error
@@ -1533,12 +1618,16 @@ class Storage:
     """The database file and everything stored in it.
 
     Opening creates the file if needed and migrates it. Thread-safe: share one Storage
-    between threads; each thread gets its own connection.
+    between threads; each thread gets its own connection. `durable=True` makes every commit
+    durable on return (synchronous=FULL). `busy_timeout` is how long one attempt waits for
+    another process's writer lock; a write gives up after 4 attempts (see `TransientError`).
+    `vfs` names a registered SQLite VFS (apsw.VFS) to open the file through, e.g. a
+    fault-injecting shim in tests.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
-                 busy_timeout: float = 5.0) -> None:
-        self.db = Database(path, durable=durable, busy_timeout=busy_timeout)
+                 busy_timeout: float = 5.0, vfs: str | None = None) -> None:
+        self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
         self.path = self.db.path
         self.jobs = Jobs(self.db)
         self.queues = Queues(self.db)
@@ -1935,6 +2024,7 @@ Handler = Callable[[JobCtx, Any], Any]
 # get no prefetch: a job never waits long in one process's buffer while another process has
 # a free slot.
 ABANDON_TIMEOUT = 10.0      # seconds stop() waits for the dispatcher to requeue stuck jobs
+MAX_ERROR_BACKOFF = 5.0     # seconds a runtime loop waits at most between failed rounds
 WORKER_EXIT_TIMEOUT = 1.0   # seconds stop() gives idle workers to exit, even after a timeout
 PREFETCH_SECONDS = 0.005
 PREFETCH_PER_SLOT = 128
@@ -2013,6 +2103,40 @@ class _QueueState:
             jobs.append(job)
 
 
+class _LoopErrors:
+    """The error policy of one runtime loop. After each failed round the loop waits twice as
+    long as after the one before (from its interval up to MAX_ERROR_BACKOFF), and a streak of
+    failures is logged once when it starts and once when it ends, not once per round. An
+    error that means the file cannot be used at all (SchemaError) is raised instead: the
+    runtime stops."""
+
+    def __init__(self, loop: str, interval: float, path: str) -> None:
+        self.loop, self.interval, self.path = loop, interval, path
+        self.streak = 0
+        self.since = 0.0
+
+    def failed(self, exc: Exception) -> float:
+        """Seconds to wait before the next round; raises the error if it is fatal."""
+        error = _storage_error(exc, self.path) if isinstance(exc, apsw.Error) else exc
+        if isinstance(error, SchemaError):
+            raise error from exc
+        self.streak += 1
+        if self.streak == 1:
+            self.since = time.monotonic()
+            if isinstance(error, SqliteqError):     # the message says it all
+                log.error("%s: %s; retrying until it works", self.loop, error)
+            else:
+                log.error("%s failed; retrying until it works", self.loop, exc_info=exc)
+        return min(self.interval * 2 ** min(self.streak - 1, 30),
+                   max(self.interval, MAX_ERROR_BACKOFF))
+
+    def succeeded(self) -> None:
+        if self.streak:
+            log.warning("%s works again after %d failed rounds in %.1f s", self.loop,
+                        self.streak, time.monotonic() - self.since)
+            self.streak = 0
+
+
 class Runtime:
     """Runs handlers for jobs of the given queues in a pool of worker threads.
 
@@ -2021,6 +2145,10 @@ class Runtime:
     (group commit). A heartbeat thread keeps this process's row fresh, rescues jobs of silent
     hosts, and delivers cancellation requests to running handlers. A scheduler thread fires
     cron ticks and, once per `janitor_interval` across the cluster, deletes expired jobs.
+
+    Database errors make a loop back off and retry (see `_LoopErrors`). When the file cannot
+    be used at all, or a thread of the runtime dies, the runtime stops itself rather than
+    look alive while it claims nothing: `error` tells why, and `run()` raises it.
     """
 
     CLAIM = """
@@ -2085,6 +2213,7 @@ class Runtime:
         self._workers: list[threading.Thread] = []
         self._janitor: threading.Thread | None = None     # the current sweep, if one runs
         self._stop_lock = threading.Lock()
+        self.error: SqliteqError | None = None   # why the runtime stopped itself, if it did
 
     # -- registration and enqueueing --
 
@@ -2148,12 +2277,15 @@ class Runtime:
         for name, (expression, request) in self._schedules.items():
             self.storage.cron.declare(name, expression, request)
         self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
-                                            name=f"sqliteq-dispatch-{self.host_id}")
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                           name=f"sqliteq-heartbeat-{self.host_id}")
-        self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
-                                           name=f"sqliteq-scheduler-{self.host_id}")
+        self._dispatcher = threading.Thread(
+            target=self._guarded, args=("dispatcher", self._dispatch_loop), daemon=True,
+            name=f"sqliteq-dispatch-{self.host_id}")
+        self._heartbeat = threading.Thread(
+            target=self._guarded, args=("heartbeat", self._heartbeat_loop), daemon=True,
+            name=f"sqliteq-heartbeat-{self.host_id}")
+        self._scheduler = threading.Thread(
+            target=self._guarded, args=("scheduler", self._schedule_loop), daemon=True,
+            name=f"sqliteq-scheduler-{self.host_id}")
         self._workers = [threading.Thread(target=self._work_loop, args=(qs, slot),
                                           daemon=True, name=f"{qs.name}-{slot}-{self.host_id}")
                          for qs in self._queue_states.values() for slot in range(qs.slots)]
@@ -2189,6 +2321,9 @@ class Runtime:
             if self._dispatcher.is_alive():
                 log.error("runtime %s: the dispatcher did not stop; its running jobs are left "
                           "to the reaper of any other process", self.host_id)
+        elif self.error is not None:    # it died: tell its handlers to stop
+            for job in list(self._held.values()):
+                job.token.cancel("shutdown")
         for qs in self._queue_states.values():
             for _ in range(qs.slots):
                 qs.buffer.put(None)
@@ -2208,12 +2343,31 @@ class Runtime:
             self._janitor.join()
         if self._on_enqueue in self.storage.jobs.enqueue_listeners:
             self.storage.jobs.enqueue_listeners.remove(self._on_enqueue)
-        self.storage.processes.remove(self.host_id)
+        try:
+            self.storage.processes.remove(self.host_id)
+        except Exception as exc:
+            log.warning("runtime %s: cannot remove its process row (%s); it ages out",
+                        self.host_id, exc)
         log.info("runtime %s stopped", self.host_id)
+
+    def _guarded(self, loop: str, body: Callable[[], None]) -> None:
+        """Run a loop of the runtime; if it ends by an exception, stop the runtime."""
+        try:
+            body()
+        except BaseException as exc:
+            error = exc if isinstance(exc, SqliteqError) else SqliteqError(
+                f"the {loop} thread died of {type(exc).__name__}: {_describe(exc)}")
+            log.error("runtime %s stops itself: %s", self.host_id, error,
+                      exc_info=None if isinstance(exc, SqliteqError) else exc)
+            with self._wake:
+                self.error = self.error or error
+                self._stopping = True
+                self._wake.notify_all()
+            threading.Thread(target=self.stop, name="sqliteq-stop", daemon=True).start()
 
     def run(self) -> None:
         """Start, and block until SIGINT or SIGTERM, then stop gracefully. A second signal
-        exits the process at once."""
+        exits the process at once. If the runtime stops itself, raises its `error`."""
         import signal
 
         signals: list[int] = []
@@ -2228,11 +2382,14 @@ class Runtime:
             self.start()
             while not signals and not self._stopping:
                 time.sleep(0.1)
-            log.info("stopping (signal again to exit at once)")
+            if signals:
+                log.info("stopping (signal again to exit at once)")
             self.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.error is not None:
+            raise self.error
 
     def __enter__(self) -> Runtime:
         self.start()
@@ -2263,6 +2420,7 @@ class Runtime:
         seen_others = 0
         sync_due = 0.0          # monotonic time of the next queue-settings sync, 0: none due
         stop_seen = False
+        errors = _LoopErrors("dispatcher", self.poll_interval, db.path)
         while True:
             with self._wake:
                 busy = (self._finished or self._abandon or (self._stopping and not stop_seen)
@@ -2305,10 +2463,12 @@ class Runtime:
                     return
                 if stopping and not self._held and not self._finished:
                     return
-            except Exception:
-                log.exception("dispatcher error; retrying in %.2f s", self.poll_interval)
+                errors.succeeded()
+            except Exception as exc:
                 self._unsettle(finished)
-                time.sleep(self.poll_interval)
+                pause = errors.failed(exc)
+                with self._wake:
+                    self._wake.wait_for(lambda: self._abandon, pause)
 
     def _settle(self, finished: list[_Finish]) -> None:
         """Free the slots of finished jobs (their finish commits next)."""
@@ -2482,16 +2642,22 @@ class Runtime:
     # -- heartbeat --
 
     def _heartbeat_loop(self) -> None:
-        while not self._stopped.wait(self.heartbeat_interval):
+        errors = _LoopErrors("heartbeat", self.heartbeat_interval, self.storage.path)
+        pause = self.heartbeat_interval
+        while not self._stopped.wait(pause):
             try:
                 self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
                 self._sync_running()
-            except Exception:
-                log.exception("heartbeat failed; retrying in %.1f s", self.heartbeat_interval)
+                errors.succeeded()
+                pause = self.heartbeat_interval
+            except Exception as exc:
+                pause = errors.failed(exc)
 
     # -- scheduler: cron ticks and the janitor --
 
     def _schedule_loop(self) -> None:
+        cron_errors = _LoopErrors("cron", 1.0, self.storage.path)
+        janitor_errors = _LoopErrors("janitor", 1.0, self.storage.path)
         timeout = 0.0
         while not self._stopped.wait(timeout) and not self._stopping:
             timeout = 1.0
@@ -2501,8 +2667,9 @@ class Runtime:
                     next_fire = self.storage.cron.next_fire_ms(set(self._schedules))
                     if next_fire is not None:
                         timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
-            except Exception:
-                log.exception("cron error; retrying in 1 s")
+                cron_errors.succeeded()
+            except Exception as exc:
+                timeout = cron_errors.failed(exc)
             try:
                 sweeping = self._janitor is not None and self._janitor.is_alive()
                 if not sweeping and self.storage.processes.claim_chore(
@@ -2511,8 +2678,9 @@ class Runtime:
                     self._janitor = threading.Thread(target=self._sweep, daemon=True,
                                                      name=f"sqliteq-janitor-{self.host_id}")
                     self._janitor.start()
-            except Exception:
-                log.exception("janitor error; retrying in 1 s")
+                janitor_errors.succeeded()
+            except Exception as exc:
+                timeout = max(timeout, janitor_errors.failed(exc))
 
     def _sweep(self) -> None:
         try:
@@ -2559,13 +2727,9 @@ class Runtime:
             return _Finish("done", self.FINISH_DONE,
                            (job.id, job.lease, result, process_id, now_ms()), job,
                            time.perf_counter() - started)
-        except (KeyboardInterrupt, SystemExit) as exc:
-            log.error("handler of job %s raised %s: stopping the runtime", job.id,
-                      type(exc).__name__)
-            finish = self._verdict(job, exc, process_id)    # counts the attempt
-            threading.Thread(target=self.stop, name="sqliteq-stop", daemon=True).start()
-            return finish
         except BaseException as exc:    # nothing a handler does may kill a worker thread
+            # (SystemExit and KeyboardInterrupt too: only the main thread gets signals, so
+            # in a worker they come from the handler, argparse on bad input, say.)
             return self._verdict(job, exc, process_id)._replace(
                 seconds=time.perf_counter() - started)
 
