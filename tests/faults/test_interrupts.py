@@ -303,7 +303,8 @@ def test_a_runtime_thread_that_dies_stops_the_runtime_instead_of_looking_alive(d
 
         storage.processes.heartbeat = dies      # type: ignore[method-assign]
         wait_until(lambda: rt._stopped.is_set(), timeout=20, what="the runtime stopped")
+        rt.stop()                               # returns once the runtime's own stop is over
         assert isinstance(rt.error, sqliteq.SqliteqError)
         assert "heartbeat thread died of Death" in str(rt.error)
         assert storage.processes.list() == []   # no host row to look alive
-        rt.stop()
+        assert rt._dispatcher is not None and not rt._dispatcher.is_alive()
