@@ -2127,7 +2127,7 @@ class _LoopErrors:
                 log.error("%s: %s; retrying until it works", self.loop, error)
             else:
                 log.error("%s failed; retrying until it works", self.loop, exc_info=exc)
-        return min(self.interval * 2 ** min(self.streak - 1, 30),
+        return min(self.interval * (1 << min(self.streak - 1, 30)),
                    max(self.interval, MAX_ERROR_BACKOFF))
 
     def succeeded(self) -> None:
