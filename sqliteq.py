@@ -2166,6 +2166,12 @@ class Runtime:
                       " FROM queues")
     RUNNING_HERE = ("SELECT id, lease, cancel_requested FROM jobs"
                     " WHERE host = ? AND state = 'running'")
+    # A claim this runtime does not hold (its commit was reported failed but took effect):
+    # back to the queue, the attempt refunded, unless a cancel request came meanwhile.
+    RELEASE_ORPHAN = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
+                      " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?3 END,"
+                      " attempt = attempt - 1, lease = NULL, worker = NULL"
+                      " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # Every finalize is fenced by the claim's lease: a job rescued and claimed again
     # elsewhere is never overwritten by this (old, slow) claim.
     FINISH_DONE = ("UPDATE jobs SET state = 'done', result = ?3, worker = ?4, finished_at = ?5"
@@ -2439,10 +2445,12 @@ class Runtime:
                     for qs in self._queue_states.values():
                         qs.maybe_ready = True
                     sync_due = sync_due or self._last_sync + self.poll_interval
-                if sync_due and time.monotonic() >= sync_due:
+                orphans: list[tuple[str, int]] = []
+                # (At shutdown too: the host row goes, and orphans would wait for a reaper.)
+                if (sync_due and time.monotonic() >= sync_due) or (stopping and not stop_seen):
                     sync_due = 0.0
                     finished += self._sync_queue_settings()
-                    self._sync_running()
+                    orphans = self._orphaned_claims(self._sync_running(), finished)
                 if stopping:
                     stop_seen = True
                     finished += self._take_back_buffered("shutdown")
@@ -2450,11 +2458,11 @@ class Runtime:
                         job.token.cancel("shutdown")
                 self._mark_due(now_ms())
                 claim_from = [] if stopping else self._queues_to_claim(bool(finished))
-                if finished or claim_from:
+                if finished or claim_from or orphans:
                     lease = random.getrandbits(62)
                     wakes = {qs.name: qs.wakes for qs in self._queue_states.values()}
                     claimed = db.write(functools.partial(self._commit, finished, claim_from,
-                                                         lease))
+                                                         lease, orphans))
                     own_writes += 1
                     self._hand_out(claimed, lease, wakes)
                     self._note_requeues(finished)
@@ -2466,7 +2474,8 @@ class Runtime:
                 errors.succeeded()
             except Exception as exc:
                 self._unsettle(finished)
-                pause = errors.failed(exc)
+                sync_due = sync_due or time.monotonic()     # the failed commit may have
+                pause = errors.failed(exc)                  # taken effect: look for orphans
                 with self._wake:
                     self._wake.wait_for(lambda: self._abandon, pause)
 
@@ -2534,9 +2543,14 @@ class Runtime:
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
     def _commit(self, finished: list[_Finish], claim_from: list[tuple[str, int, int]],
-                lease: int, conn: apsw.Connection
+                lease: int, orphans: list[tuple[str, int]], conn: apsw.Connection
                 ) -> list[tuple[str, int, list[Any], int | None]]:
-        """One transaction: apply finished jobs, then claim. Re-runnable on busy retries."""
+        """One transaction: apply finished jobs, release orphaned claims, then claim.
+        Re-runnable on busy retries."""
+        if orphans:
+            released = now_ms()
+            conn.executemany(self.RELEASE_ORPHAN,
+                             [(job_id, job_lease, released) for job_id, job_lease in orphans])
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
         for finish in finished:
             by_statement.setdefault(finish.statement, []).append(finish.params)
@@ -2600,7 +2614,7 @@ class Runtime:
         self._settle(finished)
         stuck = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
                  for job in self._held.values()]
-        self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0))
+        self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, []))
         log.warning("shutdown timed out: %d running job(s) returned to their queues",
                     len(stuck))
 
@@ -2624,20 +2638,34 @@ class Runtime:
                         job.token.cancel("paused")
         return finishes
 
-    def _sync_running(self) -> None:
+    def _sync_running(self) -> dict[str, tuple[int, int]]:
         """Deliver cancel requests to running handlers, and stop handlers whose job was
-        rescued by another process (lease lost)."""
-        held = self._held.copy()
-        if not held:
-            return
-        rows = {job_id: (lease, cancel) for job_id, lease, cancel in
-                self.storage.db.connection().execute(self.RUNNING_HERE, (self.host_id,))}
+        rescued by another process (lease lost). Returns job id -> (lease, cancel
+        requested) of every job the database says runs here."""
+        held = self._held.copy()    # before the query: a claim held now has committed
+        running = {job_id: (lease, cancel) for job_id, lease, cancel in
+                   self.storage.db.connection().execute(self.RUNNING_HERE, (self.host_id,))}
         for job_id, job in held.items():
-            lease, cancel = rows.get(job_id, (None, 0))
+            lease, cancel = running.get(job_id, (None, 0))
             if lease != job.lease:
                 job.token.cancel("lost")
             elif cancel:
                 job.token.cancel("cancelled")
+        return running
+
+    def _orphaned_claims(self, running: Mapping[str, tuple[int, int]],
+                         finishing: list[_Finish]) -> list[tuple[str, int]]:
+        """Claims in the database that this runtime neither holds nor is finishing: a
+        commit reported failed took effect. Only the dispatcher may ask, between its
+        commits, for only it changes what the runtime holds."""
+        accounted = {(job.id, job.lease) for job in self._held.values()}
+        accounted.update((finish.job.id, finish.job.lease) for finish in finishing)
+        orphans = [(job_id, lease) for job_id, (lease, _) in running.items()
+                   if (job_id, lease) not in accounted]
+        if orphans:
+            log.warning("releasing %d claimed job(s) this runtime does not hold (a commit"
+                        " reported failed took effect)", len(orphans))
+        return orphans
 
     # -- heartbeat --
 
@@ -2647,7 +2675,8 @@ class Runtime:
         while not self._stopped.wait(pause):
             try:
                 self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
-                self._sync_running()
+                if self._held:
+                    self._sync_running()
                 errors.succeeded()
                 pause = self.heartbeat_interval
             except Exception as exc:

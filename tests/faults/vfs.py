@@ -61,17 +61,12 @@ class Plan:
     persist: bool = False
     rng: random.Random = field(default_factory=random.Random)
     thread: str | None = None       # only operations on threads whose name starts so
-    spare_thread: str | None = None     # never operations on threads whose name starts so
     matched: int = 0
 
     def matches(self, kind: str, op: str) -> bool:
         if not ((self.op is None or self.op == op) and (self.kind is None or self.kind == kind)):
             return False
-        if self.thread is None and self.spare_thread is None:
-            return True
-        name = threading.current_thread().name
-        return ((self.thread is None or name.startswith(self.thread))
-                and (self.spare_thread is None or not name.startswith(self.spare_thread)))
+        return self.thread is None or threading.current_thread().name.startswith(self.thread)
 
 
 class FaultVFS(apsw.VFS):
@@ -88,11 +83,11 @@ class FaultVFS(apsw.VFS):
 
     def arm(self, op: str | None = None, kind: str | None = None, nth: int | None = None,
             p: float = 0.0, error: type[apsw.Error] = apsw.IOError, persist: bool = False,
-            seed: int = 0, thread: str | None = None, spare_thread: str | None = None) -> None:
+            seed: int = 0, thread: str | None = None) -> None:
         """Fail the `nth` matching operation from now (and every later one if `persist`), or
         each matching operation with probability `p`. Operations match by op, file kind and,
-        if given, the name of the thread doing them (`thread`: a prefix it must have,
-        `spare_thread`: a prefix it must not have). Resets `ops` and `injected`."""
+        if given, the prefix of the name of the thread doing them (`thread`). Resets `ops`
+        and `injected`."""
         if op is not None and op not in OPS:
             raise ValueError(f"op must be one of {OPS}, not {op!r}")
         if kind is not None and kind not in KINDS:
@@ -103,8 +98,7 @@ class FaultVFS(apsw.VFS):
             self.ops = Counter()
             self.injected = 0
             self.injected_at = []
-            self.plan = Plan(op, kind, nth, p, error, persist, random.Random(seed), thread,
-                             spare_thread)
+            self.plan = Plan(op, kind, nth, p, error, persist, random.Random(seed), thread)
 
     def disarm(self) -> None:
         """No more faults (the counters keep what happened while armed)."""
