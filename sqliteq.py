@@ -467,6 +467,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Each host is judged by the lease timeout it declared, not by the reaper's own.
         "ALTER TABLE processes ADD COLUMN lease_timeout_ms INTEGER NOT NULL DEFAULT 30000",
     ),
+    (
+        # The progress clock (see Processes): hosts are judged on it, not on wall time.
+        "ALTER TABLE processes ADD COLUMN progress_at INTEGER NOT NULL DEFAULT 0",
+        "UPDATE processes SET progress_at = heartbeat_at",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1350,17 +1355,28 @@ class ProcessInfo:
 
 
 class Processes:
-    """The heartbeat table, and the reaper that rescues jobs of silent hosts."""
+    """The heartbeat table, and the reaper that rescues jobs of silent hosts.
 
+    Hosts are judged on a progress clock, not on wall time. Each beat advances the clock by
+    the wall time since the last beat of any host, but by at most two of the beater's
+    heartbeat intervals, and stamps the beater's row with it. A host is dead when the clock
+    has moved more than its lease timeout past its stamp. While an outside writer holds the
+    writer lock, no host can beat and the clock stands still: a stall that blocks everyone
+    rescues no one, however long it lasts, and a jump of the wall clock rescues no one
+    either. A host silent while the others beat is dead after its lease timeout, as on a
+    wall clock.
+    """
+
+    PROGRESS = "SELECT max(progress_at), max(heartbeat_at) FROM processes"
     UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
-              " lease_timeout_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)"
-              " ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+              " lease_timeout_ms, progress_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)"
+              " ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
+              " progress_at = excluded.progress_at")
     DELETE = "DELETE FROM processes WHERE host_id = ?"
     SELECT_ALL = ("SELECT host_id, hostname, pid, queues, started_at, heartbeat_at"
                   " FROM processes ORDER BY started_at, host_id")
-    # A host is alive while it heartbeats within its own lease timeout. Jobs running on any
-    # other host go back to the queue (or fail, when that was their last attempt), with an
-    # entry in their error list.
+    # Jobs running on a host that is not alive go back to the queue (or fail, when that was
+    # their last attempt), with an entry in their error list. ?4 is the progress clock.
     RESCUE = """
         UPDATE jobs SET
             state = CASE WHEN cancel_requested THEN 'cancelled'
@@ -1374,8 +1390,8 @@ class Processes:
                           'error', 'worker lost: host ' || host || ' stopped heartbeating',
                           'traceback', NULL)) AS e))
         WHERE state = 'running' AND host NOT IN (
-            SELECT host_id FROM processes WHERE heartbeat_at >= ?1 - lease_timeout_ms)"""
-    DELETE_SILENT = "DELETE FROM processes WHERE heartbeat_at < ?1 - lease_timeout_ms"
+            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
+    DELETE_SILENT = "DELETE FROM processes WHERE progress_at < ?1 - lease_timeout_ms"
     CLAIM_CHORE = ("INSERT INTO chores (name, last_run_at) VALUES (?1, ?2)"
                    " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2 WHERE last_run_at <= ?3")
     CHORE_LAST_RUN = "SELECT last_run_at FROM chores WHERE name = ?"
@@ -1383,18 +1399,24 @@ class Processes:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float) -> int:
-        """Record that `host_id` is alive (and is to be deemed dead after `lease_timeout`
-        seconds of silence), and rescue the jobs of hosts silent for longer than their own
-        lease timeout. Returns how many jobs were rescued. Idempotent."""
+    def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float,
+                  interval: float) -> int:
+        """Record that `host_id` is alive and beats every `interval` seconds (it is to be
+        deemed dead after `lease_timeout` seconds of progress without a beat), and rescue
+        the jobs of dead hosts. Returns how many jobs were rescued. Idempotent."""
         def beat(conn: apsw.Connection) -> int:
             now = now_ms()      # taken with the writer lock held: waiting for it ages no beat
+            progress, last_beat = conn.execute(self.PROGRESS).fetchall()[0]
+            if progress is not None:
+                now_progress = progress + min(max(0, now - last_beat), int(interval * 2000))
+            else:
+                now_progress = now
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
                                        _json_encode(dict(queues)), now,
-                                       int(lease_timeout * 1000)))
-            conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT))
+                                       int(lease_timeout * 1000), now_progress))
+            conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, now_progress))
             rescued = conn.changes()
-            conn.execute(self.DELETE_SILENT, (now,))
+            conn.execute(self.DELETE_SILENT, (now_progress,))
             return rescued
 
         rescued = self._db.write(beat)
@@ -1417,7 +1439,7 @@ class Processes:
 
     def list(self) -> list[ProcessInfo]:
         """Every registered process: live ones, and silent ones the reaper has not removed
-        yet (compare `heartbeat_at` with their lease timeout)."""
+        yet (a host is dead once the others have beaten for its lease timeout without it)."""
         return [ProcessInfo(host, hostname, pid, _json_decode(queues),
                             _datetime_from_ms(started), _datetime_from_ms(beat))  # type: ignore[arg-type]
                 for host, hostname, pid, queues, started, beat
@@ -2282,7 +2304,8 @@ class Runtime:
         self.host_id = str(ulid.ULID())
         for name, (expression, request) in self._schedules.items():
             self.storage.cron.declare(name, expression, request)
-        self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
+        self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout,
+                                          self.heartbeat_interval)
         self._dispatcher = threading.Thread(
             target=self._guarded, args=("dispatcher", self._dispatch_loop), daemon=True,
             name=f"sqliteq-dispatch-{self.host_id}")
@@ -2674,7 +2697,8 @@ class Runtime:
         pause = self.heartbeat_interval
         while not self._stopped.wait(pause):
             try:
-                self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout)
+                self.storage.processes.heartbeat(self.host_id, self.queues,
+                                                 self.lease_timeout, self.heartbeat_interval)
                 if self._held:
                     self._sync_running()
                 errors.succeeded()

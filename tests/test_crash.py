@@ -25,7 +25,6 @@ from workers import (
     host_of,
     query,
     release,
-    writer_lock_free,
 )
 
 import sqliteq
@@ -52,22 +51,6 @@ def job_row(db: Path, job_id: str) -> dict:
     keys = ("state", "attempt", "lease", "host", "worker", "result", "errors", "finished_at")
     rows = query(db, f"SELECT {', '.join(keys)} FROM jobs WHERE id = ?", job_id)
     return dict(zip(keys, rows[0], strict=True))
-
-
-def freeze(cluster: Cluster, child: Child) -> None:
-    """SIGSTOP `child` at a moment it holds no SQLite write transaction.
-
-    A process frozen inside BEGIN IMMEDIATE ... COMMIT would block every writer on the file,
-    which is SQLite, not sqliteq; the fencing tests are about a worker frozen mid-handler.
-    """
-    for _ in range(50):
-        child.signal(signal.SIGSTOP)
-        cluster.wait_for(child.is_stopped, 10, f"{child.name} to stop")
-        if writer_lock_free(cluster.db_path):
-            return
-        child.signal(signal.SIGCONT)
-        time.sleep(random.uniform(0.01, 0.05))
-    raise AssertionError(f"could not freeze {child!r} outside a write transaction")
 
 
 # ------------------------------------------------------- SIGKILL storm ----
@@ -203,7 +186,7 @@ def test_stale_worker_cannot_overwrite_rescued_job(db: Path, cluster: Cluster):
         host_a = cluster.wait_registered(a)
         cluster.wait_for(lambda: events(db, job_id, "started"), 20, "A to start the job")
         assert job_row(db, job_id)["host"] == host_a
-        freeze(cluster, a)
+        cluster.freeze(a)
         a.expected_dead = True          # stopped on purpose; thawed later
 
         b = cluster.start("B", role="B", slots=1, heartbeat=0.2, lease=1.0)
@@ -277,12 +260,12 @@ def test_job_reclaimed_by_its_thawed_process_stays_under_control(db: Path, clust
         a = cluster.start("A", role="A", slots=2, heartbeat=0.2, lease=1.0)
         host_a = cluster.wait_registered(a)
         cluster.wait_for(lambda: events(db, job_id, "started"), 20, "A to start the job")
-        freeze(cluster, a)
+        cluster.freeze(a)
         a.expected_dead = True
 
         # The test process is the reaper, so that nobody else can claim the job meanwhile.
         reaper = "test-reaper"
-        cluster.wait_for(lambda: storage.processes.heartbeat(reaper, {}, 1.0) or
+        cluster.wait_for(lambda: storage.processes.heartbeat(reaper, {}, 1.0, 0.2) or
                          job_row(db, job_id)["state"] == "queued", 20, "the rescue")
         storage.processes.remove(reaper)
         a.signal(signal.SIGCONT)

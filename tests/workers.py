@@ -221,6 +221,21 @@ class Cluster:
                 raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
             time.sleep(interval)
 
+    def freeze(self, child: Child) -> None:
+        """SIGSTOP `child` at a moment it holds no SQLite write transaction.
+
+        A process frozen inside BEGIN IMMEDIATE ... COMMIT would block every writer on the
+        file, which is SQLite, not sqliteq; these tests are about a worker frozen mid-handler.
+        """
+        for _ in range(50):
+            child.signal(signal.SIGSTOP)
+            self.wait_for(child.is_stopped, 10, f"{child.name} to stop")
+            if writer_lock_free(self.db_path):
+                return
+            child.signal(signal.SIGCONT)
+            time.sleep(random.uniform(0.01, 0.05))
+        raise AssertionError(f"could not freeze {child!r} outside a write transaction")
+
     def close(self) -> None:
         for child in self.children:
             try:
