@@ -11,6 +11,7 @@ from typing import Any
 
 import apsw
 import pytest
+from workers import Cluster, create_test_tables
 
 import sqliteq
 
@@ -28,6 +29,24 @@ def child_env() -> dict[str, str]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "q.db"
+
+
+@pytest.fixture
+def cluster_db(tmp_path: Path) -> Path:
+    """A database file with the tables the worker children's handlers write."""
+    path = tmp_path / "cluster.db"
+    create_test_tables(path)
+    return path
+
+
+@pytest.fixture
+def cluster(cluster_db: Path, tmp_path: Path) -> Iterator[Cluster]:
+    """Worker children on `cluster_db` (tests/workers.py); none outlives the test."""
+    cluster = Cluster(cluster_db, tmp_path / "logs")
+    try:
+        yield cluster
+    finally:
+        cluster.close()                 # SIGKILL every child, even when the test failed
 
 
 @pytest.fixture

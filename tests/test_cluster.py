@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from workers import Cluster, create_test_tables, events, query, release
+from workers import events, heartbeat_at, query, release
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -24,24 +24,8 @@ HEARTBEAT = 0.2
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "q.db"
-    create_test_tables(path)
-    return path
-
-
-@pytest.fixture
-def cluster(db: Path, tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(db, tmp_path / "logs")
-    try:
-        yield cluster
-    finally:
-        cluster.close()                 # SIGKILL every child, even when the test failed
-
-
-@pytest.fixture
-def storage(db: Path) -> Iterator[sqliteq.Storage]:
-    with sqliteq.Storage(db) as storage:
+def storage(cluster_db: Path) -> Iterator[sqliteq.Storage]:
+    with sqliteq.Storage(cluster_db) as storage:
         yield storage
 
 
@@ -51,19 +35,14 @@ def state_and_attempt(storage: sqliteq.Storage, job_id: str) -> tuple[str, int]:
     return job.state.value, job.attempt
 
 
-def heartbeat_at(db: Path, host: str) -> int | None:
-    rows = query(db, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)
-    return rows[0][0] if rows else None
-
-
-def test_pause_from_another_process_stops_and_requeues_running_job(db, cluster, storage):
+def test_pause_from_another_process_stops_and_requeues_running_job(cluster_db, cluster, storage):
     w = cluster.start("W", slots=2, poll=0.05, heartbeat=HEARTBEAT, lease=2.0)
     host = cluster.wait_registered(w)
     job_id = storage.jobs.enqueue(EnqueueRequest("coop")).job_id
-    cluster.wait_for(lambda: events(db, job_id, "started"), 20, "W to start the job")
+    cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "W to start the job")
 
     storage.queues.pause("default")
-    stopped = cluster.wait_for(lambda: events(db, job_id, "stopped"), 10,
+    stopped = cluster.wait_for(lambda: events(cluster_db, job_id, "stopped"), 10,
                                "the handler's token to fire after the pause")
     assert [e["reason"] for e in stopped] == ["paused"]
     cluster.wait_for(lambda: state_and_attempt(storage, job_id) == ("queued", 0), 10,
@@ -74,37 +53,38 @@ def test_pause_from_another_process_stops_and_requeues_running_job(db, cluster, 
     # While paused nothing starts in W, though it is alive, polling, and has work: watch
     # over a window of many heartbeats and polls, during which another job arrives.
     other_id = storage.jobs.enqueue(EnqueueRequest("coop")).job_id
-    first_beat = heartbeat_at(db, host)
+    first_beat = heartbeat_at(cluster_db, host)
     window_end = time.monotonic() + 8 * HEARTBEAT
     while time.monotonic() < window_end:
-        assert len(events(db, what="started")) == 1
+        assert len(events(cluster_db, what="started")) == 1
         assert state_and_attempt(storage, job_id) == ("queued", 0)
         assert state_and_attempt(storage, other_id) == ("queued", 0)
         time.sleep(0.05)
-    cluster.wait_for(lambda: heartbeat_at(db, host) > first_beat, 10, "W to keep heartbeating")
-    assert len(events(db, what="started")) == 1
+    cluster.wait_for(lambda: heartbeat_at(cluster_db, host) > first_beat, 10,
+                     "W to keep heartbeating")
+    assert len(events(cluster_db, what="started")) == 1
 
-    release(db, job_id)
-    release(db, other_id)
+    release(cluster_db, job_id)
+    release(cluster_db, other_id)
     storage.queues.resume("default")
     for jid in (job_id, other_id):
         job = storage.jobs.wait(jid, timeout=20)
         assert job.state == "done" and job.result == "finished"
         assert job.attempt == 1
-    runs = events(db, job_id, "started")
+    runs = events(cluster_db, job_id, "started")
     assert [e["attempt"] for e in runs] == [1, 1]
     assert {e["pid"] for e in runs} == {w.pid}
     assert w.terminate() == 0, w.stderr()
 
 
-def test_cancel_from_another_process_reaches_running_handler(db, cluster, storage):
+def test_cancel_from_another_process_reaches_running_handler(cluster_db, cluster, storage):
     w = cluster.start("W", slots=1, poll=0.05, heartbeat=HEARTBEAT, lease=2.0)
     job_id = storage.jobs.enqueue(EnqueueRequest("coop")).job_id
-    cluster.wait_for(lambda: events(db, job_id, "started"), 20, "W to start the job")
+    cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "W to start the job")
 
     asked_at = sqliteq.now_ms()
     assert storage.jobs.cancel(job_id) == "cancel_requested"
-    stopped = cluster.wait_for(lambda: events(db, job_id, "stopped"), 10,
+    stopped = cluster.wait_for(lambda: events(cluster_db, job_id, "stopped"), 10,
                                "the handler's token to fire after the cancel")
     assert [e["reason"] for e in stopped] == ["cancelled"]
     # Seen within one heartbeat; the margin covers process scheduling on a busy machine.
@@ -116,22 +96,22 @@ def test_cancel_from_another_process_reaches_running_handler(db, cluster, storag
     assert w.terminate() == 0, w.stderr()
 
 
-def test_sigterm_with_running_job_exits_cleanly_and_refunds(db, cluster, storage):
+def test_sigterm_with_running_job_exits_cleanly_and_refunds(cluster_db, cluster, storage):
     w = cluster.start("W", slots=1, poll=0.05, heartbeat=HEARTBEAT, lease=2.0)
     host = cluster.wait_registered(w)
     job_id = storage.jobs.enqueue(EnqueueRequest("coop")).job_id
-    cluster.wait_for(lambda: events(db, job_id, "started"), 20, "W to start the job")
+    cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "W to start the job")
     assert state_and_attempt(storage, job_id) == ("running", 1)
 
     assert w.terminate(timeout=30) == 0, w.stderr()
-    assert [e["reason"] for e in events(db, job_id, "stopped")] == ["shutdown"]
+    assert [e["reason"] for e in events(cluster_db, job_id, "stopped")] == ["shutdown"]
     assert state_and_attempt(storage, job_id) == ("queued", 0)
     job = storage.jobs.get(job_id)
     assert job.errors == [] and job.finished_at is None
-    assert heartbeat_at(db, host) is None, "a cleanly stopped process removes its row"
+    assert heartbeat_at(cluster_db, host) is None, "a cleanly stopped process removes its row"
 
 
-def test_idle_worker_wakes_up_for_a_job_enqueued_by_another_process(db, cluster, storage):
+def test_idle_worker_wakes_up_for_a_job_enqueued_by_another_process(cluster_db, cluster, storage):
     w = cluster.start("W", slots=1, poll=0.05, heartbeat=HEARTBEAT, lease=2.0)
     cluster.wait_registered(w)
     warm_up = storage.jobs.enqueue(EnqueueRequest("quick")).job_id
@@ -150,7 +130,7 @@ PROCESSES = 4
 PER_PROCESS = 500
 
 
-def test_many_processes_mixed_load_never_locked(db, cluster, storage):
+def test_many_processes_mixed_load_never_locked(cluster_db, cluster, storage):
     """4 processes x (runtime of 2 slots + a thread enqueuing 500 jobs one by one); half of
     the jobs enqueue a follow-up from their handler. Everything ends done at the first
     attempt, and no process logged an error or saw a busy/locked database."""
@@ -173,22 +153,22 @@ def test_many_processes_mixed_load_never_locked(db, cluster, storage):
             assert symptom not in err, f"{w.name}: {err}"
         assert code == 0, f"{w.name} exited {code}: {err}"
 
-    rows = query(db, "SELECT kind, attempt, errors, payload FROM jobs")
+    rows = query(cluster_db, "SELECT kind, attempt, errors, payload FROM jobs")
     assert Counter(kind for kind, *_ in rows) == {"fan": PROCESSES * PER_PROCESS,
                                                  "leaf": PROCESSES * PER_PROCESS // 2}
     assert all(attempt == 1 and errors is None for _, attempt, errors, _ in rows)
     producers = Counter(json.loads(payload)["pid"] for kind, _, _, payload in rows
                         if kind == "fan")
     assert producers == {w.pid: PER_PROCESS for w in workers}
-    ran_on = Counter(json.loads(r)["pid"] for (r,) in query(db, "SELECT result FROM jobs"))
+    ran_on = Counter(json.loads(r)["pid"] for (r,) in query(cluster_db, "SELECT result FROM jobs"))
     assert len(ran_on) == PROCESSES, f"work was not shared by every process: {ran_on}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_idle_runtime_cleanly(db, cluster, storage, signum):
+def test_signal_stops_idle_runtime_cleanly(cluster_db, cluster, storage, signum):
     w = cluster.start("W", slots=1, poll=0.05, heartbeat=HEARTBEAT, lease=2.0)
     host = cluster.wait_registered(w)
     w.expected_dead = True
     w.signal(signum)
     assert w.proc.wait(30) == 0, w.stderr()
-    assert heartbeat_at(db, host) is None
+    assert heartbeat_at(cluster_db, host) is None

@@ -12,7 +12,6 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from workers import (
     Child,
     Cluster,
     WaitTimeout,
-    create_test_tables,
     events,
     host_of,
     query,
@@ -31,25 +29,9 @@ import sqliteq
 from sqliteq import EnqueueRequest
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "q.db"
-    create_test_tables(path)
-    return path
-
-
-@pytest.fixture
-def cluster(db: Path, tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(db, tmp_path / "logs")
-    try:
-        yield cluster
-    finally:
-        cluster.close()                 # SIGKILL every child, even when the test failed
-
-
-def job_row(db: Path, job_id: str) -> dict:
+def job_row(cluster_db: Path, job_id: str) -> dict:
     keys = ("state", "attempt", "lease", "host", "worker", "result", "errors", "finished_at")
-    rows = query(db, f"SELECT {', '.join(keys)} FROM jobs WHERE id = ?", job_id)
+    rows = query(cluster_db, f"SELECT {', '.join(keys)} FROM jobs WHERE id = ?", job_id)
     return dict(zip(keys, rows[0], strict=True))
 
 
@@ -60,7 +42,7 @@ SPREAD = 20.0           # seconds over which the jobs become due, so kills hit a
 MIN_KILLS = 12
 
 
-def test_sigkilled_workers_lose_no_job(db: Path, cluster: Cluster):
+def test_sigkilled_workers_lose_no_job(cluster_db: Path, cluster: Cluster):
     """3 workers, 3,000 jobs, a random worker SIGKILLed every 0.3-0.8 s for SPREAD seconds
     (>= 12 times) and replaced at once. Every job must end `done`, must have run (a `side`
     row), and must have been finalized exactly once.
@@ -88,7 +70,7 @@ def test_sigkilled_workers_lose_no_job(db: Path, cluster: Cluster):
                                max_attempts=100,
                                run_at=now + SPREAD * max(0, i - burst) / (JOBS - burst))
                 for i in range(JOBS)]
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         job_ids = [out.job_id for out in storage.jobs.enqueue_bulk(requests)]
 
     def spawn() -> Child:
@@ -105,7 +87,8 @@ def test_sigkilled_workers_lose_no_job(db: Path, cluster: Cluster):
         live[live.index(victim)] = spawn()
 
     def all_finished() -> bool:
-        rows = query(db, "SELECT count(*) FROM jobs WHERE state IN ('done','failed','cancelled')")
+        rows = query(cluster_db, "SELECT count(*) FROM jobs"
+                                 " WHERE state IN ('done','failed','cancelled')")
         return rows[0][0] == JOBS
 
     cluster.wait_for(all_finished, 90, "every job to finish after the kills")
@@ -118,23 +101,24 @@ def test_sigkilled_workers_lose_no_job(db: Path, cluster: Cluster):
     for child in cluster.children:
         assert "Traceback" not in child.stderr(), child.stderr()
 
-    states = Counter(state for (state,) in query(db, "SELECT state FROM jobs"))
+    states = Counter(state for (state,) in query(cluster_db, "SELECT state FROM jobs"))
     assert states == {"done": JOBS}
 
     side = defaultdict(set)
-    for job_id, lease, attempt, host in query(db, "SELECT job_id, lease, attempt, host FROM side"):
+    for job_id, lease, attempt, host in query(cluster_db,
+                                              "SELECT job_id, lease, attempt, host FROM side"):
         side[job_id].add((host, attempt, lease))
     assert set(side) == set(job_ids), "some job never ran its handler"
 
     history = defaultdict(list)
-    for row in query(db, "SELECT job_id, old_state, new_state, old_lease, new_lease,"
+    for row in query(cluster_db, "SELECT job_id, old_state, new_state, old_lease, new_lease,"
                          " old_attempt, new_attempt, host, result FROM audit ORDER BY seq"):
         history[row[0]].append(row[1:])
 
     rescues = 0
     problems = []
     for job_id in job_ids:
-        final = job_row(db, job_id)
+        final = job_row(cluster_db, job_id)
         errors = json.loads(final["errors"] or "[]")
         lost = [e for e in errors if e["error"].startswith("worker lost")]
         steps = history[job_id]
@@ -176,60 +160,60 @@ def test_sigkilled_workers_lose_no_job(db: Path, cluster: Cluster):
 
 # ------------------------------------------------------------ fencing ----
 
-def test_stale_worker_cannot_overwrite_rescued_job(db: Path, cluster: Cluster):
+def test_stale_worker_cannot_overwrite_rescued_job(cluster_db: Path, cluster: Cluster):
     """A claims the job and is frozen (SIGSTOP) mid-handler; B's reaper rescues the job and
     B runs it to done with result "B". A is then thawed and its handler returns "A": the
     job stays exactly as B left it, and A's token said "lost"."""
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("stubborn")).job_id
         a = cluster.start("A", role="A", slots=1, heartbeat=0.2, lease=1.0)
         host_a = cluster.wait_registered(a)
-        cluster.wait_for(lambda: events(db, job_id, "started"), 20, "A to start the job")
-        assert job_row(db, job_id)["host"] == host_a
+        cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "A to start the job")
+        assert job_row(cluster_db, job_id)["host"] == host_a
         cluster.freeze(a)
         a.expected_dead = True          # stopped on purpose; thawed later
 
         b = cluster.start("B", role="B", slots=1, heartbeat=0.2, lease=1.0)
         done = storage.jobs.wait(job_id, timeout=30)
-        host_b = host_of(db, b.pid)
+        host_b = host_of(cluster_db, b.pid)
         assert done.state == "done" and done.result == "B"
         assert done.host == host_b and done.worker == f"default-0-{host_b}"
         assert done.attempt == 2
         assert len(done.errors) == 1 and done.errors[0]["error"].startswith("worker lost")
         assert host_a in done.errors[0]["error"]
-        before = job_row(db, job_id)
+        before = job_row(cluster_db, job_id)
 
-        release(db, job_id)
+        release(cluster_db, job_id)
         a.signal(signal.SIGCONT)
         a.expected_dead = False
-        seen = cluster.wait_for(lambda: [e for e in events(db, job_id, "released")
+        seen = cluster.wait_for(lambda: [e for e in events(cluster_db, job_id, "released")
                                          if e["host"] == host_a], 30, "A's handler to return")
         assert seen[0]["reason"] == "lost"
         # A's stop commits its pending finish before the process exits: after this,
         # A's late finalize has certainly been attempted.
         assert a.terminate() == 0, a.stderr()
 
-        assert job_row(db, job_id) == before
+        assert job_row(cluster_db, job_id) == before
         after = storage.jobs.get(job_id)
         assert after.state == "done" and after.result == "B"
         assert after.worker == f"default-0-{host_b}" and after.host == host_b
-        assert query(db, "SELECT count(*) FROM audit WHERE job_id = ? AND new_state = 'done'",
-                     job_id) == [(1,)]
+        assert query(cluster_db, "SELECT count(*) FROM audit"
+                                 " WHERE job_id = ? AND new_state = 'done'", job_id) == [(1,)]
         assert b.terminate() == 0, b.stderr()
 
 
 # ------------------------------------------------------------- reaper ----
 
-def test_reaper_fails_exhausted_job(db: Path, cluster: Cluster):
+def test_reaper_fails_exhausted_job(cluster_db: Path, cluster: Cluster):
     """max_attempts=1, its worker is SIGKILLed mid-run: another process's runtime rescues it
     after the lease timeout and, the attempts being used up, fails it with "worker lost"."""
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("coop", max_attempts=1)).job_id
         w1 = cluster.start("W1", slots=1, heartbeat=0.2, lease=1.0)
         host_1 = cluster.wait_registered(w1)
-        cluster.wait_for(lambda: events(db, job_id, "started"), 20, "W1 to start the job")
+        cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "W1 to start the job")
         w1.kill()
-        assert job_row(db, job_id)["state"] == "running"
+        assert job_row(cluster_db, job_id)["state"] == "running"
 
         w2 = cluster.start("W2", slots=1, heartbeat=0.2, lease=1.0)
         job = storage.jobs.wait(job_id, timeout=30)
@@ -238,7 +222,7 @@ def test_reaper_fails_exhausted_job(db: Path, cluster: Cluster):
         assert len(job.errors) == 1
         assert job.errors[0]["error"].startswith("worker lost")
         assert host_1 in job.errors[0]["error"]
-        assert [e["pid"] for e in events(db, job_id, "started")] == [w1.pid]
+        assert [e["pid"] for e in events(cluster_db, job_id, "started")] == [w1.pid]
         assert w2.terminate() == 0, w2.stderr()
 
 
@@ -248,45 +232,46 @@ class ForgottenClaim(AssertionError):
 
 
 @pytest.mark.parametrize("then", ["cancel", "shutdown"])
-def test_job_reclaimed_by_its_thawed_process_stays_under_control(db: Path, cluster: Cluster,
+def test_job_reclaimed_by_its_thawed_process_stays_under_control(cluster_db: Path, cluster: Cluster,
                                                                  then: str):
     """A process is frozen mid-handler long enough for its job to be rescued, then thawed;
     it claims the same job again (attempt 2) while its old handler (attempt 1, token "lost")
     still runs. When the old handler returns, its fenced-out finish must not make the runtime
     forget the new claim: a cancel request must still reach the new run, and a graceful
     shutdown must stop it and put the job back (refunded)."""
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("stubborn", {"coop_from": 2})).job_id
         a = cluster.start("A", role="A", slots=2, heartbeat=0.2, lease=1.0)
         host_a = cluster.wait_registered(a)
-        cluster.wait_for(lambda: events(db, job_id, "started"), 20, "A to start the job")
+        cluster.wait_for(lambda: events(cluster_db, job_id, "started"), 20, "A to start the job")
         cluster.freeze(a)
         a.expected_dead = True
 
         # The test process is the reaper, so that nobody else can claim the job meanwhile.
         reaper = "test-reaper"
         cluster.wait_for(lambda: storage.processes.heartbeat(reaper, {}, 1.0, 0.2) or
-                         job_row(db, job_id)["state"] == "queued", 20, "the rescue")
+                         job_row(cluster_db, job_id)["state"] == "queued", 20, "the rescue")
         storage.processes.remove(reaper)
         a.signal(signal.SIGCONT)
         a.expected_dead = False
-        second = cluster.wait_for(lambda: [e for e in events(db, job_id, "started")
+        second = cluster.wait_for(lambda: [e for e in events(cluster_db, job_id, "started")
                                            if e["attempt"] == 2], 20, "A to claim it again")
         assert second[0]["host"] == host_a
 
-        release(db, job_id, attempt=1)          # the old run returns; its finish is fenced out
-        assert cluster.wait_for(lambda: events(db, job_id, "released"), 20,
+        release(cluster_db, job_id, attempt=1)  # the old run returns; its finish is fenced out
+        assert cluster.wait_for(lambda: events(cluster_db, job_id, "released"), 20,
                                 "the old run to return")[0]["reason"] == "lost"
         # A barrier: both slots are taken until the old run returns, so this job can only
         # be done after A's dispatcher has processed the old run's finish.
         barrier = storage.jobs.enqueue(EnqueueRequest("quick")).job_id
         assert storage.jobs.wait(barrier, timeout=20).state == "done"
-        assert (job_row(db, job_id)["state"], job_row(db, job_id)["attempt"]) == ("running", 2)
+        row = job_row(cluster_db, job_id)
+        assert (row["state"], row["attempt"]) == ("running", 2)
 
         if then == "cancel":
             assert storage.jobs.cancel(job_id) == "cancel_requested"
             try:
-                stopped = cluster.wait_for(lambda: events(db, job_id, "stopped"), 5,
+                stopped = cluster.wait_for(lambda: events(cluster_db, job_id, "stopped"), 5,
                                            "the cancel request to reach the second run")
             except WaitTimeout as exc:
                 raise ForgottenClaim(str(exc)) from None
@@ -295,8 +280,8 @@ def test_job_reclaimed_by_its_thawed_process_stays_under_control(db: Path, clust
             assert a.terminate() == 0, a.stderr()
         else:
             assert a.terminate() == 0, a.stderr()
-            row = job_row(db, job_id)
+            row = job_row(cluster_db, job_id)
             if (row["state"], row["attempt"]) != ("queued", 1):
                 raise ForgottenClaim(f"after a clean shutdown the job is {row['state']}, "
                                      f"attempt {row['attempt']}; expected queued, attempt 1")
-            assert [e["reason"] for e in events(db, job_id, "stopped")] == ["shutdown"]
+            assert [e["reason"] for e in events(cluster_db, job_id, "stopped")] == ["shutdown"]

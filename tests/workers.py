@@ -107,6 +107,11 @@ def host_of(db_path: Path | str, pid: int) -> str | None:
     return rows[0][0] if rows else None
 
 
+def heartbeat_at(db_path: Path | str, host: str) -> int | None:
+    rows = query(db_path, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)
+    return rows[0][0] if rows else None
+
+
 def writer_lock_free(db_path: Path | str) -> bool:
     """True if the SQLite writer lock can be taken now (nobody holds a write transaction)."""
     conn = apsw.Connection(str(db_path))

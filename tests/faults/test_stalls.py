@@ -12,13 +12,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import wait_until
-from workers import Cluster, create_test_tables, events, query, release
+from workers import Cluster, events, heartbeat_at, query, release
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -36,39 +36,24 @@ conn.execute("ROLLBACK")
 """
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "q.db"
-    create_test_tables(path)
-    return path
-
-
-@pytest.fixture
-def cluster(db: Path, tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(db, tmp_path / "logs")
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def start_two_hosts_running_jobs(db: Path, cluster: Cluster) -> tuple[dict[str, str], list[str]]:
+def start_two_hosts_running_jobs(cluster_db: Path, cluster: Cluster
+                                 ) -> tuple[dict[str, str], list[str]]:
     """Two runtimes in two processes, each running two long jobs that have one attempt
     only: any rescue fails a job. Returns host name -> host id, and the job ids."""
     children = {name: cluster.start(name, slots=2, heartbeat=HEARTBEAT, lease=LEASE)
                 for name in ("A", "B")}
     hosts = {name: cluster.wait_registered(child) for name, child in children.items()}
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         jobs = [storage.jobs.enqueue(EnqueueRequest("coop", max_attempts=1)).job_id
                 for _ in range(4)]
-    cluster.wait_for(lambda: len(events(db, what="started")) == 4, 30, "four jobs started")
-    started_on = {event["host"] for event in events(db, what="started")}
+    cluster.wait_for(lambda: len(events(cluster_db, what="started")) == 4, 30, "four jobs started")
+    started_on = {event["host"] for event in events(cluster_db, what="started")}
     assert started_on == set(hosts.values()), "each host runs two of the jobs"
     return hosts, jobs
 
 
-def hold_the_writer_lock(db: Path, seconds: float, env: dict[str, str]) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(db), str(seconds)],
+def hold_the_writer_lock(cluster_db: Path, seconds: float, env: dict[str, str]) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(cluster_db), str(seconds)],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout is not None
@@ -79,52 +64,50 @@ def hold_the_writer_lock(db: Path, seconds: float, env: dict[str, str]) -> None:
         holder.wait()
 
 
-def rescues(db: Path) -> list[tuple[str, str]]:
-    return query(db, "SELECT id, errors FROM jobs WHERE errors LIKE '%worker lost%'")
+def rescues(cluster_db: Path) -> list[tuple[str, str]]:
+    return query(cluster_db, "SELECT id, errors FROM jobs WHERE errors LIKE '%worker lost%'")
 
 
 @pytest.mark.parametrize("factor", [0.5, 1.0, 3.0])
-def test_a_stall_that_blocks_every_host_rescues_no_job(db: Path, cluster: Cluster,
+def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Path, cluster: Cluster,
                                                        child_env: dict[str, str],
                                                        factor: float) -> None:
-    hosts, jobs = start_two_hosts_running_jobs(db, cluster)
-    hold_the_writer_lock(db, factor * LEASE, child_env)
+    hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
+    hold_the_writer_lock(cluster_db, factor * LEASE, child_env)
     # After the stall both hosts beat again; give a reaper every chance to act: several
     # lease timeouts' worth of beats.
-    beats = {host: query(db, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)[0][0]
-             for host in hosts.values()}
-    cluster.wait_for(lambda: all(
-        query(db, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)[0][0]
-        > beats[host] + 3 * LEASE * 1000 for host in hosts.values()), 30,
+    beats = {host: heartbeat_at(cluster_db, host) for host in hosts.values()}
+    cluster.wait_for(lambda: all(heartbeat_at(cluster_db, host) > beats[host] + 3 * LEASE * 1000
+                                 for host in hosts.values()), 30,
         "both hosts to heartbeat for three lease timeouts after the stall")
-    assert rescues(db) == []
-    assert [e for e in events(db) if e["what"] == "stopped"] == []
+    assert rescues(cluster_db) == []
+    assert [e for e in events(cluster_db) if e["what"] == "stopped"] == []
     for job_id in jobs:
-        release(db, job_id)
-    with sqliteq.Storage(db) as storage:
+        release(cluster_db, job_id)
+    with sqliteq.Storage(cluster_db) as storage:
         finished = [storage.jobs.wait(job_id, timeout=30) for job_id in jobs]
     assert [(job.state.value, job.attempt) for job in finished] == [("done", 1)] * 4
 
 
-def test_a_host_silent_while_the_others_beat_is_still_rescued(db: Path, cluster: Cluster,
+def test_a_host_silent_while_the_others_beat_is_still_rescued(cluster_db: Path, cluster: Cluster,
                                                               child_env: dict[str, str]) -> None:
-    hosts, jobs = start_two_hosts_running_jobs(db, cluster)
-    hold_the_writer_lock(db, 3 * LEASE, child_env)
+    hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
+    hold_the_writer_lock(cluster_db, 3 * LEASE, child_env)
     frozen = cluster.children[1]                # B: its jobs must be rescued, A's must not
     cluster.freeze(frozen)
     try:
-        cluster.wait_for(lambda: len(rescues(db)) == 2, 30, "B's two jobs rescued")
+        cluster.wait_for(lambda: len(rescues(cluster_db)) == 2, 30, "B's two jobs rescued")
     finally:
         frozen.signal(signal.SIGCONT)
-    rescued = {job_id for job_id, _ in rescues(db)}
-    on_b = {e["job_id"] for e in events(db, what="started") if e["host"] == hosts["B"]}
+    rescued = {job_id for job_id, _ in rescues(cluster_db)}
+    on_b = {e["job_id"] for e in events(cluster_db, what="started") if e["host"] == hosts["B"]}
     assert rescued == on_b
-    with sqliteq.Storage(db) as storage:
+    with sqliteq.Storage(cluster_db) as storage:
         for job_id in rescued:          # one attempt only: the rescue failed them
             job = storage.jobs.get(job_id)
             assert job is not None and job.state.value == "failed"
         for job_id in set(jobs) - rescued:
-            release(db, job_id)
+            release(cluster_db, job_id)
             assert storage.jobs.wait(job_id, timeout=30).state.value == "done"
 
 
