@@ -605,6 +605,15 @@ class Database:
                               f"does not exist")
         if os.path.isdir(self.path):
             raise SchemaError(f"cannot open database {self.path!r}: it is a directory")
+        # Checked before SQLite opens anything: refusing later would leave -wal and -shm
+        # files behind, next to a file this process may not even write.
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SchemaError(f"cannot open {self.path!r} for writing: folder {folder!r} is "
+                              f"read-only; sqliteq needs write access to the file and its "
+                              f"folder")
+        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+            raise SchemaError(f"{self.path!r} is read-only; sqliteq needs write access to "
+                              f"the file and its folder")
 
     def connection(self) -> apsw.Connection:
         """This thread's connection, opened and configured on first use."""
@@ -863,9 +872,20 @@ class Database:
             finally:
                 self._commit_waiters -= 1
 
+    def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement, run outside any transaction on this thread's
+        connection (so it sees every commit so far)."""
+        try:
+            return self.connection().execute(statement, params).fetchall()
+        except apsw.Error as exc:
+            error = _storage_error(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
+
     def data_version(self) -> int:
         """Changes whenever another connection (any process) commits to the file."""
-        return self.connection().execute("PRAGMA data_version").fetchall()[0][0]
+        return self.read("PRAGMA data_version")[0][0]
 
     def close(self) -> None:
         """Close every connection this object opened. Safe to call twice. A connection that
@@ -1086,7 +1106,7 @@ class Jobs:
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        rows = self._db.connection().execute(self.SELECT_ONE, (job_id,)).fetchall()
+        rows = self._db.read(self.SELECT_ONE, (job_id,))
         return _job_from_row(rows[0]) if rows else None
 
     def list(self, state: str | None = None, queue: str | None = None, kind: str | None = None,
@@ -1096,16 +1116,14 @@ class Jobs:
             state = _check_state(state)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise InvalidInput(f"limit must be a non-negative integer, not {limit!r}")
-        cursor = self._db.connection().execute(self.LIST, (state, queue, kind, limit))
-        return [_job_from_row(row) for row in cursor]
+        return [_job_from_row(row) for row in self._db.read(self.LIST, (state, queue, kind, limit))]
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """Number of jobs in each state (every state present, zeros included)."""
-        conn = self._db.connection()
-        cursor = (conn.execute(self.COUNT_BY_STATE) if queue is None
-                  else conn.execute(self.COUNT_BY_STATE_IN_QUEUE, (queue,)))
+        rows = (self._db.read(self.COUNT_BY_STATE) if queue is None
+                else self._db.read(self.COUNT_BY_STATE_IN_QUEUE, (queue,)))
         counts = dict.fromkeys((s.value for s in JobState), 0)
-        counts.update(cursor)
+        counts.update(rows)
         return counts
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -1211,8 +1229,7 @@ class Jobs:
         short transactions; once `stop` is set it gives up after the current chunk (the next
         sweep finishes the work). Returns the number of rows deleted."""
         now, total = now_ms(), 0
-        for queue, retain_done, retain_failed in self._db.connection().execute(
-                self.RETENTIONS).fetchall():
+        for queue, retain_done, retain_failed in self._db.read(self.RETENTIONS):
             for state, retain in (("done", retain_done), ("failed", retain_failed),
                                   ("cancelled", retain_failed)):
                 total += self._delete_finished(state, now - retain, queue, stop)
@@ -1299,14 +1316,13 @@ class Queues:
     def stats(self) -> list[QueueStats]:
         """Load of every queue, by name. Counting reads the whole table: for dashboards and
         the CLI, not for hot paths."""
-        conn, now = self._db.connection(), now_ms()
+        now = now_ms()
         counts: dict[str, dict[str, int]] = {}
-        for name, state, count in conn.execute(self.STATE_COUNTS):
+        for name, state, count in self._db.read(self.STATE_COUNTS):
             counts.setdefault(name, {})[state] = count
         readiness = {name: (ready, scheduled, oldest) for name, ready, scheduled, oldest
-                     in conn.execute(self.READINESS, (now,))}
-        finished = dict(conn.execute(self.FINISHED_SINCE,
-                                     (now - self.THROUGHPUT_WINDOW_MS,)).fetchall())
+                     in self._db.read(self.READINESS, (now,))}
+        finished = dict(self._db.read(self.FINISHED_SINCE, (now - self.THROUGHPUT_WINDOW_MS,)))
         stats = []
         for queue in self.list():
             ready, scheduled, oldest = readiness.get(queue.name, (0, 0, None))
@@ -1324,7 +1340,7 @@ class Queues:
         return [Queue(name, bool(paused), limit, base / 1000, cap / 1000,
                       _datetime_from_ms(cooldown) if cooldown else None, done / 1000, failed / 1000)
                 for name, paused, limit, base, cap, cooldown, done, failed
-                in self._db.connection().execute(self.SELECT_ALL)]
+                in self._db.read(self.SELECT_ALL)]
 
 
 # ------------------------------------------------------------- Processes ----
@@ -1428,7 +1444,7 @@ class Processes:
         """True for exactly one caller per `interval` seconds, cluster-wide."""
         now = now_ms()
         cutoff = now - int(interval * 1000)
-        last = self._db.connection().execute(self.CHORE_LAST_RUN, (name,)).fetchall()
+        last = self._db.read(self.CHORE_LAST_RUN, (name,))
         if last and last[0][0] > cutoff:
             return False        # read first: most calls need no writer lock
         return bool(self._db.write_changes(self.CLAIM_CHORE, (name, now, cutoff)))
@@ -1443,7 +1459,7 @@ class Processes:
         return [ProcessInfo(host, hostname, pid, _json_decode(queues),
                             _datetime_from_ms(started), _datetime_from_ms(beat))  # type: ignore[arg-type]
                 for host, hostname, pid, queues, started, beat
-                in self._db.connection().execute(self.SELECT_ALL)]
+                in self._db.read(self.SELECT_ALL)]
 
 
 # ----------------------------------------------------------- Rate limits ----
@@ -1574,12 +1590,11 @@ class CronSchedules:
         return [CronSchedule(name, expression, tz, _request_from_json(request),
                              _datetime_from_ms(next_fire), bool(enabled), last_error)
                 for name, expression, tz, request, next_fire, enabled, last_error
-                in self._db.connection().execute(self.SELECT_ALL)]
+                in self._db.read(self.SELECT_ALL)]
 
     def next_fire_ms(self, names: set[str]) -> int | None:
         """When the earliest of the named schedules fires next."""
-        fires = [at for name, at in self._db.connection().execute(self.NEXT_FIRES)
-                 if name in names]
+        fires = [at for name, at in self._db.read(self.NEXT_FIRES) if name in names]
         return min(fires, default=None)
 
     def fire_due(self, names: set[str], router: Router | None) -> int:
@@ -1588,8 +1603,7 @@ class CronSchedules:
         fired = 0
         while True:
             now = now_ms()
-            due = [row for row in self._db.connection().execute(self.SELECT_DUE, (now,))
-                   if row[0] in names]
+            due = [row for row in self._db.read(self.SELECT_DUE, (now,)) if row[0] in names]
             if not due:
                 return fired
             for name, expression, tz, request, tick in due:
@@ -2553,16 +2567,16 @@ class Runtime:
         wanted = [qs for qs in self._queue_states.values()
                   if qs.maybe_ready and not qs.paused and qs.claimable() > 0]
         if not committing and wanted:
-            conn, now = self.storage.db.connection(), now_ms()
+            db, now = self.storage.db, now_ms()
             for qs in list(wanted):
                 wakes = qs.wakes
                 if wakes != qs.claim_wakes:
                     continue            # just enqueued here: claim at once, no need to look
-                if not conn.execute(self.READY_EXISTS, (qs.name, now)).fetchall():
+                if not db.read(self.READY_EXISTS, (qs.name, now)):
                     wanted.remove(qs)
                     with self._wake:
                         qs.maybe_ready = qs.wakes != wakes
-                    qs.next_due = conn.execute(self.NEXT_DUE, (qs.name,)).fetchall()[0][0]
+                    qs.next_due = db.read(self.NEXT_DUE, (qs.name,))[0][0]
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
     def _commit(self, finished: list[_Finish], claim_from: list[tuple[str, int, int]],
@@ -2646,7 +2660,7 @@ class Runtime:
         hands back its buffered ones (returned as finishes to commit)."""
         self._last_sync = time.monotonic()
         finishes: list[_Finish] = []
-        for name, paused, base, cap, cooldown_until in self.storage.db.connection().execute(
+        for name, paused, base, cap, cooldown_until in self.storage.db.read(
                 self.QUEUE_SETTINGS):
             qs = self._queue_states.get(name)
             if qs is None:
@@ -2667,7 +2681,7 @@ class Runtime:
         requested) of every job the database says runs here."""
         held = self._held.copy()    # before the query: a claim held now has committed
         running = {job_id: (lease, cancel) for job_id, lease, cancel in
-                   self.storage.db.connection().execute(self.RUNNING_HERE, (self.host_id,))}
+                   self.storage.db.read(self.RUNNING_HERE, (self.host_id,))}
         for job_id, job in held.items():
             lease, cancel = running.get(job_id, (None, 0))
             if lease != job.lease:
@@ -2738,6 +2752,8 @@ class Runtime:
     def _sweep(self) -> None:
         try:
             self.storage.jobs.sweep_expired(self._stopped)
+        except SqliteqError as exc:         # the message says it all
+            log.error("janitor sweep failed (%s); the next pass retries", exc)
         except Exception:
             log.exception("janitor sweep failed; the next pass retries")
 
@@ -3042,11 +3058,17 @@ def _cli() -> Any:
                 fail(str(exc))
             except SqliteqError as exc:
                 fail(str(exc), 1)
+            except apsw.Error as exc:   # one the library let through: still one line
+                error = _storage_error(exc, ctx.obj["db"])
+                fail(str(error) if error is not exc else f"database error: {exc}",
+                     2 if isinstance(error, SchemaError) else 1)
 
     def open_storage(ctx: click.Context, *, create: bool = False) -> Storage:
         path = ctx.obj["db"]
         if not create and not os.path.exists(path):
             fail(f"no database at {path!r} (set --db or SQLITEQ_DB)")
+        if not create and os.path.isfile(path) and os.path.getsize(path) == 0:
+            fail(f"{path!r} is an empty file, not a sqliteq database (set --db or SQLITEQ_DB)")
         storage = Storage(path)
         ctx.call_on_close(storage.close)
         return storage

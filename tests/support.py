@@ -1,13 +1,23 @@
-"""Helpers the test modules share: waiting on a condition, and raw SQL behind sqliteq's back."""
+"""Helpers the test modules share: waiting on a condition, raw SQL behind sqliteq's back, and
+running the real `sqliteq` console script."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import apsw
+import pytest
+
+import sqliteq
+
+REPO = Path(sqliteq.__file__).resolve().parent
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
@@ -34,3 +44,60 @@ def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(statement, params).fetchall()
     finally:
         conn.close()
+
+
+# ------------------------------------------------------------------- CLI ----
+
+def script() -> str:
+    """The installed `sqliteq` console script (the one next to this Python first)."""
+    found = shutil.which("sqliteq", path=os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        pytest.fail("the `sqliteq` console script is not on PATH: install the project with "
+                    "`pip install -e .` in the repository first")
+    return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without SQLITEQ_DB (so only what a test sets picks the file)."""
+    env = {k: v for k, v in os.environ.items() if k != "SQLITEQ_DB"}
+    env.update(extra)
+    return env
+
+
+def run(*args: str, db: Path | None = None, cwd: Path | None = None, stdin: str | None = None,
+        env: dict[str, str] | None = None, timeout: float = 30
+        ) -> subprocess.CompletedProcess[str]:
+    """`sqliteq [--db DB] ARGS...`; cwd defaults to the database's folder."""
+    command = [script(), *(["--db", str(db)] if db is not None else []), *args]
+    if cwd is None:
+        cwd = db.parent if db is not None else REPO
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          input=stdin, env=clean_env() if env is None else env, check=False)
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    return (f"{' '.join(map(str, result.args))}\n-> exit {result.returncode}\n"
+            f"stdout: {result.stdout!r}\nstderr: {result.stderr!r}")
+
+
+def ok(*args: str, **kwargs: Any) -> str:
+    """Run, insist on exit 0 and no crash traceback on stderr, return stdout (which may show
+    a failed job's traceback: that is data)."""
+    result = run(*args, **kwargs)
+    assert result.returncode == 0, describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+    return result.stdout
+
+
+def assert_error(result: subprocess.CompletedProcess[str], *names: str, code: int = 2) -> str:
+    """Exit `code`, exactly one line on stderr naming the problem, nothing on stdout, no
+    traceback. Returns that line."""
+    assert result.returncode == code, describe(result)
+    assert "Traceback" not in result.stdout + result.stderr, describe(result)
+    assert result.stdout == "", describe(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, describe(result)
+    for name in names:
+        assert name in lines[0], describe(result)
+    return lines[0]

@@ -284,11 +284,15 @@ def test_read_only_file_in_read_only_folder_is_refused(reachable_dir, open_unpri
     assert open_unprivileged(path) == ["SchemaError"]
 
 
-def test_read_only_file_in_writable_folder_is_refused(reachable_dir, open_unprivileged):
+def test_read_only_file_in_writable_folder_is_refused_and_nothing_is_left_beside_it(
+        reachable_dir, open_unprivileged):
     path = existing_database(reachable_dir)
     read_only(path)
     writable(reachable_dir)
+    before = path.read_bytes()
     assert open_unprivileged(path) == ["SchemaError"]
+    assert [p.name for p in reachable_dir.iterdir()] == ["q.db"]      # no -wal, no -shm
+    assert path.read_bytes() == before
 
 
 def test_writing_to_a_read_only_file_raises_schema_error(reachable_dir, open_unprivileged):
