@@ -494,6 +494,11 @@ def migrate(conn: apsw.Connection) -> None:
 
 TRANSIENT_RETRY_DELAYS = (0.1, 0.3, 1.0)   # seconds, each jittered by +-50 %
 LEAD_HANDOFF_TIMEOUT = 0.1      # seconds a writer handed the group-commit lead has to take it
+# Once a checkpoint lets the WAL start over, the file is cut back to this size. While a reader
+# holds an old snapshot, no checkpoint can, and the WAL grows: past WAL_WARN_FACTOR times this,
+# a runtime warns.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+WAL_WARN_FACTOR = 4
 
 
 def _storage_error(exc: apsw.Error, path: str) -> BaseException:
@@ -659,6 +664,7 @@ class Database:
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA temp_store = MEMORY")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
         except apsw.NotADBError:
             raise SchemaError(f"{self.path!r} is not a SQLite database") from None
         except (apsw.ReadOnlyError, apsw.CantOpenError, apsw.PermissionsError) as exc:
@@ -882,6 +888,13 @@ class Database:
             if error is exc:
                 raise
             raise error from exc
+
+    def wal_size(self) -> int:
+        """Bytes in the file's write-ahead log now."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
 
     def data_version(self) -> int:
         """Changes whenever another connection (any process) commits to the file."""
@@ -2256,6 +2269,7 @@ class Runtime:
         self._janitor: threading.Thread | None = None     # the current sweep, if one runs
         self._stop_lock = threading.Lock()
         self.error: SqliteqError | None = None   # why the runtime stopped itself, if it did
+        self._wal_warned = False
 
     # -- registration and enqueueing --
 
@@ -2715,10 +2729,24 @@ class Runtime:
                                                  self.lease_timeout, self.heartbeat_interval)
                 if self._held:
                     self._sync_running()
+                self._watch_wal()
                 errors.succeeded()
                 pause = self.heartbeat_interval
             except Exception as exc:
                 pause = errors.failed(exc)
+
+    def _watch_wal(self) -> None:
+        """Warn once when the WAL has grown far past its limit, and once when it is back."""
+        size = self.storage.db.wal_size()
+        if not self._wal_warned and size > WAL_WARN_FACTOR * WAL_SIZE_LIMIT:
+            self._wal_warned = True
+            log.warning("the WAL of %s has grown to %d MB: a connection holds an old read "
+                        "snapshot (a long read transaction, or a statement not run to its "
+                        "end), or one transaction wrote that much; no checkpoint can recycle "
+                        "it until the reader lets go", self.storage.path, size >> 20)
+        elif self._wal_warned and size <= WAL_SIZE_LIMIT:
+            self._wal_warned = False
+            log.warning("the WAL of %s is back to %d MB", self.storage.path, size >> 20)
 
     # -- scheduler: cron ticks and the janitor --
 

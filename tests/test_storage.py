@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import apsw
 import pytest
+from support import wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest, SchemaError
@@ -134,6 +136,54 @@ def test_durable_sets_synchronous_full_on_every_connection(db_path):
 def test_busy_timeout_must_be_a_non_negative_number(db_path, busy_timeout):
     with pytest.raises(sqliteq.InvalidInput):
         sqliteq.Storage(db_path, busy_timeout=busy_timeout)
+
+
+# -------------------------------------------------------------- WAL size ----
+
+def fill_wal(storage: sqliteq.Storage, db_path: Path, megabytes: float) -> None:
+    while os.path.getsize(f"{db_path}-wal") < megabytes * 2**20:
+        storage.jobs.enqueue_bulk(EnqueueRequest("k", {"pad": "x" * 500}) for _ in range(200))
+
+
+@pytest.fixture
+def small_wal_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A 1 MiB WAL limit (64 MiB would take too long to exceed); set before opening."""
+    monkeypatch.setattr(sqliteq, "WAL_SIZE_LIMIT", 2**20)
+    return 2**20
+
+
+def test_the_wal_shrinks_back_to_its_limit_once_a_pinning_reader_lets_go(
+        db_path: Path, small_wal_limit: int) -> None:
+    with sqliteq.Storage(db_path) as storage:
+        reader = raw(db_path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()     # an old snapshot, held
+        fill_wal(storage, db_path, 4)
+        reader.execute("COMMIT")
+        reader.close()
+        wait_until(lambda: storage.jobs.enqueue(EnqueueRequest("k")) and
+                   os.path.getsize(f"{db_path}-wal") <= small_wal_limit, timeout=30,
+                   what="the WAL cut back to its limit")
+
+
+def test_a_runtime_warns_once_while_the_wal_is_pinned_and_once_when_it_is_back(
+        db_path: Path, small_wal_limit: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sqliteq")
+    with sqliteq.Storage(db_path) as storage, sqliteq.Runtime(
+            storage, {"idle": 1}, heartbeat_interval=0.05, lease_timeout=5):
+        reader = raw(db_path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()
+        fill_wal(storage, db_path, 4 * 1.5)
+        pinned = wait_until(lambda: [r for r in caplog.records if "has grown to" in
+                                     r.getMessage()], timeout=30, what="the warning")
+        assert "old read snapshot" in pinned[0].getMessage()
+        reader.execute("COMMIT")
+        reader.close()
+        wait_until(lambda: storage.jobs.enqueue(EnqueueRequest("k")) and
+                   [r for r in caplog.records if "is back to" in r.getMessage()], timeout=30,
+                   what="the all-clear")
+    assert len([r for r in caplog.records if "has grown to" in r.getMessage()]) == 1
 
 
 # -------------------------------------------------------- refusing files ----
