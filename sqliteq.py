@@ -156,11 +156,48 @@ _json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _json_decode = json.loads
 
 
+# Values nested deeper are refused: whatever reads them back (a handler's thread, the CLI's
+# pretty-printer, a dashboard) has the Python stack to decode and print them.
+MAX_JSON_DEPTH = 100
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply lists and dicts nest in `value` (measured without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _encode_json(value: Any, what: str) -> str:
     try:
-        return _json_encode(value)
+        text = _json_encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    # Only a text with that many brackets can nest that deep: most values need no walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        depth = _json_depth(value)
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"{what} nests lists and objects {depth} deep; at most "
+                               f"{MAX_JSON_DEPTH} levels are allowed")
+    return text
+
+
+def _decode_stored(text: str, what: str) -> Any:
+    """JSON that sqliteq stored; a clear error if something else wrote it."""
+    try:
+        return _json_decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise SqliteqError(f"{what} in the database is not JSON sqliteq can read "
+                           f"({type(exc).__name__}: {exc})") from None
 
 
 def now_ms() -> int:
@@ -985,10 +1022,11 @@ _JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max
 def _job_from_row(row: Sequence[Any]) -> Job:
     (id_, kind, queue, payload, state, priority, run_at, attempt, max_attempts, unique_key,
      result, errors, created_at, started_at, finished_at, worker, host, cancel) = row
-    return Job(id_, kind, queue, _json_decode(payload), JobState(state), priority,
+    return Job(id_, kind, queue, _decode_stored(payload, f"the payload of job {id_}"),
+               JobState(state), priority,
                _datetime_from_ms(run_at), attempt, max_attempts, unique_key,  # type: ignore[arg-type]
-               None if result is None else _json_decode(result),
-               [] if errors is None else _json_decode(errors),
+               None if result is None else _decode_stored(result, f"the result of job {id_}"),
+               [] if errors is None else _decode_stored(errors, f"the errors of job {id_}"),
                _datetime_from_ms(created_at), _datetime_from_ms(started_at),  # type: ignore[arg-type]
                _datetime_from_ms(finished_at), worker, host, bool(cancel))
 
@@ -1069,11 +1107,7 @@ class Jobs:
                 raise InvalidInput(f"request {index}: expected an EnqueueRequest, "
                                    f"got {type(req).__name__}")
             kind, payload, queue, priority, run_at, max_attempts, unique_key = req
-            try:
-                payload_json = _json_encode(payload)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise InvalidInput(f"request {index}: payload of {kind!r} is not "
-                                   f"JSON-serialisable: {exc}") from None
+            payload_json = _encode_json(payload, f"request {index}: payload of {kind!r}")
             if queue is None:
                 queue = routed.get(kind)
                 if queue is None:
@@ -2820,7 +2854,11 @@ class Runtime:
                 raise LookupError(f"no handler registered for kind {job.kind!r}")
             ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
                          self.host_id, job.token, job.attempt, job.kind, job.queue)
-            result = _json_encode(fn(ctx, _json_decode(job.payload)))
+            try:
+                payload = _decode_stored(job.payload, f"the payload of job {job.id}")
+            except SqliteqError as exc:     # no attempt can do better
+                raise Dead(str(exc)) from None
+            result = _encode_json(fn(ctx, payload), f"the result of job {job.id}")
             return _Finish("done", self.FINISH_DONE,
                            (job.id, job.lease, result, process_id, now_ms()), job,
                            time.perf_counter() - started)
@@ -3153,6 +3191,9 @@ def _cli() -> Any:
             data = None if payload is None else json.loads(payload)
         except json.JSONDecodeError as exc:
             fail(f"invalid JSON payload: {exc}")
+        except RecursionError:
+            fail(f"the payload nests lists and objects too deep; at most {MAX_JSON_DEPTH} "
+                 f"levels are allowed")
         if delay is not None and at_time is not None:
             fail("give --delay or --at, not both")
         run_at: datetime | float | None = None
@@ -3199,6 +3240,10 @@ def _cli() -> Any:
                     requests.append(_request_from_line(json.loads(line)))
                 except (json.JSONDecodeError, InvalidInput, TypeError) as exc:
                     error = f"line {number}: {exc}"
+                    break
+                except RecursionError:
+                    error = (f"line {number}: nests lists and objects too deep; at most "
+                             f"{MAX_JSON_DEPTH} levels are allowed")
                     break
         if error is not None:
             fail(error)

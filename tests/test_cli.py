@@ -327,6 +327,9 @@ BAD_THIRD_LINES = {
     "kind-not-a-string": (json.dumps({"kind": 5}), ("kind",)),
     "bad-delay": (json.dumps({"kind": "x", "delay": "5x"}), ("5x",)),
     "not-an-object": ("[1, 2]", ()),
+    "payload-too-deep": (json.dumps({"kind": "x", "payload": [[[[]]]]}).replace(
+        "[[[[]]]]", "[" * 500 + "]" * 500), ("deep", "at most 100")),
+    "line-too-deep": ("[" * 9000 + "]" * 9000, ("deep", "at most 100")),
 }
 
 
@@ -801,12 +804,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: str,
 @pytest.mark.parametrize("args, names", [
     (["enqueue", "k", "{bad"], ("invalid JSON",)),
     (["enqueue", "k", "--delay", "5x"], ("5x",)),
+    (["enqueue", "k", "[" * 990 + "]" * 990], ("deep", "at most 100")),
+    (["enqueue", "k", "[" * 9000 + "]" * 9000], ("deep", "at most 100")),
     (["status"], ("no database",)),
     (["jobs", "--json"], ("no database",)),
     (["job", "NOPE"], ("no database",)),
     (["cancel", "NOPE"], ("no database",)),
     (["pause", "default"], ("no database",)),
-], ids=lambda value: "-".join(value) if isinstance(value, list) else None)
+], ids=lambda value: "-".join(value)[:30] if isinstance(value, list) else None)
 def test_bad_input_on_a_missing_database_creates_no_file(args: list[str], names: tuple[str, ...],
                                                           tmp_path: Path) -> None:
     db = tmp_path / "missing.db"

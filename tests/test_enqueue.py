@@ -49,6 +49,43 @@ def test_payload_must_be_json(payload):
         EnqueueRequest("k", payload)
 
 
+def nested(depth: int) -> list:
+    """A list nested `depth` deep: [[...[]...]]."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_a_payload_nested_at_most_max_json_depth_is_accepted_and_reads_back(storage):
+    deepest = {"a": nested(sqliteq.MAX_JSON_DEPTH - 1)}
+    job_id = storage.jobs.enqueue(EnqueueRequest("k", deepest)).job_id
+    assert storage.jobs.get(job_id).payload == deepest
+
+
+@pytest.mark.parametrize("depth", [sqliteq.MAX_JSON_DEPTH + 1, 990, 5000])
+def test_a_payload_nested_deeper_is_refused_with_its_depth(depth):
+    with pytest.raises(InvalidInput, match=r"deep|serialisable") as raised:
+        EnqueueRequest("k", {"x": nested(depth)})
+    assert "payload of 'k'" in str(raised.value)
+
+
+def test_a_payload_made_deeper_after_the_request_was_built_is_refused_and_nothing_is_written(
+        storage):
+    payload: dict = {"x": []}
+    requests = [EnqueueRequest("k", "fine"), EnqueueRequest("k", payload)]
+    payload["x"] = nested(sqliteq.MAX_JSON_DEPTH + 5)
+    with pytest.raises(InvalidInput, match=r"request 1: .* 106 deep; at most 100"):
+        storage.jobs.enqueue_bulk(requests)
+    assert total(storage) == 0
+
+
+def test_a_wide_payload_with_many_brackets_but_little_depth_is_accepted(storage):
+    wide = [[{"a": [i]}] for i in range(5000)]
+    job_id = storage.jobs.enqueue(EnqueueRequest("k", wide)).job_id
+    assert storage.jobs.get(job_id).payload == wide
+
+
 @pytest.mark.parametrize("priority", [True, False, 1.0, "1", None, 2**63])
 def test_priority_must_be_a_64_bit_int_and_not_a_bool(priority):
     with pytest.raises(InvalidInput):

@@ -8,6 +8,7 @@ Nothing is mocked and no assertion rests on a sleep: tests wait on conditions (`
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -457,6 +458,36 @@ def test_a_result_that_is_not_json_fails_the_attempt_but_not_the_worker(
     assert calls == [1, 2], "a bad result is a failed attempt, retried like any other"
     assert job.result is None
     assert all("json" in e["error"].lower() and "object" in e["error"] for e in job.errors)
+
+
+def test_a_payload_that_is_not_json_fails_the_job_for_good_on_its_first_attempt(
+        storage, make_runtime, sql):
+    fast_backoff(storage)
+    rt = make_runtime({"default": 1})
+    ran: list[Any] = []
+    rt.register("k", lambda ctx, payload: ran.append(payload))
+    job_id = storage.jobs.enqueue(EnqueueRequest("k", "x")).job_id
+    sql("UPDATE jobs SET payload = ? WHERE id = ?", "[" * 5000 + "]" * 5000, job_id)
+    with rt:
+        wait_until(lambda: sql("SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                   in ("done", "failed", "cancelled"), timeout=10, what="the job finalized")
+    state, attempt, errors = sql("SELECT state, attempt, errors FROM jobs WHERE id = ?",
+                                 job_id)[0]
+    assert (state, attempt, ran) == ("failed", 1, [])
+    assert "not JSON sqliteq can read" in json.loads(errors)[0]["error"]
+
+
+def test_a_result_nested_too_deep_is_an_error_of_the_attempt(storage, make_runtime):
+    rt = make_runtime({"default": 1})
+    too_deep: list = []
+    for _ in range(sqliteq.MAX_JSON_DEPTH + 1):
+        too_deep = [too_deep]
+    rt.register("k", lambda ctx, payload: too_deep)
+    with rt:
+        job_id = rt.enqueue(EnqueueRequest("k", max_attempts=1)).job_id
+        job = storage.jobs.wait(job_id, timeout=10)
+    assert job.state == "failed" and job.result is None
+    assert "result of job" in job.errors[0]["error"] and "deep" in job.errors[0]["error"]
 
 
 # ------------------------------------------------------ follow-up work ----

@@ -131,6 +131,18 @@ def test_a_runtime_whose_file_is_corrupted_behind_its_back_stops_with_one_error(
     assert all(r.exc_info is None for r in errors), "a clear message, not a traceback"
 
 
+def test_a_job_whose_payload_someone_else_spoiled_is_one_clear_error_to_read(
+        tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with sqliteq.Storage(path) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k", "x")).job_id
+        raw(path, "UPDATE jobs SET payload = ? WHERE id = ?", "[" * 5000 + "]" * 5000, job_id)
+        with pytest.raises(sqliteq.SqliteqError, match=f"payload of job {job_id}"):
+            storage.jobs.get(job_id)
+    for args in (["job", job_id], ["jobs"]):
+        assert_error(run(*args, db=path), job_id, "not JSON", code=1)
+
+
 # ---------------------------------------------------------------- empty files ----
 
 @pytest.mark.parametrize("args", READ_COMMANDS, ids=" ".join)
