@@ -64,6 +64,7 @@ import math
 import os
 import queue as queue_module
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -2363,7 +2364,7 @@ class Runtime:
         if self._started:
             raise ConfigError("a runtime starts once; create a new one to start again")
         self._started = True
-        self.host_id = str(ulid.ULID())
+        self.host_id = _mint_ids(1)[0]      # from the job ids' minter: never equal to one
         for name, (expression, request) in self._schedules.items():
             self.storage.cron.declare(name, expression, request)
         self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout,
@@ -3060,9 +3061,29 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else _iso_from_ms(int(moment.timestamp() * 1000))
 
 
+# Control characters in kinds, payloads or errors would drive the terminal they are printed
+# on (colours, cursor moves, a rewritten title bar): the CLI prints them as escapes instead.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")        # all but tab and newline
+_JSON_UNESCAPED_CONTROLS = re.compile("[\x7f-\x9f]")          # json.dumps escapes the rest
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters (bar tab and newline) written as escapes."""
+    return _CONTROLS.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def _printable_json(text: str) -> str:
+    """JSON text with DEL and the C1 controls as \\u escapes too (the same JSON values)."""
+    return _JSON_UNESCAPED_CONTROLS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else _printable(str(value)).replace("\t", "\\t").replace(
+        "\n", "\\n")
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row]
-                                           for row in rows]
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths,
                                                                          strict=True)).rstrip()
@@ -3112,8 +3133,11 @@ def _cli() -> Any:
     """Build the click command group (click is imported here only)."""
     import click
 
+    def echo(text: str, err: bool = False) -> None:
+        click.echo(_printable(text), err=err)
+
     def fail(message: str, code: int = 2) -> NoReturn:
-        click.echo(f"sqliteq: error: {message}", err=True)
+        echo(f"sqliteq: error: {message}", err=True)
         raise SystemExit(code)
 
     class Group(click.Group):
@@ -3146,7 +3170,7 @@ def _cli() -> Any:
         return name
 
     def emit_json(data: Any) -> None:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        click.echo(_printable_json(json.dumps(data, indent=2, ensure_ascii=False)))
 
     json_option = click.option("--json", "as_json", is_flag=True,
                                help="Print JSON (stable keys) instead of a table.")
@@ -3207,9 +3231,9 @@ def _cli() -> Any:
         if as_json:
             emit_json({"job_id": out.job_id, "created": out.created})
         else:
-            click.echo(out.job_id)
+            echo(out.job_id)
             if not out.created:
-                click.echo(f"deduplicated: job {out.job_id} with unique key {unique_key!r} "
+                echo(f"deduplicated: job {out.job_id} with unique key {unique_key!r} "
                            f"is already queued or running", err=True)
 
     @cli.command("enqueue-bulk")
@@ -3253,7 +3277,7 @@ def _cli() -> Any:
             emit_json({"created": created, "deduplicated": len(outcomes) - created,
                        "job_ids": [out.job_id for out in outcomes]})
         else:
-            click.echo(f"enqueued {created} job(s), {len(outcomes) - created} deduplicated")
+            echo(f"enqueued {created} job(s), {len(outcomes) - created} deduplicated")
 
     @cli.command()
     @click.argument("app")
@@ -3280,7 +3304,7 @@ def _cli() -> Any:
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         module_name, _, attribute = app.partition(":")
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())    # last: a local json.py must not shadow the stdlib
         try:
             target = getattr(importlib.import_module(module_name), attribute or "runtime")
         except (ImportError, AttributeError) as exc:
@@ -3318,7 +3342,7 @@ def _cli() -> Any:
             else:
                 if watch:
                     click.clear()
-                click.echo(_status_text(data))
+                echo(_status_text(data))
             if not watch:
                 return
             try:
@@ -3345,7 +3369,7 @@ def _cli() -> Any:
         if as_json:
             emit_json([_job_dict(job) for job in found])
             return
-        click.echo(_table(("ID", "KIND", "QUEUE", "STATE", "ATTEMPT", "RUN AT", "LAST ERROR"),
+        echo(_table(("ID", "KIND", "QUEUE", "STATE", "ATTEMPT", "RUN AT", "LAST ERROR"),
                           [(job.id, job.kind, job.queue, job.state.value,
                             f"{job.attempt}/{job.max_attempts}", _iso(job.run_at),
                             (job.errors[-1]["error"].splitlines() or [""])[0][:60]
@@ -3371,13 +3395,13 @@ def _cli() -> Any:
             return
         for key, value in data.items():
             if key not in ("payload", "result", "errors", "last_error"):
-                click.echo(f"{key + ':':18}{'-' if value is None else value}")
+                echo(f"{key + ':':18}{'-' if value is None else value}")
         for key in ("payload", "result"):
-            click.echo(f"{key + ':':18}{json.dumps(data[key], ensure_ascii=False)}")
+            echo(f"{key + ':':18}{json.dumps(data[key], ensure_ascii=False)}")
         for error in found.errors:
-            click.echo(f"\nattempt {error['attempt']} at {error['at']}: {error['error']}")
+            echo(f"\nattempt {error['attempt']} at {error['at']}: {error['error']}")
             if error.get("traceback"):
-                click.echo(error["traceback"].rstrip())
+                echo(error["traceback"].rstrip())
 
     @cli.command()
     @click.argument("job_id", required=False)
@@ -3400,7 +3424,7 @@ def _cli() -> Any:
         if job_id is None:
             if queue is not None:
                 known_queue(storage, queue)
-            click.echo(f"requeued {storage.jobs.retry_failed(queue)} failed job(s)")
+            echo(f"requeued {storage.jobs.retry_failed(queue)} failed job(s)")
             return
         found = storage.jobs.get(job_id)
         if found is None:
@@ -3408,7 +3432,7 @@ def _cli() -> Any:
         if not storage.jobs.retry(job_id):
             fail(f"job {job_id} is {found.state.value}; only failed or cancelled jobs can be "
                  f"retried")
-        click.echo(f"requeued {job_id}")
+        echo(f"requeued {job_id}")
 
     @cli.command()
     @click.argument("job_id")
@@ -3423,7 +3447,7 @@ def _cli() -> Any:
         outcome = open_storage(ctx).jobs.cancel(job_id)
         if outcome == "not_found":
             fail(f"unknown job id {job_id!r}")
-        click.echo({"cancelled": f"cancelled {job_id}",
+        echo({"cancelled": f"cancelled {job_id}",
                     "cancel_requested": f"asked the running job {job_id} to stop",
                     "finished": f"job {job_id} had already finished"}[outcome])
 
@@ -3439,7 +3463,7 @@ def _cli() -> Any:
         """
         storage = open_storage(ctx)
         storage.queues.pause(known_queue(storage, queue))
-        click.echo(f"paused {queue}")
+        echo(f"paused {queue}")
 
     @cli.command()
     @click.argument("queue")
@@ -3453,7 +3477,7 @@ def _cli() -> Any:
         """
         storage = open_storage(ctx)
         storage.queues.resume(known_queue(storage, queue))
-        click.echo(f"resumed {queue}")
+        echo(f"resumed {queue}")
 
     @cli.command()
     @click.argument("queue")
@@ -3471,7 +3495,7 @@ def _cli() -> Any:
         storage = open_storage(ctx)
         storage.queues.set_limit(known_queue(storage, queue),
                                  None if limit.lower() == "none" else int(limit))
-        click.echo(f"limit of {queue}: {limit.lower()}")
+        echo(f"limit of {queue}: {limit.lower()}")
 
     @cli.command()
     @click.option("--state", type=click.Choice([s.value for s in FINISHED_STATES]),
@@ -3487,7 +3511,7 @@ def _cli() -> Any:
         """
         seconds = parse_duration(older_than)
         deleted = open_storage(ctx).jobs.purge(state, seconds)
-        click.echo(f"deleted {deleted} {state} job(s)")
+        echo(f"deleted {deleted} {state} job(s)")
 
     @cli.command("cron")
     @json_option
@@ -3506,7 +3530,7 @@ def _cli() -> Any:
         if as_json:
             emit_json(data)
             return
-        click.echo(_table(("NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT FIRE", "LAST ERROR"),
+        echo(_table(("NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT FIRE", "LAST ERROR"),
                           [(d["name"], d["expression"], d["timezone"] or "UTC", d["kind"],
                             d["next_fire_at"], d["last_error"]) for d in data]))
 
@@ -3529,7 +3553,7 @@ def _cli() -> Any:
                                                            file=sys.stderr))
         width = max(map(len, summary))
         for key, value in summary.items():
-            click.echo(f"{key + ':':{width + 2}}{value}")
+            echo(f"{key + ':':{width + 2}}{value}")
 
     @cli.command()
     @click.pass_context

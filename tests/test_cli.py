@@ -123,10 +123,10 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str,
 
 
 def start_worker(db: Path | None, *args: str, env: dict[str, str] | None = None,
-                 command: list[str] | None = None) -> subprocess.Popen[str]:
+                 command: list[str] | None = None, cwd: Path = REPO) -> subprocess.Popen[str]:
     if command is None:
         command = [script(), *(["--db", str(db)] if db is not None else []), "worker", *args]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=clean_env() if env is None else env)
 
 
@@ -432,6 +432,40 @@ def test_worker_without_verbose_logs_no_job_lines_and_stops_on_sigint(tmp_path: 
     assert not (tmp_path / "sqliteq.db").exists()
 
 
+SHADOWING_APP = """
+import colorsys
+import sqliteq
+
+def make_runtime(storage):
+    rt = sqliteq.Runtime(storage, {"default": 1})
+    rt.register("where", lambda ctx, payload: colorsys.__file__)
+    return rt
+"""
+
+
+def test_worker_finds_the_app_in_the_current_folder_without_shadowing_the_stdlib(
+        tmp_path: Path) -> None:
+    """The current folder goes last on sys.path: a local colorsys.py (or fractions.py, or
+    json.py) must not replace the standard library's for the app and for sqliteq."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "shadowing_app.py").write_text(SHADOWING_APP)
+    (folder / "colorsys.py").write_text("raise ImportError('the local colorsys.py shadowed "
+                                        "the standard library')\n")
+    db = tmp_path / "q.db"
+    job_id = enqueue(db, "where")
+    proc = start_worker(db, "shadowing_app:make_runtime", cwd=folder)
+    try:
+        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                 == "done", 15, "the job to be done", proc)
+        code, _, err, _ = stop_worker(proc)
+    finally:
+        kill_if_running(proc)
+    assert code == 0, err
+    result = ok_json("job", job_id, db=db)["result"]
+    assert Path(result).parent != folder and result.endswith("colorsys.py")
+
+
 @pytest.mark.parametrize("app, names", [
     ("no_such_module_xyz:make_runtime", ("no_such_module_xyz",)),
     ("tests.cli_app:no_such_attribute", ("no_such_attribute",)),
@@ -598,6 +632,28 @@ def test_jobs_after_a_worker_run(worked: SimpleNamespace) -> None:
     assert sorted(job["id"] for job in done) == sorted(worked.adds)
     table = ok("jobs", "--state", "failed", db=worked.db)
     assert "ValueError: boom goes the handler" in table and "1/1" in table
+
+
+TERMINAL_CONTROLS = ("\x1b", "\x07", "\x9b")
+
+
+def test_control_characters_in_jobs_are_printed_as_escapes(db: Path) -> None:
+    kind = "evil\x1b]0;pwned\x07"
+    payload = {"s": "\x1b[2J\x9b31m"}
+    error = "ValueError: \x1b[31mred\x1b[0m"
+    with sqliteq.Storage(db) as storage:
+        job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest(kind, payload)).job_id
+    query(db, "UPDATE jobs SET state = 'failed', errors = ? WHERE id = ?",
+          json.dumps([{"at": "2026-12-03T00:00:00Z", "attempt": 1, "error": error,
+                       "traceback": f"Traceback\n  {error}\n"}]), job_id)
+    for args in (["jobs"], ["job", job_id], ["status"], ["jobs", "--json"], ["job", job_id,
+                                                                             "--json"]):
+        out = ok(*args, db=db)
+        assert not any(c in out for c in TERMINAL_CONTROLS), (args, out)
+    assert "evil\\x1b]0;pwned\\x07" in ok("jobs", db=db)
+    job = ok_json("job", job_id, db=db)
+    assert (job["kind"], job["payload"], job["errors"][0]["error"]) == (kind, payload, error)
+    assert_error(run("job", "NOPE\x1b[2J", db=db), "NOPE\\x1b[2J")
 
 
 # --------------------------------------------------- retry / cancel / purge ----

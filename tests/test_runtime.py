@@ -1226,3 +1226,18 @@ def test_a_cancel_requested_while_the_job_is_put_back_ends_it_cancelled(
         job = storage.jobs.wait(job_id, timeout=10)
     assert job.state == "cancelled" and job.finished_at is not None
     assert runs == [1]
+
+
+def test_a_host_id_is_never_equal_to_a_job_id_minted_in_the_same_millisecond(storage):
+    """Host ids come from the job ids' minter. python-ulid's own generator, seeded alike,
+    once handed out a host id equal to the next job id of the same millisecond."""
+    for _ in range(20):
+        before = [o.job_id for o in storage.jobs.enqueue_bulk(EnqueueRequest("k")
+                                                              for _ in range(3))]
+        rt = sqliteq.Runtime(storage, {"idle": 1}, **FAST)
+        rt.start()
+        try:
+            after = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+            assert before[-1] < rt.host_id < after
+        finally:
+            rt.stop(timeout=5)

@@ -535,8 +535,9 @@ def test_lock_held_through_every_retry_raises_transient_error(db_path, hold_writ
         started = time.monotonic()
         with pytest.raises(sqliteq.TransientError):
             storage.jobs.enqueue(EnqueueRequest("k"))
-        # Every jittered back-off (at least half its nominal delay) was slept first.
-        assert time.monotonic() - started >= sum(sqliteq.TRANSIENT_RETRY_DELAYS) / 2
+        # Four attempts each waited out the busy timeout, and every jittered back-off (at
+        # least half its nominal delay) was slept between them.
+        assert time.monotonic() - started >= 4 * 0.05 + sum(sqliteq.TRANSIENT_RETRY_DELAYS) / 2
         holder.communicate("release\n", timeout=30)
         assert sum(storage.jobs.counts().values()) == 0
 
