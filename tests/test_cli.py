@@ -150,6 +150,18 @@ def kill_if_running(proc: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
+def result_once_done(proc: subprocess.Popen[str], db: Path, job_id: str) -> Any:
+    """Wait for the worker to finish the job, stop it (it must exit 0); the job's result."""
+    try:
+        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                 == "done", 15, "the job to be done", proc)
+        code, _, err, _ = stop_worker(proc)
+    finally:
+        kill_if_running(proc)
+    assert code == 0, err
+    return ok_json("job", job_id, db=db)["result"]
+
+
 def copy_db(source: Path, target: Path) -> Path:
     for suffix in ("", "-wal"):
         if Path(f"{source}{suffix}").exists():
@@ -454,15 +466,8 @@ def test_worker_finds_the_app_in_the_current_folder_without_shadowing_the_stdlib
                                         "the standard library')\n")
     db = tmp_path / "q.db"
     job_id = enqueue(db, "where")
-    proc = start_worker(db, "shadowing_app:make_runtime", cwd=folder)
-    try:
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
-                 == "done", 15, "the job to be done", proc)
-        code, _, err, _ = stop_worker(proc)
-    finally:
-        kill_if_running(proc)
-    assert code == 0, err
-    result = ok_json("job", job_id, db=db)["result"]
+    result = result_once_done(start_worker(db, "shadowing_app:make_runtime", cwd=folder),
+                              db, job_id)
     assert Path(result).parent != folder and result.endswith("colorsys.py")
 
 
@@ -937,14 +942,7 @@ def test_python_sqliteq_py_worker_runs_an_app(db: Path) -> None:
     job_id = enqueue(db, "add", '{"a": 20, "b": 22}')
     proc = start_worker(None, command=[sys.executable, "sqliteq.py", "--db", str(db), "worker",
                                        APP])
-    try:
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
-                 == "done", 15, "the job to be done", proc)
-        code, _, err, _ = stop_worker(proc)
-    finally:
-        kill_if_running(proc)
-    assert code == 0, err
-    assert ok_json("job", job_id, db=db)["result"] == {"sum": 42}
+    assert result_once_done(proc, db, job_id) == {"sum": 42}
 
 
 def test_sqliteq_db_environment_variable_picks_the_file(tmp_path: Path) -> None:
