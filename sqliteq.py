@@ -3574,7 +3574,15 @@ def _cli() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `sqliteq` command."""
-    _cli().main(args=argv, prog_name="sqliteq")
+    try:
+        cli = _cli()
+    except ImportError as exc:
+        if exc.name != "click":
+            raise
+        print("sqliteq: error: the sqliteq command needs click: pip install click",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    cli.main(args=argv, prog_name="sqliteq")
 
 
 if __name__ == "__main__":

@@ -938,6 +938,14 @@ def test_python_sqliteq_py_works_like_the_console_script(db: Path) -> None:
     assert_error(bad, "NOPE")
 
 
+def test_python_sqliteq_py_without_click_says_so_in_one_line() -> None:
+    without_click = ("import runpy, sys; sys.modules['click'] = None; sys.argv[1:] = ['--help'];"
+                     " runpy.run_path('sqliteq.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", without_click], cwd=REPO,
+                            capture_output=True, text=True, timeout=30, env=clean_env())
+    assert_error(result, "needs click", "pip install click", code=1)
+
+
 def test_python_sqliteq_py_worker_runs_an_app(db: Path) -> None:
     job_id = enqueue(db, "add", '{"a": 20, "b": 22}')
     proc = start_worker(None, command=[sys.executable, "sqliteq.py", "--db", str(db), "worker",
