@@ -3234,7 +3234,7 @@ def _cli() -> Any:
             echo(out.job_id)
             if not out.created:
                 echo(f"deduplicated: job {out.job_id} with unique key {unique_key!r} "
-                           f"is already queued or running", err=True)
+                     f"is already queued or running", err=True)
 
     @cli.command("enqueue-bulk")
     @click.argument("source", type=click.File("r"))
