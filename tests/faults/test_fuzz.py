@@ -26,8 +26,9 @@ from sqliteq import EnqueueRequest, InvalidInput
 
 # SQLITEQ_SOAK=1 (the soak of README "Development") tries ten times as many inputs.
 SCALE = 10 if os.environ.get("SQLITEQ_SOAK") else 1
+# The default run is the same every time (a CI failure reproduces); the soak explores.
 SETTINGS = settings(max_examples=300 * SCALE, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    derandomize=not SCALE > 1, suppress_health_check=[HealthCheck.too_slow])
 
 def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Good values three times in four: each of seven fields may spoil a request, and the
@@ -85,20 +86,20 @@ def storage(tmp_path: Path) -> Iterator[sqliteq.Storage]:
 
 
 def run_all(storage: sqliteq.Storage, accepted: dict[str, Any]) -> None:
-    """Every accepted job runs to done, its handler seeing the payload it was given."""
+    """Every accepted job runs to done, its handler seeing (and returning) its payload."""
     queues = {job.queue for job in storage.jobs.list(limit=len(accepted))}
     kinds = {job.kind for job in storage.jobs.list(limit=len(accepted))}
     runtime = sqliteq.Runtime(storage, dict.fromkeys(queues, 2), poll_interval=0.02,
                               heartbeat_interval=0.1, lease_timeout=5)
     for kind in kinds:
-        runtime.register(kind, lambda ctx, payload: {"saw": payload})
+        runtime.register(kind, lambda ctx, payload: payload)
     # Far-future jobs are made due now: "runnable" is about the row, not the clock.
     storage.db.write(lambda conn: conn.execute("UPDATE jobs SET run_at = 0"))
     with runtime:
         for job_id, payload in accepted.items():
             job = storage.jobs.wait(job_id, timeout=60)
             assert job.state.value == "done", job
-            assert job.result == {"saw": payload}
+            assert job.result == payload
 
 
 def test_any_enqueue_request_is_refused_cleanly_or_stored_listed_and_runnable(

@@ -30,7 +30,11 @@ sits wedged. Run with `pytest -s` to see the figures; SQLITEQ_SOAK=1 adds a long
 from __future__ import annotations
 
 import functools
+import json
 import os
+import resource
+import signal
+import subprocess
 import threading
 import time
 import zlib
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import apsw
 import pytest
-from support import raw, wait_until
+from support import assert_error, clean_env, raw, script, wait_until
 from vfs import VFS_NAME, FaultVFS, fault_vfs
 
 import sqliteq
@@ -522,3 +526,27 @@ def test_soak_a_runtime_under_random_faults_of_every_kind(db_path: Path, vfs: Fa
     print(f"\n{drain.summary(f'soak seed {seed} any/any/{error.__name__}')}")
     assert drain.foreign == []
     assert drain.lost == 0 and drain.double_finalized == 0
+
+
+# ------------------------------------------------------- a file that cannot grow ----
+
+def cannot_grow_past(size: int) -> Callable[[], None]:
+    """For a child process: writes past `size` bytes fail (EFBIG), as on a full disk."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # an error, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_the_cli_on_a_file_that_cannot_grow_prints_one_line_and_loses_nothing(
+        db_path: Path) -> None:
+    with sqliteq.Storage(db_path) as storage:
+        kept = storage.jobs.enqueue(EnqueueRequest("k", "kept")).job_id
+    lines = "".join(json.dumps({"kind": "k", "payload": {"pad": "x" * 1000}}) + "\n"
+                    for _ in range(5000))
+    result = subprocess.run([script(), "--db", str(db_path), "enqueue-bulk", "-"], input=lines,
+                            capture_output=True, text=True, timeout=60, env=clean_env(),
+                            preexec_fn=cannot_grow_past(db_path.stat().st_size + 100_000))
+    assert_error(result, "I/O error", code=1)
+    assert raw(db_path, "SELECT id FROM jobs") == [(kept,)]
+    assert integrity(db_path) == "ok"
