@@ -68,7 +68,14 @@ def test_opening_a_truncated_or_corrupt_file_raises_schema_error_and_changes_not
     assert os.listdir(bad_file.parent) == ["q.db"]
 
 
-@pytest.mark.parametrize("args", [*READ_COMMANDS, ["enqueue", "k"]], ids=" ".join)
+# Every command on one kind of bad file, a reading and a writing one on the others.
+CLI_CASES = [pytest.param(spoil, args, id=f"{spoil}-{' '.join(args)}")
+             for spoil in sorted(BAD_FILES)
+             for args in ([*READ_COMMANDS, ["enqueue", "k"]] if spoil == "truncated-to-half"
+                          else [["status"], ["enqueue", "k"]])]
+
+
+@pytest.mark.parametrize(("bad_file", "args"), CLI_CASES, indirect=["bad_file"])
 def test_the_cli_on_a_truncated_or_corrupt_file_prints_one_line_and_changes_nothing(
         bad_file: Path, args: list[str]) -> None:
     before = bad_file.read_bytes()
