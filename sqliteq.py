@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
-from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 import apsw
 import ulid
@@ -192,13 +192,18 @@ def _encode_json(value: Any, what: str) -> str:
     return text
 
 
-def _decode_stored(text: str, what: str) -> Any:
+def _decode_stored(text: str | bytes, what: str) -> Any:
     """JSON that sqliteq stored; a clear error if something else wrote it."""
     try:
         return _json_decode(text)
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:     # (UnicodeDecodeError is a ValueError)
         raise SqliteqError(f"{what} in the database is not JSON sqliteq can read "
                            f"({type(exc).__name__}: {exc})") from None
+
+
+def _text_from_blob(data: bytes) -> str:
+    """A text column read as bytes (see _JOB_COLUMNS); bytes that are not UTF-8 replaced."""
+    return data.decode("utf-8", "replace")
 
 
 def now_ms() -> int:
@@ -508,6 +513,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # The progress clock (see Processes): hosts are judged on it, not on wall time.
         "ALTER TABLE processes ADD COLUMN progress_at INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE processes ADD COLUMN heartbeat_interval_ms INTEGER NOT NULL DEFAULT 1000",
         "UPDATE processes SET progress_at = heartbeat_at",
     ),
 )
@@ -921,6 +927,8 @@ class Database:
         connection (so it sees every commit so far)."""
         try:
             return self.connection().execute(statement, params).fetchall()
+        except UnicodeDecodeError as exc:   # text that something else stored
+            raise SqliteqError(f"{self.path!r} holds text that is not UTF-8 ({exc})") from None
         except apsw.Error as exc:
             error = _storage_error(exc, self.path)
             if error is exc:
@@ -1015,9 +1023,11 @@ _mint_ids = _IdMinter().mint
 
 # ------------------------------------------------------------------ Jobs ----
 
-_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max_attempts,"
-                " unique_key, result, errors, created_at, started_at, finished_at, worker, host,"
-                " cancel_requested")
+# JSON columns come as bytes, decoded by _decode_stored: text that is not UTF-8 (written by
+# something else) is then one clear error about one job, not a failed query.
+_JOB_COLUMNS = ("id, kind, queue, CAST(payload AS BLOB), state, priority, run_at, attempt,"
+                " max_attempts, unique_key, CAST(result AS BLOB), CAST(errors AS BLOB),"
+                " created_at, started_at, finished_at, worker, host, cancel_requested")
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
@@ -1422,20 +1432,27 @@ class Processes:
     """The heartbeat table, and the reaper that rescues jobs of silent hosts.
 
     Hosts are judged on a progress clock, not on wall time. Each beat advances the clock by
-    the wall time since the last beat of any host, but by at most two of the beater's
-    heartbeat intervals, and stamps the beater's row with it. A host is dead when the clock
-    has moved more than its lease timeout past its stamp. While an outside writer holds the
-    writer lock, no host can beat and the clock stands still: a stall that blocks everyone
-    rescues no one, however long it lasts, and a jump of the wall clock rescues no one
-    either. A host silent while the others beat is dead after its lease timeout, as on a
-    wall clock.
+    the wall time since the last beat of any host (beats stamped in the future, after the
+    wall clock stepped back, do not count), and stamps the beater's row with it. A host is
+    dead when the clock has moved more than its lease timeout past its stamp. One beat
+    advances the clock by at most the step that no live host can miss: twice the shortest
+    heartbeat interval, and less than any host's lease timeout minus its interval. While an
+    outside writer holds the writer lock, no host can beat and the clock stands still, so a
+    stall that blocks everyone rescues no one, however long it lasts, and a jump of the wall
+    clock rescues no one either. A host silent while the others beat is dead after its
+    lease timeout, as on a wall clock (later when hosts with very different intervals share
+    the file: the clock then advances at most one step per beat).
     """
 
-    PROGRESS = "SELECT max(progress_at), max(heartbeat_at) FROM processes"
+    PROGRESS = ("SELECT max(progress_at), max(heartbeat_at) FILTER (WHERE heartbeat_at <= ?1),"
+                " min(min(2 * heartbeat_interval_ms, lease_timeout_ms - heartbeat_interval_ms))"
+                " FROM processes")
     UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
-              " lease_timeout_ms, progress_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)"
+              " lease_timeout_ms, progress_at, heartbeat_interval_ms)"
+              " VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)"
               " ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
-              " progress_at = excluded.progress_at")
+              " progress_at = excluded.progress_at,"
+              " heartbeat_interval_ms = excluded.heartbeat_interval_ms")
     DELETE = "DELETE FROM processes WHERE host_id = ?"
     SELECT_ALL = ("SELECT host_id, hostname, pid, queues, started_at, heartbeat_at"
                   " FROM processes ORDER BY started_at, host_id")
@@ -1468,16 +1485,22 @@ class Processes:
         """Record that `host_id` is alive and beats every `interval` seconds (it is to be
         deemed dead after `lease_timeout` seconds of progress without a beat), and rescue
         the jobs of dead hosts. Returns how many jobs were rescued. Idempotent."""
+        lease_ms, interval_ms = int(lease_timeout * 1000), int(interval * 1000)
+
         def beat(conn: apsw.Connection) -> int:
             now = now_ms()      # taken with the writer lock held: waiting for it ages no beat
-            progress, last_beat = conn.execute(self.PROGRESS).fetchall()[0]
-            if progress is not None:
-                now_progress = progress + min(max(0, now - last_beat), int(interval * 2000))
-            else:
+            progress, last_beat, step = cast("tuple[int | None, int | None, int | None]",
+                                             conn.execute(self.PROGRESS, (now,)).fetchall()[0])
+            if progress is None:
                 now_progress = now
+            else:
+                step = min(2 * interval_ms, lease_ms - interval_ms,
+                           step if step is not None else 2 * interval_ms)
+                since = 0 if last_beat is None else now - last_beat
+                now_progress = progress + min(since, max(1, step))
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
-                                       _json_encode(dict(queues)), now,
-                                       int(lease_timeout * 1000), now_progress))
+                                       _json_encode(dict(queues)), now, lease_ms, now_progress,
+                                       interval_ms))
             conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, now_progress))
             rescued = conn.changes()
             conn.execute(self.DELETE_SILENT, (now_progress,))
@@ -2119,7 +2142,7 @@ class _Claimed(NamedTuple):
 
     id: str
     kind: str
-    payload: str
+    payload: bytes                      # as stored: decoded (or found unreadable) when run
     attempt: int
     max_attempts: int
     errors: str | None
@@ -2194,8 +2217,9 @@ class _LoopErrors:
     error that means the file cannot be used at all (SchemaError) is raised instead: the
     runtime stops."""
 
-    def __init__(self, loop: str, interval: float, path: str) -> None:
-        self.loop, self.interval, self.path = loop, interval, path
+    def __init__(self, loop: str, interval: float, path: str,
+                 max_pause: float = MAX_ERROR_BACKOFF) -> None:
+        self.loop, self.interval, self.path, self.max_pause = loop, interval, path, max_pause
         self.streak = 0
         self.since = 0.0
 
@@ -2212,7 +2236,7 @@ class _LoopErrors:
             else:
                 log.error("%s failed; retrying until it works", self.loop, exc_info=exc)
         return min(self.interval * (1 << min(self.streak - 1, 30)),
-                   max(self.interval, MAX_ERROR_BACKOFF))
+                   max(self.interval, self.max_pause))
 
     def succeeded(self) -> None:
         if self.streak:
@@ -2240,7 +2264,8 @@ class Runtime:
                         worker = NULL, started_at = ?3, cancel_requested = 0
         WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued' AND run_at <= ?3
                      ORDER BY priority, run_at, id LIMIT ?5)
-        RETURNING id, kind, payload, attempt, max_attempts, errors, priority, run_at"""
+        RETURNING id, CAST(kind AS BLOB), CAST(payload AS BLOB), attempt, max_attempts,
+                  CAST(errors AS BLOB), priority, run_at"""
     QUEUE_GATE = "SELECT paused, concurrency, cooldown_until FROM queues WHERE name = ?"
     COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'running' AND queue = ?"
     READY_EXISTS = ("SELECT 1 FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
@@ -2676,7 +2701,8 @@ class Runtime:
             rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
             qs.held += len(rows)
             for job_id, kind, payload, attempt, max_attempts, errors, _, _ in rows:
-                job = _Claimed(job_id, kind, payload, attempt, max_attempts, errors, lease,
+                job = _Claimed(job_id, _text_from_blob(kind), payload, attempt, max_attempts,
+                               None if errors is None else _text_from_blob(errors), lease,
                                name, CancellationToken())
                 self._held[job_id] = job
                 qs.buffer.put(job)
@@ -2756,7 +2782,9 @@ class Runtime:
     # -- heartbeat --
 
     def _heartbeat_loop(self) -> None:
-        errors = _LoopErrors("heartbeat", self.heartbeat_interval, self.storage.path)
+        # No backoff: a host that beats late looks dead to the others.
+        errors = _LoopErrors("heartbeat", self.heartbeat_interval, self.storage.path,
+                             max_pause=self.heartbeat_interval)
         pause = self.heartbeat_interval
         while not self._stopped.wait(pause):
             try:

@@ -150,6 +150,36 @@ def test_a_job_whose_payload_someone_else_spoiled_is_one_clear_error_to_read(
         assert_error(run(*args, db=path), job_id, "not JSON", code=1)
 
 
+def test_a_payload_that_is_not_utf_8_fails_its_job_and_the_queue_goes_on(
+        tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with sqliteq.Storage(path) as storage:
+        poison = storage.jobs.enqueue(EnqueueRequest("k", "x")).job_id
+        raw(path, "UPDATE jobs SET payload = CAST(x'22ff22' AS TEXT) WHERE id = ?", poison)
+        with pytest.raises(sqliteq.SqliteqError, match=f"payload of job {poison}"):
+            storage.jobs.get(poison)
+        runtime = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02,
+                                  heartbeat_interval=0.1, lease_timeout=5)
+        runtime.register("k", lambda ctx, payload: payload)
+        with runtime:
+            fine = storage.jobs.enqueue(EnqueueRequest("k", "fine")).job_id
+            assert storage.jobs.wait(fine, timeout=30).result == "fine"
+            wait_until(lambda: raw(path, "SELECT state, attempt FROM jobs WHERE id = ?",
+                                   poison) == [("failed", 1)], timeout=30,
+                       what="the job with the spoiled payload failed for good")
+    assert_error(run("job", poison, db=path), poison, "not JSON", code=1)
+
+
+def test_a_kind_that_is_not_utf_8_is_one_clear_error_to_list(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with sqliteq.Storage(path) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+        raw(path, "UPDATE jobs SET kind = CAST(x'6bff' AS TEXT) WHERE id = ?", job_id)
+        with pytest.raises(sqliteq.SqliteqError, match="not UTF-8"):
+            storage.jobs.list()
+    assert_error(run("jobs", db=path), "not UTF-8", code=1)
+
+
 # ---------------------------------------------------------------- empty files ----
 
 @pytest.mark.parametrize("args", READ_COMMANDS, ids=" ".join)

@@ -23,8 +23,10 @@ from workers import Cluster, events, heartbeat_at, query, release
 import sqliteq
 from sqliteq import EnqueueRequest
 
-LEASE = 1.0
-HEARTBEAT = 0.2
+# Long enough that a child descheduled on a loaded CI machine is not judged dead; the 3x stall
+# outlasts the busy timeout (5 s), so the stalled writes go through their retries too.
+LEASE = 2.0
+HEARTBEAT = 0.25
 
 LOCK_HOLDER = """
 import sys, time, apsw
@@ -74,12 +76,12 @@ def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Path, cluster
                                                        factor: float) -> None:
     hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
     hold_the_writer_lock(cluster_db, factor * LEASE, child_env)
-    # After the stall both hosts beat again; give a reaper every chance to act: several
-    # lease timeouts' worth of beats.
+    # After the stall both hosts beat again; give a reaper every chance to act: two lease
+    # timeouts' worth of beats.
     beats = {host: heartbeat_at(cluster_db, host) for host in hosts.values()}
-    cluster.wait_for(lambda: all(heartbeat_at(cluster_db, host) > beats[host] + 3 * LEASE * 1000
+    cluster.wait_for(lambda: all(heartbeat_at(cluster_db, host) > beats[host] + 2 * LEASE * 1000
                                  for host in hosts.values()), 30,
-        "both hosts to heartbeat for three lease timeouts after the stall")
+        "both hosts to heartbeat for two lease timeouts after the stall")
     assert rescues(cluster_db) == []
     assert [e for e in events(cluster_db) if e["what"] == "stopped"] == []
     for job_id in jobs:
@@ -92,7 +94,7 @@ def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Path, cluster
 def test_a_host_silent_while_the_others_beat_is_still_rescued(cluster_db: Path, cluster: Cluster,
                                                               child_env: dict[str, str]) -> None:
     hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
-    hold_the_writer_lock(cluster_db, 3 * LEASE, child_env)
+    hold_the_writer_lock(cluster_db, LEASE, child_env)
     frozen = cluster.children[1]                # B: its jobs must be rescued, A's must not
     cluster.freeze(frozen)
     try:
@@ -117,8 +119,8 @@ def test_a_host_left_from_long_ago_is_rescued_only_after_the_others_beat_for_its
     the first beat after that rescues no one; beats spanning the dead host's lease do."""
     hour_ago = sqliteq.now_ms() - 3_600_000
     sql("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
-        " lease_timeout_ms, progress_at) VALUES ('gone', 'h', 1, '{}', ?1, ?1, 300, ?1)",
-        hour_ago)
+        " lease_timeout_ms, heartbeat_interval_ms, progress_at)"
+        " VALUES ('gone', 'h', 1, '{}', ?1, ?1, 300, 100, ?1)", hour_ago)
     job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
     sql("UPDATE jobs SET state = 'running', attempt = 1, host = 'gone', lease = 7 WHERE id = ?",
         job_id)
@@ -128,3 +130,41 @@ def test_a_host_left_from_long_ago_is_rescued_only_after_the_others_beat_for_its
                what="the rescue, once the reaper has beaten for the dead host's lease")
     assert sql("SELECT state, attempt FROM jobs WHERE id = ?", job_id) == [("queued", 1)]
     assert [p.host_id for p in storage.processes.list()] == ["reaper"]
+
+
+def insert_host(sql: Callable[..., list[Any]], host: str, beat: int, progress: int,
+                lease_ms: int, interval_ms: int) -> None:
+    sql("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
+        " lease_timeout_ms, heartbeat_interval_ms, progress_at)"
+        " VALUES (?1, 'h', 1, '{}', ?2, ?2, ?3, ?4, ?5)", host, beat, lease_ms, interval_ms,
+        progress)
+
+
+def running_on(storage: sqliteq.Storage, sql: Callable[..., list[Any]], host: str) -> str:
+    job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+    sql("UPDATE jobs SET state = 'running', attempt = 1, host = ?, lease = 7 WHERE id = ?",
+        host, job_id)
+    return job_id
+
+
+def test_a_stall_rescues_no_host_whose_interval_is_shorter_than_the_first_beaters(
+        storage: sqliteq.Storage, sql: Callable[..., list[Any]]) -> None:
+    """A beats every 0.1 s (lease 0.5 s), B every 1 s (lease 30 s). After a 1.5 s stall B
+    beats first: the clock may not jump past A's lease."""
+    now = sqliteq.now_ms()
+    insert_host(sql, "A", now - 1500, 10_000, 500, 100)
+    insert_host(sql, "B", now - 2000, 9_500, 30_000, 1000)
+    job_id = running_on(storage, sql, "A")
+    assert storage.processes.heartbeat("B", {}, 30.0, 1.0) == 0
+    assert sql("SELECT state FROM jobs WHERE id = ?", job_id) == [("running",)]
+
+
+def test_a_host_stamped_in_the_future_does_not_stop_the_clock(
+        storage: sqliteq.Storage, sql: Callable[..., list[Any]]) -> None:
+    """The wall clock stepped back an hour after this host's last beat, and it crashed."""
+    now = sqliteq.now_ms()
+    insert_host(sql, "ahead", now + 3_600_000, now, 300, 100)
+    job_id = running_on(storage, sql, "ahead")
+    wait_until(lambda: storage.processes.heartbeat("reaper", {}, 1.0, 0.1) == 1, timeout=30,
+               what="the rescue of the host stamped in the future")
+    assert sql("SELECT state FROM jobs WHERE id = ?", job_id) == [("queued",)]
