@@ -162,20 +162,18 @@ _json_decode = json.loads
 MAX_JSON_DEPTH = 100
 
 
-def _json_depth(value: Any) -> int:
-    """How deeply lists and dicts nest in `value` (measured without recursion)."""
-    deepest, stack = 0, [(value, 1)]
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and dicts nest more than `limit` deep in `value` (without recursion;
+    only containers are visited, and the walk stops at the first one too deep)."""
+    containers = (dict, list, tuple)
+    stack = [(value, 1)] if isinstance(value, containers) else []
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[Any] = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
+    return False
 
 
 def _encode_json(value: Any, what: str) -> str:
@@ -184,11 +182,10 @@ def _encode_json(value: Any, what: str) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
     # Only a text with that many brackets can nest that deep: most values need no walk.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
-        depth = _json_depth(value)
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidInput(f"{what} nests lists and objects {depth} deep; at most "
-                               f"{MAX_JSON_DEPTH} levels are allowed")
+    if (text.count("[") + text.count("{") > MAX_JSON_DEPTH
+            and _nests_deeper_than(value, MAX_JSON_DEPTH)):
+        raise InvalidInput(f"{what} nests lists and objects more than {MAX_JSON_DEPTH} deep; "
+                           f"at most {MAX_JSON_DEPTH} levels are allowed")
     return text
 
 
@@ -2577,6 +2574,7 @@ class Runtime:
                     own_writes += 1
                     self._hand_out(claimed, lease, wakes)
                     self._note_requeues(finished)
+                    finished = []               # committed: nothing to hold again below
                 if abandon:
                     self._requeue_abandoned()
                     return
@@ -2726,7 +2724,11 @@ class Runtime:
         self._settle(finished)
         stuck = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
                  for job in self._held.values()]
-        self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, []))
+        try:
+            self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, []))
+        except Exception:
+            self._unsettle(finished)        # held again: the next round commits them
+            raise
         log.warning("shutdown timed out: %d running job(s) returned to their queues",
                     len(stuck))
 
@@ -3091,17 +3093,20 @@ def _iso(moment: datetime | None) -> str | None:
 
 # Control characters in kinds, payloads or errors would drive the terminal they are printed
 # on (colours, cursor moves, a rewritten title bar): the CLI prints them as escapes instead.
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")        # all but tab and newline
-_JSON_UNESCAPED_CONTROLS = re.compile("[\x7f-\x9f]")          # json.dumps escapes the rest
+# Also lone surrogates (not text a terminal can take) and bidi overrides (they reorder what
+# follows them on the line).
+_UNPRINTABLE = "\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_CONTROLS = re.compile(f"[\x00-\x08\x0b-\x1f{_UNPRINTABLE}]")     # all but tab and newline
+_JSON_UNESCAPED_CONTROLS = re.compile(f"[{_UNPRINTABLE}]")      # json.dumps escapes the rest
 
 
 def _printable(text: str) -> str:
     """`text` with its control characters (bar tab and newline) written as escapes."""
-    return _CONTROLS.sub(lambda found: repr(found.group())[1:-1], text)
+    return _CONTROLS.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def _printable_json(text: str) -> str:
-    """JSON text with DEL and the C1 controls as \\u escapes too (the same JSON values)."""
+    """JSON text with the characters above as \\u escapes too (the same JSON values)."""
     return _JSON_UNESCAPED_CONTROLS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
@@ -3329,8 +3334,14 @@ def _cli() -> Any:
                     or not 1 <= int(count) <= 1024:
                 fail(f"bad --queues item {item!r}; use name=slots with 1 to 1024 slots")
             slots[name.strip()] = int(count)
+        class PrintableFormatter(logging.Formatter):     # kinds may hold escape sequences
+            def format(self, record: logging.LogRecord) -> str:
+                return _printable(super().format(record))
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                            handlers=[handler])
         module_name, _, attribute = app.partition(":")
         sys.path.append(os.getcwd())    # last: a local json.py must not shadow the stdlib
         try:
@@ -3425,7 +3436,7 @@ def _cli() -> Any:
             if key not in ("payload", "result", "errors", "last_error"):
                 echo(f"{key + ':':18}{'-' if value is None else value}")
         for key in ("payload", "result"):
-            echo(f"{key + ':':18}{json.dumps(data[key], ensure_ascii=False)}")
+            echo(f"{key + ':':18}{_printable_json(json.dumps(data[key], ensure_ascii=False))}")
         for error in found.errors:
             echo(f"\nattempt {error['attempt']} at {error['at']}: {error['error']}")
             if error.get("traceback"):

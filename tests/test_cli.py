@@ -639,12 +639,13 @@ def test_jobs_after_a_worker_run(worked: SimpleNamespace) -> None:
     assert "ValueError: boom goes the handler" in table and "1/1" in table
 
 
-TERMINAL_CONTROLS = ("\x1b", "\x07", "\x9b")
+# ESC, BEL, CSI, a bidi override, a lone surrogate (which would not even encode as UTF-8).
+TERMINAL_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e", "\udc80")
 
 
 def test_control_characters_in_jobs_are_printed_as_escapes(db: Path) -> None:
     kind = "evil\x1b]0;pwned\x07"
-    payload = {"s": "\x1b[2J\x9b31m"}
+    payload = {"s": "\x1b[2J\x9b31m", "bidi": "\u202eevil", "lone": "\udc80"}
     error = "ValueError: \x1b[31mred\x1b[0m"
     with sqliteq.Storage(db) as storage:
         job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest(kind, payload)).job_id
@@ -653,12 +654,27 @@ def test_control_characters_in_jobs_are_printed_as_escapes(db: Path) -> None:
                        "traceback": f"Traceback\n  {error}\n"}]), job_id)
     for args in (["jobs"], ["job", job_id], ["status"], ["jobs", "--json"], ["job", job_id,
                                                                              "--json"]):
-        out = ok(*args, db=db)
+        out = ok(*args, db=db, env=clean_env(PYTHONIOENCODING="utf-8"))
         assert not any(c in out for c in TERMINAL_CONTROLS), (args, out)
     assert "evil\\x1b]0;pwned\\x07" in ok("jobs", db=db)
     job = ok_json("job", job_id, db=db)
     assert (job["kind"], job["payload"], job["errors"][0]["error"]) == (kind, payload, error)
     assert_error(run("job", "NOPE\x1b[2J", db=db), "NOPE\\x1b[2J")
+
+
+def test_worker_logs_print_control_characters_as_escapes(db: Path) -> None:
+    with sqliteq.Storage(db) as storage:
+        job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("evil\x1b[31m",
+                                                             max_attempts=1)).job_id
+    proc = start_worker(db, APP, "-v")
+    try:
+        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                 == "failed", 15, "the job without a handler to fail", proc)
+        code, _, err, _ = stop_worker(proc)
+    finally:
+        kill_if_running(proc)
+    assert code == 0, err
+    assert "evil\\x1b[31m" in err and "\x1b" not in err, err
 
 
 # --------------------------------------------------- retry / cancel / purge ----

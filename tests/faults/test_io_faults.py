@@ -32,9 +32,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
-import signal
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -474,7 +473,7 @@ def claimed(db_path: Path, job_id: str) -> bool:
 
 
 def test_a_dispatcher_commit_that_fails_after_taking_effect_strands_no_claimed_job(
-        db_path: Path, vfs: FaultVFS) -> None:
+        db_path: Path, vfs: FaultVFS, caplog: pytest.LogCaptureFixture) -> None:
     # The COMMIT's auto-checkpoint hits a main-file fault, which apsw reports at the COMMIT:
     # the claim took effect, but the runtime was told it failed and holds no such job. Its
     # heartbeat keeps the reaper away, so the runtime itself must put the job back.
@@ -510,6 +509,9 @@ def test_a_dispatcher_commit_that_fails_after_taking_effect_strands_no_claimed_j
             pytest.fail(f"job {job_id} stranded: {state} on host {host} (this runtime: "
                         f"{runtime.host_id}, alive: {runtime.error is None})")
         assert job.state.value == "done"
+        # Put back by this runtime, refunded: not rescued by a reaper (which burns attempts).
+        assert (job.attempt, job.errors) == (1, [])
+        assert "releasing 1 claimed job(s) this runtime does not hold" in caplog.text
     finally:
         vfs.disarm()
         runtime.stop(timeout=10)
@@ -530,12 +532,14 @@ def test_soak_a_runtime_under_random_faults_of_every_kind(db_path: Path, vfs: Fa
 
 # ------------------------------------------------------- a file that cannot grow ----
 
-def cannot_grow_past(size: int) -> Callable[[], None]:
-    """For a child process: writes past `size` bytes fail (EFBIG), as on a full disk."""
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # an error, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-    return limit
+# Runs a command with writes past a size failing (EFBIG), as on a full disk: SIGXFSZ ignored
+# (an error, not a killed process); both survive the exec.
+CANNOT_GROW = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def test_the_cli_on_a_file_that_cannot_grow_prints_one_line_and_loses_nothing(
@@ -544,9 +548,10 @@ def test_the_cli_on_a_file_that_cannot_grow_prints_one_line_and_loses_nothing(
         kept = storage.jobs.enqueue(EnqueueRequest("k", "kept")).job_id
     lines = "".join(json.dumps({"kind": "k", "payload": {"pad": "x" * 1000}}) + "\n"
                     for _ in range(5000))
-    result = subprocess.run([script(), "--db", str(db_path), "enqueue-bulk", "-"], input=lines,
-                            capture_output=True, text=True, timeout=60, env=clean_env(),
-                            preexec_fn=cannot_grow_past(db_path.stat().st_size + 100_000))
+    limit = str(db_path.stat().st_size + 100_000)
+    result = subprocess.run([sys.executable, "-c", CANNOT_GROW, limit, script(), "--db",
+                             str(db_path), "enqueue-bulk", "-"], input=lines,
+                            capture_output=True, text=True, timeout=60, env=clean_env())
     assert_error(result, "I/O error", code=1)
     assert raw(db_path, "SELECT id FROM jobs") == [(kept,)]
     assert integrity(db_path) == "ok"
