@@ -150,15 +150,23 @@ def kill_if_running(proc: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
-def result_once_done(proc: subprocess.Popen[str], db: Path, job_id: str) -> Any:
-    """Wait for the worker to finish the job, stop it (it must exit 0); the job's result."""
+def stderr_once(proc: subprocess.Popen[str], db: Path, job_id: str, state: str = "done"
+                ) -> str:
+    """Wait for the worker to bring the job to `state`, stop it (it must exit 0); its
+    stderr."""
     try:
         wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
-                 == "done", 15, "the job to be done", proc)
+                 == state, 15, f"the job to be {state}", proc)
         code, _, err, _ = stop_worker(proc)
     finally:
         kill_if_running(proc)
     assert code == 0, err
+    return err
+
+
+def result_once_done(proc: subprocess.Popen[str], db: Path, job_id: str) -> Any:
+    """Wait for the worker to finish the job and stop it; the job's result."""
+    stderr_once(proc, db, job_id)
     return ok_json("job", job_id, db=db)["result"]
 
 
@@ -666,14 +674,7 @@ def test_worker_logs_print_control_characters_as_escapes(db: Path) -> None:
     with sqliteq.Storage(db) as storage:
         job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("evil\x1b[31m",
                                                              max_attempts=1)).job_id
-    proc = start_worker(db, APP, "-v")
-    try:
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
-                 == "failed", 15, "the job without a handler to fail", proc)
-        code, _, err, _ = stop_worker(proc)
-    finally:
-        kill_if_running(proc)
-    assert code == 0, err
+    err = stderr_once(start_worker(db, APP, "-v"), db, job_id, "failed")   # no handler
     assert "evil\\x1b[31m" in err and "\x1b" not in err, err
 
 
