@@ -652,12 +652,16 @@ class Database:
         if os.path.isdir(self.path):
             raise SchemaError(f"cannot open database {self.path!r}: it is a directory")
         # Checked before SQLite opens anything: refusing later would leave -wal and -shm
-        # files behind, next to a file this process may not even write.
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise SchemaError(f"cannot open {self.path!r} for writing: folder {folder!r} is "
-                              f"read-only; sqliteq needs write access to the file and its "
-                              f"folder")
-        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+        # files behind, next to a file this process may not even write. SQLite puts them
+        # beside the file a symlink points to, and writes with the effective user's rights.
+        effective = os.access in os.supports_effective_ids
+        target_folder = os.path.dirname(os.path.realpath(self.path))
+        if not os.access(target_folder, os.W_OK | os.X_OK, effective_ids=effective):
+            raise SchemaError(f"cannot open {self.path!r} for writing: folder "
+                              f"{target_folder!r} is read-only; sqliteq needs write access to "
+                              f"the file and its folder")
+        if os.path.exists(self.path) and not os.access(self.path, os.W_OK,
+                                                       effective_ids=effective):
             raise SchemaError(f"{self.path!r} is read-only; sqliteq needs write access to "
                               f"the file and its folder")
 

@@ -345,6 +345,20 @@ def test_read_only_file_in_writable_folder_is_refused_and_nothing_is_left_beside
     assert path.read_bytes() == before
 
 
+def test_a_symlink_in_a_read_only_folder_to_a_database_in_a_writable_one_opens(
+        reachable_dir, open_unprivileged):
+    """SQLite keeps -wal and -shm beside the file the link points to: that folder counts."""
+    data, links = reachable_dir / "data", reachable_dir / "links"
+    data.mkdir()
+    links.mkdir()
+    path = existing_database(data)
+    writable(path)
+    writable(data)
+    (links / "q.db").symlink_to(path)
+    read_only(links)
+    assert open_unprivileged(links / "q.db") == ["opened"]
+
+
 def test_writing_to_a_read_only_file_raises_schema_error(reachable_dir, open_unprivileged):
     path = existing_database(reachable_dir)
     read_only(path)
