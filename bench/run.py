@@ -396,22 +396,38 @@ class RawApsw(System):
              " FINISH_DONE statements, rows built in the timer (json.dumps, str(ulid.ULID()),"
              " ms time). enqueue-8t: 8 threads, a connection each, busy_timeout 5 s. drain: one"
              " thread, claim 100 + complete them per transaction: the SQL limit.")
+    # The statements, and how a row and a claim's parameters look: RawMinimal swaps them.
+    INSERT = sqliteq.Jobs.INSERT
+    CLAIM = sqliteq.Runtime.CLAIM
+    FINISH = sqliteq.Runtime.FINISH_DONE
+
+    def create(self, path: str) -> None:
+        create_sqliteq_file(path)
+
+    def row(self, i: int, now: int) -> tuple[Any, ...]:
+        return raw_row(i, now)
+
+    def claim_params(self, lease: int, now: int, limit: int) -> tuple[Any, ...]:
+        return (lease, "raw", now, "default", limit)
+
+    def finish_params(self, job_id: Any, lease: int, now: int) -> tuple[Any, ...]:
+        return (job_id, lease, "null", "default-0-raw", now)
 
     def enqueue_1t(self, path: str, n: int) -> Metrics:
-        create_sqliteq_file(path)
+        self.create(path)
         conn = raw_connection(path)
         started = time.perf_counter()
         for i in range(n):
-            row = raw_row(i, now_ms())
+            row = self.row(i, now_ms())
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(sqliteq.Jobs.INSERT, row)
+            conn.execute(self.INSERT, row)
             conn.execute("COMMIT")
         elapsed = time.perf_counter() - started
         conn.close()
         return {"jobs_per_s": n / elapsed}
 
     def enqueue_8t(self, path: str, n: int) -> Metrics:
-        create_sqliteq_file(path)
+        self.create(path)
         errors = [0] * THREADS_8T
         connections: list[apsw.Connection] = []
 
@@ -421,10 +437,10 @@ class RawApsw(System):
 
             def work() -> None:
                 for i in split(n, THREADS_8T)[index]:
-                    row = raw_row(i, now_ms())
+                    row = self.row(i, now_ms())
                     try:
                         conn.execute("BEGIN IMMEDIATE")
-                        conn.execute(sqliteq.Jobs.INSERT, row)
+                        conn.execute(self.INSERT, row)
                         conn.execute("COMMIT")
                     except (apsw.BusyError, apsw.LockedError):
                         errors[index] += 1
@@ -438,20 +454,23 @@ class RawApsw(System):
         return {"jobs_per_s": (n - sum(errors)) / elapsed, "errors": sum(errors)}
 
     def bulk(self, path: str, n: int) -> Metrics:
-        create_sqliteq_file(path)
+        self.create(path)
         conn = raw_connection(path)
         started = time.perf_counter()
         now = now_ms()
-        rows = [raw_row(i, now) for i in range(n)]
+        rows = [self.row(i, now) for i in range(n)]
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(sqliteq.Jobs.INSERT, rows)
+        conn.executemany(self.INSERT, rows)
         conn.execute("COMMIT")
         elapsed = time.perf_counter() - started
         conn.close()
         return {"jobs_per_s": n / elapsed}
 
-    def drain(self, path: str, n: int) -> Metrics:
+    def fill(self, path: str, n: int) -> None:
         fill_sqliteq(path, n)
+
+    def drain(self, path: str, n: int) -> Metrics:
+        self.fill(path, n)
         conn = raw_connection(path)
         done = lease = 0
         started = time.perf_counter()
@@ -459,10 +478,9 @@ class RawApsw(System):
             lease += 1
             now = now_ms()
             conn.execute("BEGIN IMMEDIATE")
-            rows = conn.execute(sqliteq.Runtime.CLAIM, (lease, "raw", now, "default", 100)
-                                ).fetchall()
-            conn.executemany(sqliteq.Runtime.FINISH_DONE,
-                             [(row[0], lease, "null", "default-0-raw", now) for row in rows])
+            rows = conn.execute(self.CLAIM, self.claim_params(lease, now, 100)).fetchall()
+            conn.executemany(self.FINISH, [self.finish_params(row[0], lease, now)
+                                           for row in rows])
             conn.execute("COMMIT")
             if not rows:
                 raise RuntimeError(f"raw drain found no queued jobs after {done} of {n}")
@@ -498,6 +516,51 @@ class RawApsw(System):
         out["ratio"] = out[f"p50_ms@{size_label(sizes[-1])}"] / out[
             f"p50_ms@{size_label(sizes[0])}"]
         return out
+
+
+class RawMinimal(RawApsw):
+    name = "raw-minimal"
+    notes = ("the limit of a queue on SQLite: apsw, one rowid table, one partial index that"
+             " orders the claim; same payload, WAL, synchronous=NORMAL and loops as raw-apsw.")
+    SCHEMA = (
+        ("CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,"
+         " kind TEXT NOT NULL, payload TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,"
+         " priority INTEGER NOT NULL DEFAULT 0, run_at INTEGER NOT NULL,"
+         " attempt INTEGER NOT NULL DEFAULT 0, lease INTEGER, result TEXT)"),
+        ("CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, priority, run_at, id)"
+         " WHERE state = 0"),
+    )
+    INSERT = "INSERT INTO jobs (queue, kind, payload, run_at) VALUES (?, ?, ?, ?)"
+    CLAIM = ("UPDATE jobs SET state = 1, attempt = attempt + 1, lease = ?1 WHERE id IN"
+             " (SELECT id FROM jobs WHERE queue = ?2 AND state = 0 AND run_at <= ?3"
+             " ORDER BY priority, run_at, id LIMIT ?4) RETURNING id")
+    FINISH = "UPDATE jobs SET state = 2, result = ?3 WHERE id = ?1 AND lease = ?2"
+
+    def create(self, path: str) -> None:
+        conn = raw_connection(path)
+        for statement in self.SCHEMA:
+            conn.execute(statement)
+        conn.close()
+
+    def row(self, i: int, now: int) -> tuple[Any, ...]:
+        return ("default", "noop", json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS), now)
+
+    def claim_params(self, lease: int, now: int, limit: int) -> tuple[Any, ...]:
+        return (lease, "default", now, limit)
+
+    def finish_params(self, job_id: Any, lease: int, now: int) -> tuple[Any, ...]:
+        return (job_id, lease, "null")
+
+    def fill(self, path: str, n: int) -> None:
+        self.create(path)
+        conn = raw_connection(path)
+        now = now_ms()
+        with conn:
+            conn.executemany(self.INSERT, [self.row(i, now) for i in range(n)])
+        conn.close()
+
+    def claim_latency(self, ctx: Context) -> Metrics:
+        raise NotApplicable         # its tables would need a second fill: the bench keeps one
 
 
 class Sqliteq(System):
@@ -633,12 +696,13 @@ class Huey(System):
             def noop(i: int) -> None:
                 pass
 
+            before = huey.pending_count()
             started = time.perf_counter()
             for i in range(n):
                 noop(i)
             elapsed = time.perf_counter() - started
-            if huey.pending_count() != n:
-                raise RuntimeError(f"{huey.pending_count()} tasks pending, expected {n}")
+            if huey.pending_count() != before + n:
+                raise RuntimeError(f"{huey.pending_count()} tasks pending, expected {before + n}")
         return {"jobs_per_s": n / elapsed}
 
     def enqueue_8t(self, path: str, n: int) -> Metrics:
@@ -942,7 +1006,77 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
                             Row("baseline_mb", "MB after imports", "MB"),
                             Row("ru_maxrss_mb", "ru_maxrss MB (inflated)", "MB")],
              in_child=True),
+    Scenario("wal-per-enqueue", "WAL written per single-enqueue commit",
+             lambda sys_, path, ctx: wal_per_enqueue(sys_, path, ctx),
+             lambda sizes: [Row("wal_bytes", "WAL bytes", "B"),
+                            Row("wal_pages", "WAL pages (page + frame header)", "pages")]),
 ]}
+
+
+WAL_COMMITS = 200       # single enqueues measured by the wal-per-enqueue scenario
+
+
+def sqlite_files(location: str) -> list[str]:
+    """The SQLite database files at `location` (a file, or a folder holding some)."""
+    candidates = ([os.path.join(location, name) for name in sorted(os.listdir(location))]
+                  if os.path.isdir(location) else [location])
+    found = []
+    for name in candidates:
+        if os.path.isfile(name) and not name.endswith(("-wal", "-shm", "-journal")):
+            with open(name, "rb") as file:
+                if file.read(16) == b"SQLite format 3\x00":
+                    found.append(name)
+    return found
+
+
+# Holds a read snapshot on each file named, in its own process: POSIX locks are per process,
+# so a second SQLite library in this one (the peers use the stdlib's) would not see the pin.
+WAL_PIN = """
+import sys, apsw
+pins = []
+for name in sys.argv[1:]:
+    pin = apsw.Connection(name)
+    pin.execute("BEGIN")
+    pin.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    pins.append(pin)
+print("pinned", flush=True)
+sys.stdin.readline()
+"""
+
+
+def wal_per_enqueue(system: System, location: str, ctx: Context) -> Metrics:
+    """WAL bytes one single-enqueue commit appends. A reader holding a snapshot keeps any
+    checkpoint from recycling the WAL, so it grows by exactly what the commits write."""
+    system.enqueue_1t(location, 1)          # creates the file(s) and the schema, untimed
+    files = []
+    for name in sqlite_files(location):
+        conn = apsw.Connection(name)
+        mode, page = (conn.execute("PRAGMA journal_mode").fetchall()[0][0],
+                      conn.execute("PRAGMA page_size").fetchall()[0][0])
+        conn.close()
+        if mode == "wal":
+            files.append(name)
+    if not files:
+        raise NotApplicable                 # not a SQLite queue in WAL mode
+
+    def wal_bytes() -> int:     # (no -wal file yet: nothing written since the last close)
+        return sum(os.path.getsize(f"{name}-wal") for name in files
+                   if os.path.exists(f"{name}-wal"))
+
+    pin = subprocess.Popen([sys.executable, "-c", WAL_PIN, *files], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert pin.stdout is not None and pin.stdin is not None
+        if pin.stdout.readline().strip() != "pinned":
+            raise RuntimeError("the WAL pin did not start")
+        before = wal_bytes()
+        system.enqueue_1t(location, WAL_COMMITS)
+        grown = wal_bytes() - before
+        pin.stdin.write("done\n")
+        pin.stdin.flush()
+    finally:
+        pin.wait(timeout=30)
+    return {"wal_bytes": grown / WAL_COMMITS, "wal_pages": grown / WAL_COMMITS / (page + 24)}
 
 
 def scenario_sizes(name: str, sizes: Sizes) -> str:
@@ -957,10 +1091,14 @@ def scenario_sizes(name: str, sizes: Sizes) -> str:
         "claim-latency": (f"{sizes.claim_samples} jobs per table of "
                           + ", ".join(size_label(n) for n in sizes.claim_tables) + " done rows"),
         "peak-rss": f"N={sizes.rss_jobs:,}",
+        "wal-per-enqueue": f"{WAL_COMMITS} single enqueues, WAL pinned by a reader",
     }[name]
 
 
 SCENARIO_NOTES = {
+    "wal-per-enqueue": ("bytes each single-enqueue commit appends to the WAL (a reader holding a"
+                        " snapshot keeps checkpoints from recycling it), and the same in 4 KB"
+                        " pages with their 24-byte frame headers: what a commit costs in I/O."),
     "enqueue-1t": "one transaction per job; the timer covers building each request or row.",
     "enqueue-8t": "8 threads released together; raw counts busy errors (none expected).",
     "bulk": "the timer covers building the requests/rows and the one transaction.",
@@ -1036,6 +1174,8 @@ TARGETS = [
            lambda m: _none_or_max(m("claim-latency", "sqliteq", "ratio"), 1.5)),
     Target("peak-rss", "peak_rss_mb", "<= 100 MB",
            lambda m: _none_or_max(m("peak-rss", "sqliteq", "peak_rss_mb"), 100.0)),
+    Target("wal-per-enqueue", "wal_pages", "<= 2.5 pages",
+           lambda m: _none_or_max(m("wal-per-enqueue", "sqliteq", "wal_pages"), 2.5)),
 ]
 
 
@@ -1255,8 +1395,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = args.runs if args.runs is not None else (3 if args.quick else 5)
     if runs < 1:
         parser.error("--runs must be at least 1")
-    all_systems: list[System] = [RawApsw(), Sqliteq(), Huey(args.huey_fsync), PersistQueue(),
-                                 LiteQueueSystem(), HueyRedis(args.huey_fsync)]
+    all_systems: list[System] = [RawMinimal(), RawApsw(), Sqliteq(), Huey(args.huey_fsync),
+                                 PersistQueue(), LiteQueueSystem(), HueyRedis(args.huey_fsync)]
     scenarios = list(SCENARIOS.values())
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
