@@ -19,6 +19,20 @@ import sqliteq
 
 REPO = Path(sqliteq.__file__).resolve().parent
 
+# `python -c HOLD_WRITER_LOCK DB SECONDS|until-told`: a process that takes the file's writer
+# lock, prints "locked", and holds it that long (or until a line on stdin).
+HOLD_WRITER_LOCK = """
+import sys, time, apsw
+conn = apsw.Connection(sys.argv[1])
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+if sys.argv[2] == "until-told":
+    sys.stdin.readline()
+else:
+    time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
                interval: float = 0.005, check: Callable[[], None] | None = None) -> Any:

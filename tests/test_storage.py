@@ -15,7 +15,7 @@ from pathlib import Path
 
 import apsw
 import pytest
-from support import wait_until
+from support import HOLD_WRITER_LOCK, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest, SchemaError
@@ -509,19 +509,6 @@ def test_processes_opening_new_files_together_all_succeed(tmp_path):
 
 
 # ------------------------------------------------------ transient retries ----
-
-HOLD_WRITER_LOCK = """
-import sys, time, apsw
-conn = apsw.Connection(sys.argv[1])
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-if sys.argv[2] == "until-told":
-    sys.stdin.readline()
-else:
-    time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-"""
-
 
 @pytest.fixture
 def hold_writer_lock(db_path, child_env):

@@ -293,15 +293,6 @@ END;
 """
 
 
-def install_audit(db_path: Path) -> None:
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.setbusytimeout(20_000)
-        conn.execute(AUDIT)
-    finally:
-        conn.close()
-
-
 class WalPadder:
     """A raw connection that keeps appending to the WAL (never checkpointing itself), so
     sqliteq's connections keep running auto-checkpoints: main-file writes and syncs."""
@@ -364,7 +355,7 @@ def drain_under_faults(db_path: Path, vfs: FaultVFS, op: str | None, kind: str |
     disk and check every job's fate."""
     drain = Drain(p=p)
     sqliteq.Storage(db_path).close()
-    install_audit(db_path)
+    raw(db_path, AUDIT)
     storage = sqliteq.Storage(db_path, vfs=VFS_NAME, durable=op == "sync")
     runtime = sqliteq.Runtime(storage, {"default": 2}, poll_interval=0.02,
                               heartbeat_interval=0.1, lease_timeout=5)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_until
+from support import HOLD_WRITER_LOCK, wait_until
 from workers import Cluster, events, heartbeat_at, query, release
 
 import sqliteq
@@ -27,15 +27,6 @@ from sqliteq import EnqueueRequest
 # outlasts the busy timeout (5 s), so the stalled writes go through their retries too.
 LEASE = 2.0
 HEARTBEAT = 0.25
-
-LOCK_HOLDER = """
-import sys, time, apsw
-conn = apsw.Connection(sys.argv[1])
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-"""
 
 
 def start_two_hosts_running_jobs(cluster_db: Path, cluster: Cluster
@@ -55,8 +46,8 @@ def start_two_hosts_running_jobs(cluster_db: Path, cluster: Cluster
 
 
 def hold_the_writer_lock(cluster_db: Path, seconds: float, env: dict[str, str]) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(cluster_db), str(seconds)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER_LOCK, str(cluster_db),
+                               str(seconds)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "locked"
