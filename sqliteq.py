@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -86,7 +87,7 @@ __all__ = [
     "Cancelled", "CancellationToken", "ConfigError", "CronExpression", "CronSchedule",
     "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome", "EnqueueRequest",
     "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
-    "PrefixRouter", "PreparedJobs", "ProcessInfo", "Processes", "Queue", "QueueStats",
+    "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
     "Snooze", "SqliteqError", "Storage", "StorageError", "Throttled", "TransientError", "main",
     "now_ms", "parse_duration", "run_demo",
@@ -237,6 +238,19 @@ def _datetime_from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc)
 
 
+def _describe(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} that cannot be shown>"
+
+
+def _iso_from_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or value != value.strip():
         raise InvalidInput(f"{what} must be a non-empty string without surrounding spaces, "
@@ -314,13 +328,6 @@ class EnqueueRequest(_RequestFields):
     def _from_fields(cls, fields: dict[str, Any]) -> EnqueueRequest:
         fields = dict(fields)
         return cls(fields.pop("kind"), fields.pop("payload"), **fields)
-
-
-class PreparedJobs(NamedTuple):
-    """Requests validated and serialised by `Jobs.prepare`, ready to insert."""
-
-    rows: list[tuple[Any, ...]]
-    queues: set[str]
 
 
 class EnqueueOutcome(NamedTuple):
@@ -513,6 +520,60 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE processes ADD COLUMN heartbeat_interval_ms INTEGER NOT NULL DEFAULT 1000",
         "UPDATE processes SET progress_at = heartbeat_at",
     ),
+    (
+        # Storage engine v2: a single-job commit writes about two pages, as a bare queue
+        # table does. The ULID is the key of a WITHOUT ROWID table (no second b-tree mapping
+        # it to a rowid), and a queued job is either `queued` (ready: in jobs_claim only) or
+        # `scheduled` (run_at in the future: in jobs_due only), so each new job enters one
+        # index. Claims promote due scheduled jobs first (see _JobStore). Small fixed-size
+        # columns come first: reading them never walks a large payload's overflow pages.
+        """CREATE TABLE jobs_v2 (
+            id               TEXT PRIMARY KEY NOT NULL,
+            queue            TEXT NOT NULL,
+            state            TEXT NOT NULL CHECK (state IN ('queued', 'scheduled', 'running',
+                                                            'done', 'failed', 'cancelled')),
+            priority         INTEGER NOT NULL DEFAULT 0,
+            run_at           INTEGER NOT NULL,
+            attempt          INTEGER NOT NULL DEFAULT 0,
+            max_attempts     INTEGER NOT NULL DEFAULT 5,
+            lease            INTEGER,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            created_at       INTEGER NOT NULL,
+            started_at       INTEGER,
+            finished_at      INTEGER,
+            host             TEXT,
+            worker           TEXT,
+            unique_key       TEXT,
+            kind             TEXT NOT NULL,
+            payload          TEXT NOT NULL,
+            result           TEXT,
+            errors           TEXT
+        ) WITHOUT ROWID""",
+        """INSERT INTO jobs_v2 (id, queue, state, priority, run_at, attempt, max_attempts, lease,
+                                cancel_requested, created_at, started_at, finished_at, host,
+                                worker, unique_key, kind, payload, result, errors)
+           SELECT id, queue,
+                  CASE WHEN state = 'queued' AND run_at >
+                            CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+                       THEN 'scheduled' ELSE state END,
+                  priority, run_at, attempt, max_attempts, lease, cancel_requested,
+                  created_at, started_at, finished_at, host, worker, unique_key, kind,
+                  payload, result, errors
+           FROM jobs""",
+        "DROP TABLE jobs",
+        "ALTER TABLE jobs_v2 RENAME TO jobs",
+        # The claim reads only this index; being partial, it stays as small as the ready
+        # backlog however many finished rows the table keeps. (Its entries end with the key,
+        # id, as every index of a WITHOUT ROWID table does: the claim order is complete.)
+        "CREATE INDEX jobs_claim ON jobs (queue, priority, run_at) WHERE state = 'queued'",
+        # When a queue's next scheduled job is due, and which are due now.
+        "CREATE INDEX jobs_due ON jobs (queue, run_at) WHERE state = 'scheduled'",
+        ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
+         " IS NOT NULL AND state IN ('queued', 'scheduled', 'running')"),
+        "CREATE INDEX jobs_running ON jobs (host, queue) WHERE state = 'running'",
+        ("CREATE INDEX jobs_finished ON jobs (state, finished_at)"
+         " WHERE state IN ('done', 'failed', 'cancelled')"),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -561,13 +622,14 @@ def _storage_error(exc: apsw.Error, path: str) -> BaseException:
 class _WriteRequest:
     """One caller's write, waiting to be run in the next group commit."""
 
-    __slots__ = ("done", "error", "gate", "result", "work")
+    __slots__ = ("after_commit", "done", "error", "gate", "result", "work")
 
     def __init__(self, work: Callable[[apsw.Connection], Any]) -> None:
         self.work = work
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.after_commit: list[Callable[[], None]] = []   # registered by this run of work
         self.gate = threading.Lock()    # released to wake the writer (done, or lead is free)
         self.gate.acquire()
 
@@ -578,11 +640,13 @@ class _WriteRequest:
 
     def run(self, conn: apsw.Connection) -> None:
         """Run alone in the transaction: any error aborts the transaction."""
+        self.after_commit = []
         self.result = self.work(conn)
 
     def run_in_savepoint(self, conn: apsw.Connection) -> None:
         """Run beside other writes: an error rolls back this write only (busy errors still
         abort the whole transaction, to be retried)."""
+        self.after_commit = []
         conn.execute("SAVEPOINT write")
         try:
             self.result, self.error = self.work(conn), None
@@ -590,8 +654,16 @@ class _WriteRequest:
             raise
         except Exception as exc:
             conn.execute("ROLLBACK TO write")
-            self.result, self.error = None, exc
+            self.result, self.error, self.after_commit = None, exc, []
         conn.execute("RELEASE write")
+
+    def committed(self) -> None:
+        """Run what the work asked to run once it committed."""
+        for callback in self.after_commit:
+            try:
+                callback()
+            except Exception:
+                log.exception("an after-commit callback failed")
 
 
 class Database:
@@ -632,7 +704,7 @@ class Database:
         # Writes of this process that took effect. A thread that counts its own can tell
         # when other threads wrote, even when their writes rode in its own group commit
         # (which does not change its connection's data_version).
-        self.writes_committed = 0
+        self._writes_committed = 0
         # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
         self._commit_cv = threading.Condition(threading.Lock())
         self._commit_seq = 0
@@ -773,6 +845,15 @@ class Database:
             raise request.error
         return request.result  # type: ignore[no-any-return]
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on some thread, soon) once the write transaction that the
+        calling work runs in has committed; never, if it rolls back. Only for work that
+        `write` runs."""
+        request = getattr(self._local, "running", None)
+        if request is None:
+            raise SqliteqError("after_commit is for work run by Database.write")
+        request.after_commit.append(callback)
+
     def write_changes(self, statement: str, params: Sequence[Any]) -> int:
         """Run one statement in a write transaction; how many rows it changed."""
         def run(conn: apsw.Connection) -> int:
@@ -872,18 +953,23 @@ class Database:
                 try:
                     try:
                         conn.execute("BEGIN IMMEDIATE")
-                        if len(batch) == 1:
-                            batch[0].run(conn)
-                        else:
-                            for request in batch:
+                        for request in batch:
+                            self._local.running = request
+                            if len(batch) == 1:
+                                request.run(conn)
+                            else:
                                 request.run_in_savepoint(conn)
                         self._batch_committed = True    # from here the COMMIT may take effect
                         conn.execute("COMMIT")
                     finally:
+                        self._local.running = None
                         if not conn.getautocommit():    # failed, or stopped before COMMIT
                             self._batch_committed = False
                             conn.execute("ROLLBACK")
-                    self.writes_committed += sum(request.error is None for request in batch)
+                    self._writes_committed += sum(request.error is None for request in batch)
+                    for request in batch:
+                        if request.error is None:
+                            request.committed()
                     break
                 except (apsw.BusyError, apsw.LockedError) as exc:
                     self._batch_committed = False
@@ -1022,7 +1108,89 @@ class _IdMinter:
 _mint_ids = _IdMinter().mint
 
 
-# ------------------------------------------------------------------ Jobs ----
+# ------------------------------------------------------------- Job store ----
+
+class _Verdict(Enum):
+    """What the end of an attempt does to its job."""
+
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRY = "retry"             # back to its queue at run_at; the attempt counts
+    REQUEUE = "requeue"         # back to its queue at run_at; the attempt is refunded
+
+
+class _Finish(NamedTuple):
+    """What the end of one attempt writes to its job; built by the named constructors.
+
+    Every finish is fenced by the claim's lease: a job rescued and claimed again elsewhere
+    is never overwritten by its old, slow claim.
+    """
+
+    verdict: _Verdict
+    job_id: str
+    lease: int
+    at: int                     # ms, when the attempt ended
+    worker: str | None          # the process_id that ran it (None: none started it)
+    result: str | None = None   # DONE: the handler's return value, as JSON
+    errors: str | None = None   # the job's error list after this attempt, as JSON
+    run_at: int | None = None   # RETRY, REQUEUE: when the job is due again
+
+    @classmethod
+    def done(cls, job_id: str, lease: int, at: int, worker: str, result: str) -> _Finish:
+        return cls(_Verdict.DONE, job_id, lease, at, worker, result=result)
+
+    @classmethod
+    def failed(cls, job_id: str, lease: int, at: int, worker: str, errors: str | None
+               ) -> _Finish:
+        return cls(_Verdict.FAILED, job_id, lease, at, worker, errors=errors)
+
+    @classmethod
+    def cancelled(cls, job_id: str, lease: int, at: int, worker: str, errors: str | None
+                  ) -> _Finish:
+        return cls(_Verdict.CANCELLED, job_id, lease, at, worker, errors=errors)
+
+    @classmethod
+    def retry(cls, job_id: str, lease: int, at: int, worker: str, errors: str,
+              run_at: int) -> _Finish:
+        return cls(_Verdict.RETRY, job_id, lease, at, worker, errors=errors, run_at=run_at)
+
+    @classmethod
+    def requeue(cls, job_id: str, lease: int, at: int, worker: str | None, errors: str | None,
+                run_at: int) -> _Finish:
+        return cls(_Verdict.REQUEUE, job_id, lease, at, worker, errors=errors, run_at=run_at)
+
+
+class _NewJob(NamedTuple):
+    """A validated, serialised job, ready to insert."""
+
+    id: str
+    kind: str
+    queue: str
+    payload: str                # JSON
+    state: str                  # queued (due now) or scheduled
+    priority: int
+    run_at: int
+    max_attempts: int
+    unique_key: str | None
+    created_at: int
+
+
+class _ClaimedRow(NamedTuple):
+    """A job a claim moved to running, as the claim returned it."""
+
+    id: str
+    kind: str
+    payload: bytes              # as stored: decoded (or found unreadable) when run
+    attempt: int
+    max_attempts: int
+    errors: str | None
+    priority: int
+    run_at: int
+
+
+# The states a job is stored in; `scheduled` is a queued job whose run_at has not come.
+_STORED_STATES = {**{state.value: state for state in JobState}, "scheduled": JobState.QUEUED}
 
 # JSON columns come as bytes, decoded by _decode_stored: text that is not UTF-8 (written by
 # something else) is then one clear error about one job, not a failed query.
@@ -1035,7 +1203,7 @@ def _job_from_row(row: Sequence[Any]) -> Job:
     (id_, kind, queue, payload, state, priority, run_at, attempt, max_attempts, unique_key,
      result, errors, created_at, started_at, finished_at, worker, host, cancel) = row
     return Job(id_, kind, queue, _decode_stored(payload, f"the payload of job {id_}"),
-               JobState(state), priority,
+               _STORED_STATES[state], priority,
                _datetime_from_ms(run_at), attempt, max_attempts, unique_key,  # type: ignore[arg-type]
                None if result is None else _decode_stored(result, f"the result of job {id_}"),
                [] if errors is None else _decode_stored(errors, f"the errors of job {id_}"),
@@ -1043,24 +1211,40 @@ def _job_from_row(row: Sequence[Any]) -> Job:
                _datetime_from_ms(finished_at), worker, host, bool(cancel))
 
 
-class Jobs:
-    """Enqueueing, reading and administering jobs: `storage.jobs`."""
+class _JobStore:
+    """Every statement that reads or writes the jobs table, on SQLite.
 
-    INSERT = ("INSERT INTO jobs (id, kind, queue, payload, priority, run_at, max_attempts,"
-              " unique_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    Callers decide and compose transactions (`Jobs`, `Processes`, `Runtime`); the store
+    picks and runs the statements. Methods that take `conn` run inside the caller's write
+    transaction (`Database.write`); the others read outside any transaction.
+
+    Invariants: a `queued` job is due (its run_at has come) and sits in jobs_claim; a
+    `scheduled` one sits in jobs_due until a claim of its queue finds it due and promotes
+    it. A job's run_at never changes while it waits, so the claim order (priority, run_at,
+    id) is the same whichever of the two states a job came through.
+    """
+
+    INSERT = ("INSERT INTO jobs (id, kind, queue, payload, state, priority, run_at,"
+              " max_attempts, unique_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     INSERT_UNIQUE = INSERT + " ON CONFLICT DO NOTHING"
     SELECT_ACTIVE_BY_KEY = ("SELECT id FROM jobs WHERE unique_key = ?"
-                            " AND state IN ('queued', 'running')")
+                            " AND state IN ('queued', 'scheduled', 'running')")
     SELECT_ONE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
     SELECT_STATE = "SELECT state FROM jobs WHERE id = ?"
-    COUNT_BY_STATE = "SELECT state, count(*) FROM jobs GROUP BY state"
+    COUNT_BY_QUEUE_AND_STATE = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
     COUNT_BY_STATE_IN_QUEUE = "SELECT state, count(*) FROM jobs WHERE queue = ? GROUP BY state"
     # NULL filters match everything, so one statement serves every combination.
-    LIST = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1)"
+    LIST = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1"
+            " OR (?1 = 'queued' AND state = 'scheduled'))"
             " AND (?2 IS NULL OR queue = ?2) AND (?3 IS NULL OR kind = ?3)"
             " ORDER BY id DESC LIMIT ?4")
-    CANCEL_QUEUED = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2"
-                     " WHERE id = ?1 AND state = 'queued'")
+    READINESS = ("SELECT queue, sum(run_at <= ?1), sum(run_at > ?1),"
+                 " min(CASE WHEN run_at <= ?1 THEN run_at END)"
+                 " FROM jobs WHERE state IN ('queued', 'scheduled') GROUP BY queue")
+    FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
+                      " AND finished_at >= ? GROUP BY queue")
+    CANCEL_WAITING = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2"
+                      " WHERE id = ?1 AND state IN ('queued', 'scheduled')")
     REQUEST_CANCEL = ("UPDATE jobs SET cancel_requested = 1"
                       " WHERE id = ? AND state = 'running'")
     # A retried job starts afresh (its error history stays, for the record).
@@ -1072,20 +1256,243 @@ class Jobs:
                     " started_at = NULL, finished_at = NULL, worker = NULL, host = NULL,"
                     " result = NULL, cancel_requested = 0, lease = NULL"
                     " WHERE state = 'failed' AND (?1 IS NULL OR queue = ?1)")
-    RUN_NOW = "UPDATE jobs SET run_at = ?2 WHERE id = ?1 AND state = 'queued' AND run_at > ?2"
+    RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
+               " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
-    DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+    DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
                              " WHERE state = ?1 AND finished_at < ?2"
                              " AND (?3 IS NULL OR queue = ?3) LIMIT ?4)")
-    DELETE_CHUNK_ROWS = 2000
-    RETENTIONS = "SELECT name, retain_done_ms, retain_failed_ms FROM queues"
+    # All due jobs, not only as many as the claim wants: a later one may have a higher
+    # priority. (A queue's first claim after a big batch came due writes them all at once.)
+    PROMOTE_DUE = ("UPDATE jobs SET state = 'queued'"
+                   " WHERE queue = ?1 AND state = 'scheduled' AND run_at <= ?2")
+    CLAIM = """
+        UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
+                        worker = NULL, started_at = ?3, cancel_requested = 0
+        WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued'
+                     ORDER BY priority, run_at, id LIMIT ?5)
+        RETURNING id, CAST(kind AS BLOB), CAST(payload AS BLOB), attempt, max_attempts,
+                  CAST(errors AS BLOB), priority, run_at"""
+    COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'running' AND queue = ?"
+    READY_EXISTS = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'queued')"
+                    " OR EXISTS (SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'scheduled'"
+                    " AND run_at <= ?2)")
+    NEXT_DUE = "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 'scheduled'"
+    RUNNING_HERE = ("SELECT id, lease, cancel_requested FROM jobs"
+                    " WHERE host = ? AND state = 'running'")
+    FINISH_DONE = ("UPDATE jobs SET state = 'done', result = ?3, worker = ?4, finished_at = ?5"
+                   " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    FINISH_WITH_ERRORS = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5,"
+                          " finished_at = ?6 WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    # A cancel request that arrives while a job is being put back ends it instead.
+    REQUEUE = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
+               " WHEN ?3 > ?7 THEN 'scheduled' ELSE 'queued' END,"
+               " finished_at = CASE WHEN cancel_requested THEN ?7 END,"
+               " run_at = ?3, errors = ?4, worker = ?5, attempt = attempt - ?6, lease = NULL"
+               " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    # A claim its runtime does not hold (its commit was reported failed but took effect):
+    # back to the queue, the attempt refunded, unless a cancel request came meanwhile.
+    RELEASE_ORPHAN = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
+                      " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?3 END,"
+                      " attempt = attempt - 1, lease = NULL, worker = NULL"
+                      " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    # Jobs running on a host that is not alive go back to the queue (or fail, when that was
+    # their last attempt), with an entry in their error list. ?4 is the progress clock.
+    RESCUE = """
+        UPDATE jobs SET
+            state = CASE WHEN cancel_requested THEN 'cancelled'
+                         WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 END,
+            run_at = ?1, lease = NULL, cancel_requested = 0,
+            errors = (SELECT CASE WHEN json_array_length(e) > ?3 THEN json_remove(e, '$[0]')
+                                  ELSE e END
+                      FROM (SELECT json_insert(coalesce(errors, '[]'), '$[#]', json_object(
+                          'at', ?2, 'attempt', attempt,
+                          'error', 'worker lost: host ' || host || ' stopped heartbeating',
+                          'traceback', NULL)) AS e))
+        WHERE state = 'running' AND host NOT IN (
+            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    # -- enqueue and administration (in the caller's transaction) --
+
+    def insert(self, conn: apsw.Connection, jobs: Sequence[_NewJob]) -> list[EnqueueOutcome]:
+        """Insert jobs; a job whose unique key an active job holds is not inserted, and its
+        outcome names that job instead."""
+        if not any(job.unique_key for job in jobs):
+            conn.executemany(self.INSERT, jobs)
+            return [EnqueueOutcome(job.id, True) for job in jobs]
+        outcomes = []
+        for job in jobs:
+            if job.unique_key is None:
+                conn.execute(self.INSERT, job)
+                outcomes.append(EnqueueOutcome(job.id, True))
+                continue
+            conn.execute(self.INSERT_UNIQUE, job)
+            if conn.changes():
+                outcomes.append(EnqueueOutcome(job.id, True))
+            else:
+                existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (job.unique_key,)).fetchall()
+                outcomes.append(EnqueueOutcome(cast(str, existing[0][0]), False))
+        return outcomes
+
+    def cancel(self, conn: apsw.Connection, job_id: str, now: int) -> str:
+        """Cancel a waiting job, or flag a running one (its runtime delivers the request)."""
+        conn.execute(self.CANCEL_WAITING, (job_id, now))
+        if conn.changes():
+            return "cancelled"
+        conn.execute(self.REQUEST_CANCEL, (job_id,))
+        if conn.changes():
+            return "cancel_requested"
+        exists = conn.execute(self.SELECT_STATE, (job_id,)).fetchall()
+        return "finished" if exists else "not_found"
+
+    def retry(self, conn: apsw.Connection, job_id: str, now: int) -> bool:
+        """Requeue a failed or cancelled job afresh; apsw.ConstraintError if an active job
+        holds its unique key."""
+        conn.execute(self.RETRY, (job_id, now))
+        return bool(conn.changes())
+
+    def retry_failed(self, conn: apsw.Connection, queue: str | None, now: int) -> int:
+        conn.execute(self.RETRY_FAILED, (queue, now))
+        return conn.changes()
+
+    def run_now(self, conn: apsw.Connection, job_id: str, now: int) -> bool:
+        conn.execute(self.RUN_NOW, (job_id, now))
+        return bool(conn.changes())
+
+    def delete(self, conn: apsw.Connection, job_id: str) -> bool:
+        conn.execute(self.DELETE, (job_id,))
+        return bool(conn.changes())
+
+    def delete_finished(self, conn: apsw.Connection, state: str, cutoff: int,
+                        queue: str | None, limit: int) -> int:
+        """Delete up to `limit` jobs in `state` finished before `cutoff`."""
+        conn.execute(self.DELETE_FINISHED_CHUNK, (state, cutoff, queue, limit))
+        return conn.changes()
+
+    # -- reading --
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._db.read(self.SELECT_ONE, (job_id,))
+        return _job_from_row(rows[0]) if rows else None
+
+    def newest(self, state: str | None, queue: str | None, kind: str | None, limit: int
+               ) -> list[Job]:
+        """The newest jobs matching every filter that is not None."""
+        return [_job_from_row(row) for row in self._db.read(self.LIST, (state, queue, kind, limit))]
+
+    def counts(self, queue: str | None = None) -> dict[str, int]:
+        """Jobs per state (every state present, zeros included)."""
+        counts = dict.fromkeys((s.value for s in JobState), 0)
+        if queue is None:
+            rows = [(state, n) for _, state, n in self._db.read(self.COUNT_BY_QUEUE_AND_STATE)]
+        else:
+            rows = self._db.read(self.COUNT_BY_STATE_IN_QUEUE, (queue,))
+        for state, n in rows:
+            counts[_STORED_STATES[state].value] += n
+        return counts
+
+    def counts_by_queue(self) -> dict[str, dict[str, int]]:
+        by_queue: dict[str, dict[str, int]] = {}
+        for queue, state, n in self._db.read(self.COUNT_BY_QUEUE_AND_STATE):
+            counts = by_queue.setdefault(queue, {})
+            public = _STORED_STATES[state].value
+            counts[public] = counts.get(public, 0) + n
+        return by_queue
+
+    def readiness(self, now: int) -> dict[str, tuple[int, int, int | None]]:
+        """Per queue: waiting jobs due now, those due later, and the oldest due run_at."""
+        return {queue: (ready, later, oldest) for queue, ready, later, oldest
+                in self._db.read(self.READINESS, (now,))}
+
+    def finished_since(self, since: int) -> dict[str, int]:
+        """Per queue: jobs done or failed since `since`."""
+        return dict(self._db.read(self.FINISHED_SINCE, (since,)))
+
+    # -- the runtime's claims and finishes --
+
+    def claim(self, conn: apsw.Connection, queue: str, limit: int, lease: int, host: str,
+              now: int) -> list[_ClaimedRow]:
+        """Move up to `limit` due jobs of `queue` to running, in claim order."""
+        conn.execute(self.PROMOTE_DUE, (queue, now))
+        rows = cast("list[tuple[str, bytes, bytes, int, int, bytes | None, int, int]]",
+                    conn.execute(self.CLAIM, (lease, host, now, queue, limit)).fetchall())
+        claimed = [_ClaimedRow(job_id, _text_from_blob(kind), payload, attempt, max_attempts,
+                               None if errors is None else _text_from_blob(errors), priority,
+                               run_at)
+                   for job_id, kind, payload, attempt, max_attempts, errors, priority, run_at
+                   in rows]
+        claimed.sort(key=lambda row: (row.priority, row.run_at, row.id))   # RETURNING's order
+        return claimed                                                     # is not the claim's
+
+    def count_running(self, conn: apsw.Connection, queue: str) -> int:
+        return cast(int, conn.execute(self.COUNT_RUNNING, (queue,)).fetchall()[0][0])
+
+    def next_due(self, queue: str, conn: apsw.Connection | None = None) -> int | None:
+        """When the earliest scheduled job of `queue` is due (None: none is scheduled)."""
+        if conn is None:
+            return cast("int | None", self._db.read(self.NEXT_DUE, (queue,))[0][0])
+        return cast("int | None", conn.execute(self.NEXT_DUE, (queue,)).fetchall()[0][0])
+
+    def ready_exists(self, queue: str, now: int) -> bool:
+        """Whether a claim of `queue` would find a job now (a read: no writer lock)."""
+        return bool(self._db.read(self.READY_EXISTS, (queue, now))[0][0])
+
+    def running_here(self, host: str) -> dict[str, tuple[int, bool]]:
+        """Job id -> (lease, cancel requested) of every job running on `host`."""
+        return {job_id: (lease, bool(cancel)) for job_id, lease, cancel
+                in self._db.read(self.RUNNING_HERE, (host,))}
+
+    def finish(self, conn: apsw.Connection, finishes: Iterable[_Finish]) -> None:
+        """Write the ends of attempts, one executemany per statement."""
+        done, with_errors, requeued = [], [], []
+        for f in finishes:
+            if f.verdict is _Verdict.DONE:
+                done.append((f.job_id, f.lease, f.result, f.worker, f.at))
+            elif f.verdict is _Verdict.FAILED or f.verdict is _Verdict.CANCELLED:
+                with_errors.append((f.job_id, f.lease, f.verdict.value, f.errors, f.worker, f.at))
+            else:
+                requeued.append((f.job_id, f.lease, f.run_at, f.errors, f.worker,
+                                 int(f.verdict is _Verdict.REQUEUE), f.at))
+        for statement, params in ((self.FINISH_DONE, done),
+                                  (self.FINISH_WITH_ERRORS, with_errors),
+                                  (self.REQUEUE, requeued)):
+            if params:
+                conn.executemany(statement, params)
+
+    def release_orphans(self, conn: apsw.Connection, claims: Iterable[tuple[str, int]],
+                        now: int) -> None:
+        """Put back (refunded) claims, given as (job id, lease), that no runtime holds."""
+        conn.executemany(self.RELEASE_ORPHAN, [(job_id, lease, now) for job_id, lease in claims])
+
+    def rescue(self, conn: apsw.Connection, now: int, progress: int) -> int:
+        """Requeue (or fail, on their last attempt) the jobs of hosts that the progress
+        clock says are dead; how many."""
+        conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, progress))
+        return conn.changes()
+
+
+# ------------------------------------------------------------------ Jobs ----
+
+class Jobs:
+    """Enqueueing, reading and administering jobs: `storage.jobs`."""
+
+    # A bulk enqueue validates, serialises and inserts this many requests at a time, so a
+    # million-job generator streams through in bounded memory.
+    INSERT_CHUNK = 2000
+    DELETE_CHUNK_ROWS = 2000
+    RETENTIONS = "SELECT name, retain_done_ms, retain_failed_ms FROM queues"
+
+    def __init__(self, db: Database, store: _JobStore) -> None:
+        self._db = db
+        self._store = store
         self._known_queues: set[str] = set()
         # Called with the set of queue names after every committed enqueue in this process;
         # runtimes use it to wake their dispatcher at once instead of at the next poll.
-        self.enqueue_listeners: list[Callable[[set[str]], None]] = []
+        self._enqueue_listeners: list[Callable[[set[str]], None]] = []
 
     # -- enqueue --
 
@@ -1095,26 +1502,54 @@ class Jobs:
 
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest],
                      router: Router | None = None) -> list[EnqueueOutcome]:
-        """Insert many jobs in one transaction: all of them, or (on any error) none."""
-        prepared = self.prepare(requests, router)
-        outcomes = self._db.write(functools.partial(self.insert_prepared, prepared))
-        self.announce(prepared)
+        """Insert many jobs in one transaction: all of them, or (on any error) none.
+
+        Takes any iterable and streams it: a generator of a million requests is never held
+        in memory at once (the outcomes are).
+        """
+        if isinstance(requests, (list, tuple)):
+            return self._db.write(lambda conn: self.enqueue_in(conn, requests, router))
+        stream, started = iter(requests), False
+
+        def enqueue_stream(conn: apsw.Connection) -> list[EnqueueOutcome]:
+            nonlocal started
+            if started:         # a retry of the transaction: the iterator cannot rewind
+                raise TransientError("enqueue_bulk was interrupted after it began reading its "
+                                     "iterable, which cannot be read again; nothing was "
+                                     "written (pass a list to have it retried)")
+            started = True
+            return self.enqueue_in(conn, stream, router)
+
+        return self._db.write(enqueue_stream)
+
+    def enqueue_in(self, conn: apsw.Connection, requests: Iterable[EnqueueRequest],
+                   router: Router | None = None) -> list[EnqueueOutcome]:
+        """Enqueue inside a write transaction of your own (`storage.db.write(work)` calls
+        `work(conn)`): the jobs commit or roll back with your other writes, and this
+        process's runtimes wake once they commit."""
+        stream = iter(requests)
+        outcomes: list[EnqueueOutcome] = []
+        queues: set[str] = set()
+        routed: dict[str, str] = {}
+        while chunk := list(itertools.islice(stream, self.INSERT_CHUNK)):
+            jobs = self._new_jobs(chunk, len(outcomes), router, routed)
+            for name in {job.queue for job in jobs} - queues:
+                queues.add(name)
+                if name not in self._known_queues:
+                    conn.execute(Queues.ENSURE, (name,))
+            outcomes += self._store.insert(conn, jobs)
+        self._db.after_commit(functools.partial(self._announce, queues))
         return outcomes
 
-    def prepare(self, requests: Iterable[EnqueueRequest], router: Router | None = None
-                ) -> PreparedJobs:
-        """Validate, route and serialise requests, minting their ids; writes nothing.
-
-        With `insert_prepared` and `announce` this enqueues inside a transaction of your own
-        (`storage.db.write`), atomically with your other writes.
-        """
-        requests = list(requests)
+    @staticmethod
+    def _new_jobs(requests: list[EnqueueRequest], first_index: int, router: Router | None,
+                  routed: dict[str, str]) -> list[_NewJob]:
+        """Validate, route and serialise requests, minting their ids."""
         now = now_ms()
         ids = _mint_ids(len(requests))
         route = router.route if router is not None else None
-        routed: dict[str, str] = {}
-        rows = []
-        for index, (job_id, req) in enumerate(zip(ids, requests, strict=True)):
+        jobs = []
+        for index, (job_id, req) in enumerate(zip(ids, requests, strict=True), first_index):
             if type(req) is not EnqueueRequest:
                 raise InvalidInput(f"request {index}: expected an EnqueueRequest, "
                                    f"got {type(req).__name__}")
@@ -1126,47 +1561,23 @@ class Jobs:
                     queue = DEFAULT_QUEUE if route is None else _check_name(
                         route(kind), f"queue chosen by the router for kind {kind!r}")
                     routed[kind] = queue
-            rows.append((job_id, kind, queue, payload_json, priority,
-                         now if run_at is None else min(round(run_at * 1000), _LATEST_MS),
-                         max_attempts,
-                         unique_key, now))
-        return PreparedJobs(rows, {row[2] for row in rows})
+            due = now if run_at is None else min(round(run_at * 1000), _LATEST_MS)
+            jobs.append(_NewJob(job_id, kind, queue, payload_json,
+                                "queued" if due <= now else "scheduled", priority, due,
+                                max_attempts, unique_key, now))
+        return jobs
 
-    def insert_prepared(self, prepared: PreparedJobs, conn: apsw.Connection
-                        ) -> list[EnqueueOutcome]:
-        """Insert prepared jobs; the caller holds a write transaction on `conn`."""
-        rows = prepared.rows
-        for name in prepared.queues - self._known_queues:
-            conn.execute(Queues.ENSURE, (name,))
-        if not any(row[7] for row in rows):
-            conn.executemany(self.INSERT, rows)
-            return [EnqueueOutcome(row[0], True) for row in rows]
-        outcomes = []
-        for row in rows:
-            if row[7] is None:
-                conn.execute(self.INSERT, row)
-                outcomes.append(EnqueueOutcome(row[0], True))
-                continue
-            conn.execute(self.INSERT_UNIQUE, row)
-            if conn.changes():
-                outcomes.append(EnqueueOutcome(row[0], True))
-            else:
-                existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (row[7],)).fetchall()
-                outcomes.append(EnqueueOutcome(existing[0][0], False))
-        return outcomes
-
-    def announce(self, prepared: PreparedJobs) -> None:
+    def _announce(self, queues: set[str]) -> None:
         """After the commit: wake this process's runtimes serving the jobs' queues."""
-        self._known_queues |= prepared.queues
-        for listener in tuple(self.enqueue_listeners):     # a runtime may stop meanwhile
-            listener(prepared.queues)
+        self._known_queues |= queues
+        for listener in tuple(self._enqueue_listeners):    # a runtime may stop meanwhile
+            listener(queues)
 
     # -- reading --
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        rows = self._db.read(self.SELECT_ONE, (job_id,))
-        return _job_from_row(rows[0]) if rows else None
+        return self._store.get(job_id)
 
     def list(self, state: str | None = None, queue: str | None = None, kind: str | None = None,
              limit: int = 100) -> list[Job]:
@@ -1175,15 +1586,11 @@ class Jobs:
             state = _check_state(state)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise InvalidInput(f"limit must be a non-negative integer, not {limit!r}")
-        return [_job_from_row(row) for row in self._db.read(self.LIST, (state, queue, kind, limit))]
+        return self._store.newest(state, queue, kind, limit)
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """Number of jobs in each state (every state present, zeros included)."""
-        rows = (self._db.read(self.COUNT_BY_STATE) if queue is None
-                else self._db.read(self.COUNT_BY_STATE_IN_QUEUE, (queue,)))
-        counts = dict.fromkeys((s.value for s in JobState), 0)
-        counts.update(rows)
-        return counts
+        return self._store.counts(queue)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is done, failed or cancelled, and return it.
@@ -1214,17 +1621,7 @@ class Jobs:
 
         Returns "cancelled", "cancel_requested", "finished" or "not_found".
         """
-        def cancel(conn: apsw.Connection) -> str:
-            conn.execute(self.CANCEL_QUEUED, (job_id, now_ms()))
-            if conn.changes():
-                return "cancelled"
-            conn.execute(self.REQUEST_CANCEL, (job_id,))
-            if conn.changes():
-                return "cancel_requested"
-            exists = conn.execute(self.SELECT_STATE, (job_id,)).fetchall()
-            return "finished" if exists else "not_found"
-
-        return self._db.write(cancel)
+        return self._db.write(lambda conn: self._store.cancel(conn, job_id, now_ms()))
 
     def retry(self, job_id: str) -> bool:
         """Put a failed or cancelled job back in its queue with its attempts reset.
@@ -1234,26 +1631,25 @@ class Jobs:
         """
         def retry(conn: apsw.Connection) -> bool:
             try:
-                conn.execute(self.RETRY, (job_id, now_ms()))
+                return self._store.retry(conn, job_id, now_ms())
             except apsw.ConstraintError:
                 raise InvalidInput(f"job {job_id} cannot be retried: another queued or running "
                                    f"job holds its unique_key") from None
-            return bool(conn.changes())
 
         return self._db.write(retry)
 
     def retry_failed(self, queue: str | None = None) -> int:
         """Retry every failed job (of one queue, if given). Jobs whose unique key is held by
         an active job are left failed. Returns how many were requeued."""
-        return self._db.write_changes(self.RETRY_FAILED, (queue, now_ms()))
+        return self._db.write(lambda conn: self._store.retry_failed(conn, queue, now_ms()))
 
     def run_now(self, job_id: str) -> bool:
         """Make a scheduled (queued, future run_at) job ready now. False if not applicable."""
-        return bool(self._db.write_changes(self.RUN_NOW, (job_id, now_ms())))
+        return self._db.write(lambda conn: self._store.run_now(conn, job_id, now_ms()))
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running (cancel a running one first)."""
-        return bool(self._db.write_changes(self.DELETE, (job_id,)))
+        return self._db.write(lambda conn: self._store.delete(conn, job_id))
 
     def purge(self, state: str, older_than: timedelta | float) -> int:
         """Delete jobs in a finished state that finished more than `older_than` ago.
@@ -1275,8 +1671,8 @@ class Jobs:
         chunks once `stop` is set."""
         total = 0
         while stop is None or not stop.is_set():
-            deleted = self._db.write_changes(self.DELETE_FINISHED_CHUNK,
-                                             (state, cutoff, queue, self.DELETE_CHUNK_ROWS))
+            deleted = self._db.write(lambda conn: self._store.delete_finished(
+                conn, state, cutoff, queue, self.DELETE_CHUNK_ROWS))
             total += deleted
             if deleted < self.DELETE_CHUNK_ROWS:
                 break
@@ -1318,9 +1714,13 @@ class Queues:
                      " retain_failed_ms = coalesce(?3, retain_failed_ms) WHERE name = ?1")
     SELECT_ALL = ("SELECT name, paused, concurrency, backoff_base_ms, backoff_cap_ms,"
                   " cooldown_until, retain_done_ms, retain_failed_ms FROM queues ORDER BY name")
+    GATE = "SELECT paused, concurrency, cooldown_until FROM queues WHERE name = ?"
+    SETTINGS = "SELECT name, paused, backoff_base_ms, backoff_cap_ms, cooldown_until FROM queues"
+    COOL_DOWN = "UPDATE queues SET cooldown_until = max(cooldown_until, ?2) WHERE name = ?1"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, store: _JobStore) -> None:
         self._db = db
+        self._store = store
 
     def _update(self, name: str, statement: str, *values: Any) -> None:
         _check_name(name, "queue name")
@@ -1364,24 +1764,15 @@ class Queues:
                      else int(_duration_seconds(failed, "retention") * 1000))
         self._update(name, self.SET_RETENTION, done_ms, failed_ms)
 
-    STATE_COUNTS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
-    READINESS = ("SELECT queue, sum(run_at <= ?1), sum(run_at > ?1),"
-                 " min(CASE WHEN run_at <= ?1 THEN run_at END)"
-                 " FROM jobs WHERE state = 'queued' GROUP BY queue")
-    FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
-                      " AND finished_at >= ? GROUP BY queue")
     THROUGHPUT_WINDOW_MS = 5 * 60_000
 
     def stats(self) -> list[QueueStats]:
         """Load of every queue, by name. Counting reads the whole table: for dashboards and
         the CLI, not for hot paths."""
         now = now_ms()
-        counts: dict[str, dict[str, int]] = {}
-        for name, state, count in self._db.read(self.STATE_COUNTS):
-            counts.setdefault(name, {})[state] = count
-        readiness = {name: (ready, scheduled, oldest) for name, ready, scheduled, oldest
-                     in self._db.read(self.READINESS, (now,))}
-        finished = dict(self._db.read(self.FINISHED_SINCE, (now - self.THROUGHPUT_WINDOW_MS,)))
+        counts = self._store.counts_by_queue()
+        readiness = self._store.readiness(now)
+        finished = self._store.finished_since(now - self.THROUGHPUT_WINDOW_MS)
         stats = []
         for queue in self.list():
             ready, scheduled, oldest = readiness.get(queue.name, (0, 0, None))
@@ -1394,6 +1785,21 @@ class Queues:
                 None if oldest is None else max(0.0, (now - oldest) / 1000)))
         return stats
 
+    def _gate(self, conn: apsw.Connection, name: str) -> tuple[bool, int | None, int]:
+        """(paused, concurrency limit, cooldown_until) of a queue, read in a transaction."""
+        rows = cast("list[tuple[int, int | None, int]]",
+                    conn.execute(self.GATE, (name,)).fetchall())
+        return (bool(rows[0][0]), rows[0][1], rows[0][2]) if rows else (False, None, 0)
+
+    def _settings(self) -> list[tuple[str, bool, int, int, int]]:
+        """(name, paused, backoff base ms, backoff cap ms, cooldown_until) of every queue."""
+        return [(name, bool(paused), base, cap, cooldown) for name, paused, base, cap, cooldown
+                in self._db.read(self.SETTINGS)]
+
+    def _cool_down(self, conn: apsw.Connection, name: str, until: int) -> None:
+        """No process claims from the queue before `until` (ms)."""
+        conn.execute(self.COOL_DOWN, (name, until))
+
     def list(self) -> list[Queue]:
         """Every queue that has settings or ever had a job enqueued, by name."""
         return [Queue(name, bool(paused), limit, base / 1000, cap / 1000,
@@ -1403,19 +1809,6 @@ class Queues:
 
 
 # ------------------------------------------------------------- Processes ----
-
-def _describe(exc: BaseException) -> str:
-    """str(exc), even for exceptions whose __str__ raises."""
-    try:
-        return str(exc)
-    except Exception:
-        return f"<{type(exc).__name__} that cannot be shown>"
-
-
-def _iso_from_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
 
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
@@ -1457,29 +1850,14 @@ class Processes:
     DELETE = "DELETE FROM processes WHERE host_id = ?"
     SELECT_ALL = ("SELECT host_id, hostname, pid, queues, started_at, heartbeat_at"
                   " FROM processes ORDER BY started_at, host_id")
-    # Jobs running on a host that is not alive go back to the queue (or fail, when that was
-    # their last attempt), with an entry in their error list. ?4 is the progress clock.
-    RESCUE = """
-        UPDATE jobs SET
-            state = CASE WHEN cancel_requested THEN 'cancelled'
-                         WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
-            finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 END,
-            run_at = ?1, lease = NULL, cancel_requested = 0,
-            errors = (SELECT CASE WHEN json_array_length(e) > ?3 THEN json_remove(e, '$[0]')
-                                  ELSE e END
-                      FROM (SELECT json_insert(coalesce(errors, '[]'), '$[#]', json_object(
-                          'at', ?2, 'attempt', attempt,
-                          'error', 'worker lost: host ' || host || ' stopped heartbeating',
-                          'traceback', NULL)) AS e))
-        WHERE state = 'running' AND host NOT IN (
-            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
     DELETE_SILENT = "DELETE FROM processes WHERE progress_at < ?1 - lease_timeout_ms"
     CLAIM_CHORE = ("INSERT INTO chores (name, last_run_at) VALUES (?1, ?2)"
                    " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2 WHERE last_run_at <= ?3")
     CHORE_LAST_RUN = "SELECT last_run_at FROM chores WHERE name = ?"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, store: _JobStore) -> None:
         self._db = db
+        self._store = store
 
     def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float,
                   interval: float) -> int:
@@ -1502,8 +1880,7 @@ class Processes:
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
                                        _json_encode(dict(queues)), now, lease_ms, now_progress,
                                        interval_ms))
-            conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, now_progress))
-            rescued = conn.changes()
+            rescued = self._store.rescue(conn, now, now_progress)
             conn.execute(self.DELETE_SILENT, (now_progress,))
             return rescued
 
@@ -1639,6 +2016,7 @@ class CronSchedules:
     NEXT_FIRES = "SELECT name, next_fire_at FROM cron WHERE enabled AND next_fire_at NOT NULL"
     ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
                " WHERE name = ?1 AND next_fire_at = ?2")
+    SET_ERROR = "UPDATE cron SET last_error = ?2 WHERE name = ?1"
     # Ticks later than this were missed while no process ran the schedule: they collapse
     # into one run, then the schedule goes on from now (no catch-up storm).
     MISSED_AFTER_MS = 5_000
@@ -1669,7 +2047,7 @@ class CronSchedules:
         fires = [at for name, at in self._db.read(self.NEXT_FIRES) if name in names]
         return min(fires, default=None)
 
-    def fire_due(self, names: set[str], router: Router | None) -> int:
+    def _fire_due(self, names: set[str], router: Router | None) -> int:
         """Enqueue one job for each due tick of the named schedules; returns how many ticks
         this process fired (ticks another process fired first are skipped)."""
         fired = 0
@@ -1692,31 +2070,36 @@ class CronSchedules:
         now = now_ms()
         missed = now - tick > self.MISSED_AFTER_MS
         following_ms: int | None = None
-        prepared, error = None, None
+        request, error = None, None
         try:
             following = self._expression(expression, tz).next_after(
                 datetime.fromtimestamp((now if missed else tick) / 1000, timezone.utc))
             following_ms = None if following is None else int(following.timestamp() * 1000)
-            prepared = self._jobs.prepare(
-                [_request_from_json(request_json, (now if missed else tick) / 1000)], router)
-        except Exception as exc:    # a bad stored schedule or a failing router: record it
+            request = _request_from_json(request_json, (now if missed else tick) / 1000)
+        except Exception as exc:    # a bad stored schedule: record it
             error = f"{type(exc).__name__}: {exc}"
-            log.error("cron schedule %r cannot enqueue: %s", name, error)
 
-        def fire(conn: apsw.Connection) -> int:
+        def fire(conn: apsw.Connection) -> tuple[int, str | None]:
             conn.execute(self.ADVANCE, (name, tick, following_ms, error))
             if not conn.changes():
-                return 0            # another process fired this tick
-            if prepared is not None:
-                self._jobs.insert_prepared(prepared, conn)
-            return 1
+                return 0, None      # another process fired this tick
+            if request is None:
+                return 1, error
+            try:
+                with conn:          # a savepoint: a failing router rolls back only the job
+                    self._jobs.enqueue_in(conn, (request,), router)
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                conn.execute(self.SET_ERROR, (name, failure))
+                return 1, failure
+            return 1, None
 
-        fired = self._db.write(fire)
-        if fired and prepared is not None:
-            self._jobs.announce(prepared)
-            if missed:
-                log.info("cron schedule %r missed ticks since %s: ran once for the window",
-                         name, _iso_from_ms(tick))
+        fired, failure = self._db.write(fire)
+        if failure is not None:
+            log.error("cron schedule %r cannot enqueue: %s", name, failure)
+        elif fired and missed:
+            log.info("cron schedule %r missed ticks since %s: ran once for the window",
+                     name, _iso_from_ms(tick))
         return fired
 
 
@@ -1737,9 +2120,10 @@ class Storage:
                  busy_timeout: float = 5.0, vfs: str | None = None) -> None:
         self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
         self.path = self.db.path
-        self.jobs = Jobs(self.db)
-        self.queues = Queues(self.db)
-        self.processes = Processes(self.db)
+        self._store = _JobStore(self.db)
+        self.jobs = Jobs(self.db, self._store)
+        self.queues = Queues(self.db, self._store)
+        self.processes = Processes(self.db, self._store)
         self.rate_limits = RateLimits(self.db)
         self.cron = CronSchedules(self.db, self.jobs)
 
@@ -2152,15 +2536,23 @@ class _Claimed(NamedTuple):
     token: CancellationToken
 
 
-class _Finish(NamedTuple):
-    """A verdict on a claimed job, waiting for the dispatcher's next group commit."""
+class _Ended(NamedTuple):
+    """A claimed job whose attempt ended, waiting for the dispatcher's next group commit."""
 
-    verdict: str                        # done, retry, failed, cancelled, requeued, ...
-    statement: str
-    params: tuple[Any, ...]
+    finish: _Finish                     # what to write
     job: _Claimed
+    outcome: str                        # for the job log: done, retry, snoozed, requeued (...)
     seconds: float = 0.0                # how long the handler ran
     cool_down_until: int | None = None  # set by Throttled: no claims from the queue until then
+
+
+class _QueueClaim(NamedTuple):
+    """What one claim in a dispatcher's commit found for one queue."""
+
+    queue: str
+    wanted: int
+    rows: list[_ClaimedRow]
+    next_due: int | None                # ms: when to claim again (a scheduled job, cool-down)
 
 
 class _QueueState:
@@ -2260,41 +2652,6 @@ class Runtime:
     look alive while it claims nothing: `error` tells why, and `run()` raises it.
     """
 
-    CLAIM = """
-        UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
-                        worker = NULL, started_at = ?3, cancel_requested = 0
-        WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued' AND run_at <= ?3
-                     ORDER BY priority, run_at, id LIMIT ?5)
-        RETURNING id, CAST(kind AS BLOB), CAST(payload AS BLOB), attempt, max_attempts,
-                  CAST(errors AS BLOB), priority, run_at"""
-    QUEUE_GATE = "SELECT paused, concurrency, cooldown_until FROM queues WHERE name = ?"
-    COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'running' AND queue = ?"
-    READY_EXISTS = ("SELECT 1 FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
-                    " LIMIT 1")
-    NEXT_DUE = "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 'queued'"
-    QUEUE_SETTINGS = ("SELECT name, paused, backoff_base_ms, backoff_cap_ms, cooldown_until"
-                      " FROM queues")
-    RUNNING_HERE = ("SELECT id, lease, cancel_requested FROM jobs"
-                    " WHERE host = ? AND state = 'running'")
-    # A claim this runtime does not hold (its commit was reported failed but took effect):
-    # back to the queue, the attempt refunded, unless a cancel request came meanwhile.
-    RELEASE_ORPHAN = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
-                      " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?3 END,"
-                      " attempt = attempt - 1, lease = NULL, worker = NULL"
-                      " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    # Every finalize is fenced by the claim's lease: a job rescued and claimed again
-    # elsewhere is never overwritten by this (old, slow) claim.
-    FINISH_DONE = ("UPDATE jobs SET state = 'done', result = ?3, worker = ?4, finished_at = ?5"
-                   " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    FINISH_WITH_ERRORS = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5, finished_at = ?6"
-                     " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    # A cancel request that arrives while a job is being put back ends it instead.
-    REQUEUE = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
-               " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?7 END,"
-               " run_at = ?3, errors = ?4, worker = ?5, attempt = attempt - ?6, lease = NULL"
-               " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
-    COOL_DOWN = "UPDATE queues SET cooldown_until = max(cooldown_until, ?2) WHERE name = ?1"
-
     def __init__(self, storage: Storage, queues: Mapping[str, int] | None = None,
                  router: Router | None = None, *, poll_interval: float = 0.05,
                  heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
@@ -2318,7 +2675,7 @@ class Runtime:
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
-        self._finished: list[_Finish] = []
+        self._finished: list[_Ended] = []
         self._wake = threading.Condition(threading.Lock())
         self._stopping = False
         self._abandon = False
@@ -2407,7 +2764,7 @@ class Runtime:
         self._workers = [threading.Thread(target=self._work_loop, args=(qs, slot),
                                           daemon=True, name=f"{qs.name}-{slot}-{self.host_id}")
                          for qs in self._queue_states.values() for slot in range(qs.slots)]
-        self.storage.jobs.enqueue_listeners.append(self._on_enqueue)
+        self.storage.jobs._enqueue_listeners.append(self._on_enqueue)
         log.info("runtime %s starting: queues %s", self.host_id, self.queues)
         for thread in (self._dispatcher, self._heartbeat, self._scheduler, *self._workers):
             thread.start()
@@ -2459,8 +2816,8 @@ class Runtime:
         self._scheduler.join()          # no sweep can start after this
         if self._janitor is not None:   # a sweep stops after its current chunk
             self._janitor.join()
-        if self._on_enqueue in self.storage.jobs.enqueue_listeners:
-            self.storage.jobs.enqueue_listeners.remove(self._on_enqueue)
+        if self._on_enqueue in self.storage.jobs._enqueue_listeners:
+            self.storage.jobs._enqueue_listeners.remove(self._on_enqueue)
         try:
             self.storage.processes.remove(self.host_id)
         except Exception as exc:
@@ -2534,7 +2891,7 @@ class Runtime:
     def _dispatch_loop(self) -> None:
         db = self.storage.db
         seen_version: int | None = None     # None: sync on the first round
-        own_writes = 0                      # of db.writes_committed, the dispatcher's own
+        own_writes = 0                      # of db._writes_committed, the dispatcher's own
         seen_others = 0
         sync_due = 0.0          # monotonic time of the next queue-settings sync, 0: none due
         stop_seen = False
@@ -2551,7 +2908,7 @@ class Runtime:
             try:
                 # Another connection committed, or another thread of this process wrote
                 # (a pause, say, that may have ridden in this connection's own commit).
-                version, others = db.data_version(), db.writes_committed - own_writes
+                version, others = db.data_version(), db._writes_committed - own_writes
                 if version != seen_version or others != seen_others:
                     seen_version, seen_others = version, others
                     for qs in self._queue_states.values():
@@ -2592,7 +2949,7 @@ class Runtime:
                 with self._wake:
                     self._wake.wait_for(lambda: self._abandon, pause)
 
-    def _settle(self, finished: list[_Finish]) -> None:
+    def _settle(self, finished: list[_Ended]) -> None:
         """Free the slots of finished jobs (their finish commits next)."""
         for finish in finished:
             qs = self._queue_states[finish.job.queue]
@@ -2603,17 +2960,17 @@ class Runtime:
             if self._held.get(finish.job.id) is finish.job:    # not a newer claim of it
                 del self._held[finish.job.id]
 
-    def _note_requeues(self, committed: list[_Finish]) -> None:
+    def _note_requeues(self, committed: list[_Ended]) -> None:
         """Jobs this process put back for later (retries, snoozes) are due at their run_at;
         no other connection's commit may come to remind the dispatcher."""
-        for finish in committed:
-            if finish.statement == self.REQUEUE:
-                qs = self._queue_states[finish.job.queue]
-                run_at = finish.params[2]
+        for ended in committed:
+            run_at = ended.finish.run_at
+            if run_at is not None:
+                qs = self._queue_states[ended.job.queue]
                 if qs.next_due is None or run_at < qs.next_due:
                     qs.next_due = run_at
 
-    def _unsettle(self, finished: list[_Finish]) -> None:
+    def _unsettle(self, finished: list[_Ended]) -> None:
         """The commit failed: hold the finished jobs again, to commit them next time."""
         with self._wake:
             self._finished = finished + self._finished
@@ -2643,55 +3000,47 @@ class Runtime:
         wanted = [qs for qs in self._queue_states.values()
                   if qs.maybe_ready and not qs.paused and qs.claimable() > 0]
         if not committing and wanted:
-            db, now = self.storage.db, now_ms()
+            store, now = self.storage._store, now_ms()
             for qs in list(wanted):
                 wakes = qs.wakes
                 if wakes != qs.claim_wakes:
                     continue            # just enqueued here: claim at once, no need to look
-                if not db.read(self.READY_EXISTS, (qs.name, now)):
+                if not store.ready_exists(qs.name, now):
                     wanted.remove(qs)
                     with self._wake:
                         qs.maybe_ready = qs.wakes != wakes
-                    qs.next_due = db.read(self.NEXT_DUE, (qs.name,))[0][0]
+                    qs.next_due = store.next_due(qs.name)
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
-    def _commit(self, finished: list[_Finish], claim_from: list[tuple[str, int, int]],
+    def _commit(self, finished: list[_Ended], claim_from: list[tuple[str, int, int]],
                 lease: int, orphans: list[tuple[str, int]], conn: apsw.Connection
-                ) -> list[tuple[str, int, list[Any], int | None]]:
+                ) -> list[_QueueClaim]:
         """One transaction: apply finished jobs, release orphaned claims, then claim.
         Re-runnable on busy retries."""
+        store, queues = self.storage._store, self.storage.queues
         if orphans:
-            released = now_ms()
-            conn.executemany(self.RELEASE_ORPHAN,
-                             [(job_id, job_lease, released) for job_id, job_lease in orphans])
-        by_statement: dict[str, list[tuple[Any, ...]]] = {}
-        for finish in finished:
-            by_statement.setdefault(finish.statement, []).append(finish.params)
-            if finish.cool_down_until is not None:
-                conn.execute(self.COOL_DOWN, (finish.job.queue, finish.cool_down_until))
-        for statement, params in by_statement.items():
-            conn.executemany(statement, params)
+            store.release_orphans(conn, orphans, now_ms())
+        store.finish(conn, [ended.finish for ended in finished])
+        for ended in finished:
+            if ended.cool_down_until is not None:
+                queues._cool_down(conn, ended.job.queue, ended.cool_down_until)
         now = now_ms()
         claimed = []
         for name, wanted, free_now in claim_from:
-            gate = conn.execute(self.QUEUE_GATE, (name,)).fetchall()
-            paused, limit, cooldown_until = gate[0] if gate else (0, None, 0)
+            paused, limit, cooldown_until = queues._gate(conn, name)
             if paused or cooldown_until > now:
-                claimed.append((name, wanted, [], None if paused else cooldown_until))
+                claimed.append(_QueueClaim(name, wanted, [],
+                                           None if paused else cooldown_until))
                 continue
             if limit is not None:       # no prefetch: buffered jobs would count as running
-                running = conn.execute(self.COUNT_RUNNING, (name,)).fetchall()[0][0]
-                wanted = min(free_now, limit - running)
-            rows = (conn.execute(self.CLAIM, (lease, self.host_id, now, name, wanted)).fetchall()
+                wanted = min(free_now, limit - store.count_running(conn, name))
+            rows = (store.claim(conn, name, wanted, lease, self.host_id, now)
                     if wanted > 0 else [])
-            next_due = None
-            if len(rows) < wanted:
-                next_due = conn.execute(self.NEXT_DUE, (name,)).fetchall()[0][0]
-            claimed.append((name, wanted, rows, next_due))
+            next_due = store.next_due(name, conn) if len(rows) < wanted else None
+            claimed.append(_QueueClaim(name, wanted, rows, next_due))
         return claimed
 
-    def _hand_out(self, claimed: list[tuple[str, int, list[Any], int | None]], lease: int,
-                  wakes: dict[str, int]) -> None:
+    def _hand_out(self, claimed: list[_QueueClaim], lease: int, wakes: dict[str, int]) -> None:
         for name, wanted, rows, due in claimed:
             qs = self._queue_states[name]
             qs.claim_wakes = wakes[name]
@@ -2700,23 +3049,21 @@ class Runtime:
             if len(rows) < wanted or not rows:
                 with self._wake:    # unless an enqueue came in during the claim
                     qs.maybe_ready = qs.wakes != wakes[name]
-            rows.sort(key=lambda row: (row[6], row[7], row[0]))   # priority, run_at, id
             qs.held += len(rows)
-            for job_id, kind, payload, attempt, max_attempts, errors, _, _ in rows:
-                job = _Claimed(job_id, _text_from_blob(kind), payload, attempt, max_attempts,
-                               None if errors is None else _text_from_blob(errors), lease,
-                               name, CancellationToken())
-                self._held[job_id] = job
+            for row in rows:
+                job = _Claimed(row.id, row.kind, row.payload, row.attempt, row.max_attempts,
+                               row.errors, lease, name, CancellationToken())
+                self._held[row.id] = job
                 qs.buffer.put(job)
 
-    def _take_back_buffered(self, reason: str, qs: _QueueState | None = None) -> list[_Finish]:
+    def _take_back_buffered(self, reason: str, qs: _QueueState | None = None) -> list[_Ended]:
         """Requeue (refunded) the claimed jobs that no worker has started yet."""
         states = self._queue_states.values() if qs is None else (qs,)
         finishes = []
         for state in states:
             for job in state.drain_buffer():
                 job.token.cancel(reason)
-                finishes.append(self._requeue(job, now_ms(), "", f"requeued ({reason})"))
+                finishes.append(self._requeue(job, now_ms(), None, f"requeued ({reason})"))
         self._settle(finishes)
         return finishes
 
@@ -2726,7 +3073,7 @@ class Runtime:
         with self._wake:
             finished, self._finished = self._finished, []
         self._settle(finished)
-        stuck = [self._requeue(job, now_ms(), "", "requeued (shutdown timeout)")
+        stuck = [self._requeue(job, now_ms(), None, "requeued (shutdown timeout)")
                  for job in self._held.values()]
         try:
             self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, []))
@@ -2736,13 +3083,12 @@ class Runtime:
         log.warning("shutdown timed out: %d running job(s) returned to their queues",
                     len(stuck))
 
-    def _sync_queue_settings(self) -> list[_Finish]:
+    def _sync_queue_settings(self) -> list[_Ended]:
         """Refresh paused flags and backoff. A pause cancels the queue's running jobs and
         hands back its buffered ones (returned as finishes to commit)."""
         self._last_sync = time.monotonic()
-        finishes: list[_Finish] = []
-        for name, paused, base, cap, cooldown_until in self.storage.db.read(
-                self.QUEUE_SETTINGS):
+        finishes: list[_Ended] = []
+        for name, paused, base, cap, cooldown_until in self.storage.queues._settings():
             qs = self._queue_states.get(name)
             if qs is None:
                 continue
@@ -2756,23 +3102,22 @@ class Runtime:
                         job.token.cancel("paused")
         return finishes
 
-    def _sync_running(self) -> dict[str, tuple[int, int]]:
+    def _sync_running(self) -> dict[str, tuple[int, bool]]:
         """Deliver cancel requests to running handlers, and stop handlers whose job was
         rescued by another process (lease lost). Returns job id -> (lease, cancel
         requested) of every job the database says runs here."""
         held = self._held.copy()    # before the query: a claim held now has committed
-        running = {job_id: (lease, cancel) for job_id, lease, cancel in
-                   self.storage.db.read(self.RUNNING_HERE, (self.host_id,))}
+        running = self.storage._store.running_here(self.host_id)
         for job_id, job in held.items():
-            lease, cancel = running.get(job_id, (None, 0))
+            lease, cancel = running.get(job_id, (None, False))
             if lease != job.lease:
                 job.token.cancel("lost")
             elif cancel:
                 job.token.cancel("cancelled")
         return running
 
-    def _orphaned_claims(self, running: Mapping[str, tuple[int, int]],
-                         finishing: list[_Finish]) -> list[tuple[str, int]]:
+    def _orphaned_claims(self, running: Mapping[str, tuple[int, bool]],
+                         finishing: list[_Ended]) -> list[tuple[str, int]]:
         """Claims in the database that this runtime neither holds nor is finishing: a
         commit reported failed took effect. Only the dispatcher may ask, between its
         commits, for only it changes what the runtime holds."""
@@ -2827,7 +3172,7 @@ class Runtime:
             timeout = 1.0
             try:
                 if self._schedules:
-                    self.storage.cron.fire_due(set(self._schedules), self.router)
+                    self.storage.cron._fire_due(set(self._schedules), self.router)
                     next_fire = self.storage.cron.next_fire_ms(set(self._schedules))
                     if next_fire is not None:
                         timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
@@ -2863,20 +3208,20 @@ class Runtime:
             if job is None:
                 return
             try:
-                finish = self._execute(job, process_id)
+                ended = self._execute(job, process_id)
             except BaseException as exc:    # e.g. an exception whose str() raises
                 log.error("job %s (%s): the verdict failed (%s); failing the job", job.id,
                           job.kind, type(exc).__name__)
-                finish = _Finish("failed", self.FINISH_WITH_ERRORS, (
-                    job.id, job.lease, "failed", job.errors, process_id, now_ms()), job)
+                ended = _Ended(_Finish.failed(job.id, job.lease, now_ms(), process_id,
+                                              job.errors), job, "failed")
             if job_log.isEnabledFor(logging.INFO):
-                job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, finish.verdict,
-                             process_id, finish.seconds * 1000)
+                job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, ended.outcome,
+                             process_id, ended.seconds * 1000)
             with self._wake:
-                self._finished.append(finish)
+                self._finished.append(ended)
                 self._wake.notify()
 
-    def _execute(self, job: _Claimed, process_id: str) -> _Finish:
+    def _execute(self, job: _Claimed, process_id: str) -> _Ended:
         """Run the handler and turn whatever happens into a finish. Never raises."""
         started = time.perf_counter()
         cooldown_until = self._queue_states[job.queue].cooldown_until
@@ -2894,16 +3239,15 @@ class Runtime:
             except SqliteqError as exc:     # no attempt can do better
                 raise Dead(str(exc)) from None
             result = _encode_json(fn(ctx, payload), f"the result of job {job.id}")
-            return _Finish("done", self.FINISH_DONE,
-                           (job.id, job.lease, result, process_id, now_ms()), job,
-                           time.perf_counter() - started)
+            return _Ended(_Finish.done(job.id, job.lease, now_ms(), process_id, result), job,
+                          "done", time.perf_counter() - started)
         except BaseException as exc:    # nothing a handler does may kill a worker thread
             # (SystemExit and KeyboardInterrupt too: only the main thread gets signals, so
             # in a worker they come from the handler, argparse on bad input, say.)
             return self._verdict(job, exc, process_id)._replace(
                 seconds=time.perf_counter() - started)
 
-    def _verdict(self, job: _Claimed, exc: BaseException, process_id: str) -> _Finish:
+    def _verdict(self, job: _Claimed, exc: BaseException, process_id: str) -> _Ended:
         now, token = now_ms(), job.token
         if isinstance(exc, Snooze):
             return self._requeue(job, now + int(exc.after * 1000), process_id, "snoozed")
@@ -2917,15 +3261,13 @@ class Runtime:
         if token.cancelled and token.reason in ("paused", "shutdown"):
             return self._requeue(job, now, process_id, f"requeued ({token.reason})")
         if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
-            return _Finish("cancelled", self.FINISH_WITH_ERRORS, (job.id, job.lease, "cancelled",
-                                                self._errors_with(job, exc, now), process_id,
-                                                now), job)
+            return _Ended(_Finish.cancelled(job.id, job.lease, now, process_id,
+                                            self._errors_with(job, exc, now)), job, "cancelled")
         if isinstance(exc, Dead) or job.attempt >= job.max_attempts:
             log.warning("job %s (%s) failed for good on attempt %d: %s", job.id, job.kind,
                         job.attempt, type(exc).__name__)
-            return _Finish("failed", self.FINISH_WITH_ERRORS, (job.id, job.lease, "failed",
-                                                self._errors_with(job, exc, now), process_id,
-                                                now), job)
+            return _Ended(_Finish.failed(job.id, job.lease, now, process_id,
+                                         self._errors_with(job, exc, now)), job, "failed")
         if isinstance(exc, Retry) and exc.after is not None:
             delay_ms = int(exc.after * 1000)
         else:
@@ -2934,14 +3276,15 @@ class Runtime:
             delay_ms = int(delay / 2 + random.uniform(0, delay / 2))
         log.debug("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
                   job.attempt, type(exc).__name__, delay_ms / 1000)
-        return _Finish("retry", self.REQUEUE, (job.id, job.lease, now + delay_ms,
-                                      self._errors_with(job, exc, now), process_id, 0, now),
-                       job)
+        return _Ended(_Finish.retry(job.id, job.lease, now, process_id,
+                                    self._errors_with(job, exc, now), now + delay_ms),
+                      job, "retry")
 
-    def _requeue(self, job: _Claimed, run_at: int, process_id: str, verdict: str) -> _Finish:
-        """Back to the queue with the attempt refunded."""
-        return _Finish(verdict, self.REQUEUE, (job.id, job.lease, run_at, job.errors,
-                                               process_id or None, 1, now_ms()), job)
+    @staticmethod
+    def _requeue(job: _Claimed, run_at: int, process_id: str | None, outcome: str) -> _Ended:
+        """Back to the queue at `run_at` with the attempt refunded."""
+        return _Ended(_Finish.requeue(job.id, job.lease, now_ms(), process_id, job.errors,
+                                      run_at), job, outcome)
 
     @staticmethod
     def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:

@@ -9,7 +9,7 @@ Each run measures, on fresh database files and interleaved (sqliteq, raw, sqlite
 
 The raw side does the work any hand-written queue must do, inside the timer: compact JSON of
 the payload and a ULID id (`str(ulid.ULID())`) per row. It inserts with sqliteq's own column
-list (`sqliteq.Jobs.INSERT`) into a file whose schema sqliteq created, in WAL mode with
+list (`sqliteq._JobStore.INSERT`) into a file whose schema sqliteq created, in WAL mode with
 synchronous=NORMAL, like sqliteq's default.
 
     python bench/bench_enqueue.py --runs 5 --single 5000 --bulk 100000
@@ -62,8 +62,8 @@ def raw_connection(path: str) -> apsw.Connection:
 
 
 def raw_row(item: dict, now: int) -> tuple:
-    return (str(ulid.ULID()), KIND, QUEUE, json.dumps(item, separators=(",", ":")), 0, now,
-            5, None, now)
+    return (str(ulid.ULID()), KIND, QUEUE, json.dumps(item, separators=(",", ":")), "queued",
+            0, now, 5, None, now)
 
 
 # ------------------------------------------------------------- scenarios ----
@@ -83,7 +83,7 @@ def sqliteq_single(path: str, count: int) -> float:
 def raw_single(path: str, count: int) -> float:
     items = [payload(n) for n in range(count)]
     conn = raw_connection(path)
-    insert = sqliteq.Jobs.INSERT
+    insert = sqliteq._JobStore.INSERT
     started = time.perf_counter()
     for item in items:
         row = raw_row(item, now_ms())
@@ -113,7 +113,7 @@ def raw_bulk(path: str, count: int) -> float:
     now = now_ms()
     rows = [raw_row(item, now) for item in items]
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(sqliteq.Jobs.INSERT, rows)
+    conn.executemany(sqliteq._JobStore.INSERT, rows)
     conn.execute("COMMIT")
     elapsed = time.perf_counter() - started
     assert conn.execute("SELECT count(*) FROM jobs").fetchall()[0][0] == count

@@ -89,9 +89,9 @@ def bulk_breakdown(runs: int = 5) -> None:
             t0 = time.perf_counter()
             requests = [sqliteq.EnqueueRequest("noop", {"i": i}) for i in range(BULK)]
             t1 = time.perf_counter()
-            prepared = storage.jobs.prepare(requests)
+            rows = storage.jobs._new_jobs(requests, 0, None, {})
             t2 = time.perf_counter()
-            storage.db.write(functools.partial(storage.jobs.insert_prepared, prepared))
+            storage.db.write(functools.partial(storage._store.insert, jobs=rows))
             t3 = time.perf_counter()
         parts["build requests"].append(t1 - t0)
         parts["prepare rows"].append(t2 - t1)
@@ -108,10 +108,10 @@ def bulk_breakdown(runs: int = 5) -> None:
                 for index in dropped:
                     storage.db.write(lambda conn, index=index: conn.execute(
                         f"DROP INDEX {index}"))
-                prepared_rows = storage.jobs.prepare(
-                    sqliteq.EnqueueRequest("noop", {"i": i}) for i in range(BULK))
+                rows = storage.jobs._new_jobs(
+                    [sqliteq.EnqueueRequest("noop", {"i": i}) for i in range(BULK)], 0, None, {})
                 started = time.perf_counter()
-                storage.db.write(functools.partial(storage.jobs.insert_prepared, prepared_rows))
+                storage.db.write(functools.partial(storage._store.insert, jobs=rows))
                 samples.append(time.perf_counter() - started)
         label = "all indexes" if not dropped else "without " + ", ".join(dropped)
         print(f"- {label}: {statistics.median(samples) / BULK * 1e6:.2f} us")

@@ -154,7 +154,7 @@ def create_sqliteq_file(path: str) -> None:
 def raw_row(i: int, now: int) -> tuple[Any, ...]:
     """What any queue must do per job: an id, the payload as compact JSON, the time."""
     payload = json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS)
-    return (str(ulid.ULID()), "noop", "default", payload, 0, now, 5, None, now)
+    return (str(ulid.ULID()), "noop", "default", payload, "queued", 0, now, 5, None, now)
 
 
 def fill_sqliteq(path: str, n: int) -> str:
@@ -397,9 +397,9 @@ class RawApsw(System):
              " ms time). enqueue-8t: 8 threads, a connection each, busy_timeout 5 s. drain: one"
              " thread, claim 100 + complete them per transaction: the SQL limit.")
     # The statements, and how a row and a claim's parameters look: RawMinimal swaps them.
-    INSERT = sqliteq.Jobs.INSERT
-    CLAIM = sqliteq.Runtime.CLAIM
-    FINISH = sqliteq.Runtime.FINISH_DONE
+    INSERT = sqliteq._JobStore.INSERT
+    CLAIM = sqliteq._JobStore.CLAIM
+    FINISH = sqliteq._JobStore.FINISH_DONE
 
     def create(self, path: str) -> None:
         create_sqliteq_file(path)
@@ -499,10 +499,10 @@ class RawApsw(System):
             try:
                 for lease in range(1, ctx.sizes.claim_samples + 1):
                     now = now_ms()
-                    conn.execute(sqliteq.Jobs.INSERT, raw_row(lease, now))
+                    conn.execute(sqliteq._JobStore.INSERT, raw_row(lease, now))
                     t0 = time.perf_counter()
                     conn.execute("BEGIN IMMEDIATE")
-                    rows = conn.execute(sqliteq.Runtime.CLAIM,
+                    rows = conn.execute(sqliteq._JobStore.CLAIM,
                                         (lease, "raw", now, "default", 1)).fetchall()
                     conn.execute("COMMIT")
                     times.append(time.perf_counter() - t0)

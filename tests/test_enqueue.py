@@ -9,13 +9,16 @@ import os
 import pickle
 import sys
 import threading
+import tracemalloc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import apsw
 import pytest
 import ulid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import wait_until
 
 import sqliteq
 from sqliteq import EnqueueOutcome, EnqueueRequest, InvalidInput
@@ -337,6 +340,129 @@ def test_single_enqueue_rejects_a_non_request(storage):
     with pytest.raises(InvalidInput):
         storage.jobs.enqueue(("k", None))
     assert total(storage) == 0
+
+
+# --------------------------------------------- streaming and transactions ----
+
+def test_a_bulk_enqueue_streams_its_iterable_in_bounded_memory(storage):
+    """A generator of 40,000 requests with 2 KB payloads (160 MB as requests and rows) goes
+    in chunk by chunk: what the call holds at its peak is the outcomes, not the jobs."""
+    count = 40_000
+
+    def requests():
+        for n in range(count):
+            yield EnqueueRequest("k", f"{n:06d}" + "x" * 2000)
+
+    tracemalloc.start()
+    try:
+        outcomes = storage.jobs.enqueue_bulk(requests())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(outcomes) == count and total(storage) == count
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MB"
+    assert storage.jobs.get(outcomes[-1].job_id).payload.startswith(f"{count - 1:06d}")
+
+
+def test_a_bad_request_deep_in_a_generator_writes_nothing(storage):
+    chunk = sqliteq.Jobs.INSERT_CHUNK
+
+    def requests():
+        for n in range(3 * chunk):
+            yield EnqueueRequest("k", n) if n != 2 * chunk + 5 else ("k", n)
+
+    with pytest.raises(InvalidInput, match=rf"request {2 * chunk + 5}\b"):
+        storage.jobs.enqueue_bulk(requests())
+    assert total(storage) == 0
+
+
+def test_a_one_shot_iterator_is_never_read_twice_into_a_retried_transaction(storage):
+    """A write that shares the group commit hits lock contention, so the transaction runs
+    again: a generator cannot be read again, so its enqueue fails whole instead of writing
+    only the rest of it."""
+    db = storage.db
+    leading, release = threading.Event(), threading.Event()
+    busy_once = []
+
+    def hold_the_lead(conn):
+        leading.set()
+        release.wait(10)
+
+    def contended(conn):
+        if not busy_once:
+            busy_once.append(True)
+            raise apsw.BusyError("injected contention")
+
+    results: dict[str, object] = {}
+
+    def run(name, call):
+        try:
+            results[name] = call()
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=("lead", lambda: db.write(hold_the_lead)))]
+    threads[0].start()
+    assert leading.wait(10)
+    threads += [threading.Thread(target=run, args=("bulk", lambda: storage.jobs.enqueue_bulk(
+                    EnqueueRequest("k", n) for n in range(10))))]
+    threads[1].start()
+    wait_until(lambda: len(db._pending) == 1, timeout=10, what="the bulk enqueue to queue")
+    threads += [threading.Thread(target=run, args=("other", lambda: db.write(contended)))]
+    threads[2].start()
+    wait_until(lambda: len(db._pending) == 2, timeout=10, what="the other write to queue")
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(results["bulk"], sqliteq.TransientError), results
+    assert "nothing was written" in str(results["bulk"])
+    assert results["other"] is None and busy_once
+    assert total(storage) == 0
+
+
+def test_enqueue_in_commits_with_the_callers_own_writes(storage, sql):
+    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id, state)"))
+
+    def pay(conn):
+        conn.execute("INSERT INTO orders VALUES (1, 'paid')")
+        return storage.jobs.enqueue_in(conn, [EnqueueRequest("ship", {"order": 1})])
+
+    (outcome,) = storage.db.write(pay)
+    assert storage.jobs.get(outcome.job_id).payload == {"order": 1}
+    assert sql("SELECT state FROM orders") == [("paid",)]
+
+
+def test_enqueue_in_rolls_back_with_the_callers_transaction(storage, sql):
+    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id, state)"))
+    woken = []
+    storage.jobs._enqueue_listeners.append(woken.append)
+
+    def pay_then_fail(conn):
+        conn.execute("INSERT INTO orders VALUES (1, 'paid')")
+        storage.jobs.enqueue_in(conn, [EnqueueRequest("ship")])
+        raise RuntimeError("card declined")
+
+    with pytest.raises(RuntimeError, match="declined"):
+        storage.db.write(pay_then_fail)
+    assert total(storage) == 0 and sql("SELECT count(*) FROM orders") == [(0,)]
+    assert woken == []                  # no runtime is woken for jobs that never were
+
+
+def test_enqueue_in_wakes_a_runtime_of_this_process_once_it_commits(storage):
+    """The runtime polls only every 30 s: only the after-commit wake-up runs the job soon."""
+    rt = sqliteq.Runtime(storage, {"default": 1}, poll_interval=30)
+    rt.register("k", lambda ctx, payload: payload)
+    with rt:
+        first = rt.enqueue(EnqueueRequest("k", 6)).job_id
+        assert storage.jobs.wait(first, timeout=10).result == 6     # now idle for 30 s
+        (outcome,) = storage.db.write(
+            lambda conn: storage.jobs.enqueue_in(conn, [EnqueueRequest("k", 7)]))
+        assert storage.jobs.wait(outcome.job_id, timeout=10).result == 7
+
+
+def test_after_commit_outside_a_write_is_a_clear_error(storage):
+    with pytest.raises(sqliteq.SqliteqError, match=r"Database\.write"):
+        storage.db.after_commit(lambda: None)
 
 
 # ---------------------------------------------------------------- routing ----

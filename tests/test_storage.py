@@ -369,29 +369,81 @@ def test_writing_to_a_read_only_file_raises_schema_error(reachable_dir, open_unp
 
 # ---------------------------------------------------------------- indexes ----
 
-READY_JOBS = ("SELECT id FROM jobs WHERE queue = ? AND state = 'queued' AND run_at <= ?"
-              " ORDER BY priority, run_at, id LIMIT ?")
+Store = sqliteq._JobStore
 
 
-def test_ready_job_query_reads_the_claim_index_in_claim_order(storage, db_path):
-    conn = raw(db_path)
-    plan = " ".join(row[3] for row in conn.execute(
-        "EXPLAIN QUERY PLAN " + READY_JOBS, ("default", sqliteq.now_ms(), 10)))
-    conn.close()
-    assert "jobs_claim" in plan
-    assert "TEMP B-TREE" not in plan      # the index order is the claim order: no sort
+def plan(path: Path, statement: str, *params) -> str:
+    conn = raw(path)
+    try:
+        return " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params))
+    finally:
+        conn.close()
 
 
-def test_claim_index_is_partial_on_queued_jobs(storage, db_path):
-    sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_claim'")
-    assert "(queue, priority, run_at, id)" in sql
-    assert "WHERE state = 'queued'" in sql
+def test_the_claim_reads_the_claim_index_in_claim_order(storage, db_path):
+    steps = plan(db_path, Store.CLAIM, 1, "host", sqliteq.now_ms(), "default", 10)
+    assert "jobs_claim" in steps
+    assert "TEMP B-TREE" not in steps      # the index order is the claim order: no sort
+
+
+def test_promotion_next_due_and_readiness_read_the_due_index(storage, db_path):
+    now = sqliteq.now_ms()
+    assert "jobs_due" in plan(db_path, Store.PROMOTE_DUE, "default", now)
+    assert "jobs_due" in plan(db_path, Store.NEXT_DUE, "default")
+    ready = plan(db_path, Store.READY_EXISTS, "default", now)
+    assert "jobs_claim" in ready and "jobs_due" in ready
+
+
+def test_jobs_are_keyed_by_their_ulid_with_no_rowid(storage, db_path):
+    """No automatic index maps the id to a rowid: one b-tree fewer to write per job."""
+    sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs'")
+    assert sql.rstrip().endswith("WITHOUT ROWID")
+    assert not scalar(db_path, "SELECT count(*) FROM sqlite_master"
+                               " WHERE tbl_name = 'jobs' AND name LIKE 'sqlite_autoindex%'")
+
+
+def test_claim_and_due_indexes_are_partial_on_their_state(storage, db_path):
+    claim = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_claim'")
+    due = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_due'")
+    assert "(queue, priority, run_at)" in claim and "WHERE state = 'queued'" in claim
+    assert "(queue, run_at)" in due and "WHERE state = 'scheduled'" in due
 
 
 def test_unique_key_index_is_partial_on_active_jobs(storage, db_path):
     sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_unique_active'")
     assert sql.startswith("CREATE UNIQUE INDEX")
-    assert "state IN ('queued', 'running')" in sql
+    assert "state IN ('queued', 'scheduled', 'running')" in sql
+
+
+def test_a_job_due_later_waits_as_scheduled_and_is_queued_to_the_api(storage, db_path):
+    later = storage.jobs.enqueue(EnqueueRequest("k", run_at=time.time() + 3600)).job_id
+    now = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+    assert scalar(db_path, "SELECT state FROM jobs WHERE id = ?", later) == "scheduled"
+    assert scalar(db_path, "SELECT state FROM jobs WHERE id = ?", now) == "queued"
+    assert storage.jobs.get(later).state == sqliteq.JobState.QUEUED
+    assert storage.jobs.counts()["queued"] == 2
+    assert {job.id for job in storage.jobs.list(state="queued")} == {later, now}
+    assert storage.jobs.run_now(later)
+    assert scalar(db_path, "SELECT state FROM jobs WHERE id = ?", later) == "queued"
+
+
+def test_a_claim_promotes_due_scheduled_jobs_and_keeps_the_claim_order(storage, db_path):
+    """Jobs that came due while nobody claimed are claimed by priority, run_at, id with
+    the ones enqueued ready, whichever state they waited in."""
+    soon = time.time() + 0.3
+    ids = {
+        "urgent-late": storage.jobs.enqueue(EnqueueRequest("k", priority=-1, run_at=soon)),
+        "plain-now": storage.jobs.enqueue(EnqueueRequest("k")),
+        "plain-late": storage.jobs.enqueue(EnqueueRequest("k", run_at=soon)),
+        "later": storage.jobs.enqueue(EnqueueRequest("k", run_at=time.time() + 3600)),
+    }
+    name = {out.job_id: label for label, out in ids.items()}
+    wait_until(lambda: sqliteq.now_ms() > soon * 1000, timeout=5, what="the jobs to come due")
+    claimed = storage.db.write(lambda conn: storage._store.claim(
+        conn, "default", 10, 7, "host", sqliteq.now_ms()))
+    assert [name[row.id] for row in claimed] == ["urgent-late", "plain-now", "plain-late"]
+    assert scalar(db_path, "SELECT state FROM jobs WHERE id = ?",
+                  ids["later"].job_id) == "scheduled"
 
 
 # ------------------------------------------------------------- migrations ----
@@ -447,6 +499,54 @@ def test_file_whose_migration_failed_is_released_at_once(db_path, monkeypatch):
         sqliteq.Storage(db_path)
     assert failed.value is not None
     assert not Path(f"{db_path}-wal").exists()
+
+
+def v4_file(path: Path) -> None:
+    """A file as sqliteq 0.1 (schema 4) wrote it: a rowid jobs table, one 'queued' state."""
+    conn = raw(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    with conn:
+        for step in sqliteq.MIGRATIONS[:4]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 4")
+        now = sqliteq.now_ms()
+        rows = [("A-ready", "queued", now - 1000, None, None), ("B-later", "queued",
+                 now + 3_600_000, "key-b", None), ("C-running", "running", now, "key-c", 77),
+                ("D-done", "done", now, None, None), ("E-failed", "failed", now, "key-e", None)]
+        for job_id, state, run_at, key, lease in rows:
+            conn.execute("INSERT INTO jobs (id, kind, queue, payload, state, run_at, unique_key,"
+                         " lease, created_at, errors, result) VALUES (?, 'k', 'default',"
+                         " '{\"n\":1}', ?, ?, ?, ?, ?, '[]', ?)",
+                         (job_id, state, run_at, key, lease, now,
+                          '"r"' if state == "done" else None))
+    conn.close()
+
+
+def test_a_file_of_schema_4_moves_to_storage_v2_keeping_every_job(db_path):
+    v4_file(db_path)
+    with sqliteq.Storage(db_path) as storage:
+        assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION
+        stored = dict(raw(db_path).execute("SELECT id, state FROM jobs").fetchall())
+        assert stored == {"A-ready": "queued", "B-later": "scheduled", "C-running": "running",
+                          "D-done": "done", "E-failed": "failed"}
+        jobs = {job.id: job for job in storage.jobs.list()}
+        assert {job_id: job.state.value for job_id, job in jobs.items()} == {
+            "A-ready": "queued", "B-later": "queued", "C-running": "running",
+            "D-done": "done", "E-failed": "failed"}
+        assert jobs["D-done"].result == "r" and jobs["A-ready"].payload == {"n": 1}
+        # Unique keys still bind active jobs, scheduled ones included; finished ones do not.
+        assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="key-b")) == (
+            sqliteq.EnqueueOutcome("B-later", False))
+        assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="key-c")).job_id == "C-running"
+        assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="key-e")).created
+        # The ready job is claimable; the one due in an hour is not.
+        claimed = storage.db.write(lambda conn: storage._store.claim(
+            conn, "default", 10, 1, "host", sqliteq.now_ms()))
+        assert [row.id for row in claimed][:1] == ["A-ready"]
+        assert "B-later" not in {row.id for row in claimed}
+    assert "WITHOUT ROWID" in scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs'")
+    assert not scalar(db_path, "SELECT count(*) FROM sqlite_master WHERE name = 'jobs_v2'")
 
 
 def test_migration_sets_schema_and_version_together(db_path):
@@ -585,14 +685,14 @@ def test_a_failing_write_does_not_undo_other_threads_writes(storage):
                 outcomes["unexpected"].append(exc)
 
     threads = [threading.Thread(target=fn) for fn in (enqueuer, failer) * 4]
-    committed_before = storage.db.writes_committed
+    committed_before = storage.db._writes_committed
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert outcomes["unexpected"] == []
     # The count of writes that took effect is exact, whoever's commit carried them.
-    assert storage.db.writes_committed - committed_before == 600
+    assert storage.db._writes_committed - committed_before == 600
     assert len(outcomes["refused"]) == 600
     assert len(set(map(id, outcomes["refused"]))) == 600     # each caller got its own error
     assert storage.jobs.counts()["queued"] == len(set(outcomes["enqueued"])) == 600

@@ -484,8 +484,9 @@ def test_a_dispatcher_commit_that_fails_after_taking_effect_strands_no_claimed_j
             vfs.arm(op="write", kind="main", nth=1, thread=DISPATCHER)
             job_id = f"STRANDED{attempt}"
             now = sqliteq.now_ms()
-            grow_wal(db_path, "INSERT INTO jobs (id, kind, queue, payload, run_at, created_at)"
-                              " VALUES (?, 'k', 'default', '{\"i\": 1}', ?, ?)", job_id, now, now)
+            grow_wal(db_path, "INSERT INTO jobs (id, kind, queue, payload, state, run_at,"
+                              " created_at) VALUES (?, 'k', 'default', '{\"i\": 1}', 'queued',"
+                              " ?, ?)", job_id, now, now)
             wait_until(functools.partial(claimed, db_path, job_id), timeout=10,
                        what="the job claimed")
             vfs.disarm()
