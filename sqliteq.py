@@ -90,7 +90,7 @@ __all__ = [
     "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
     "Snooze", "SqliteqError", "Storage", "StorageError", "Throttled", "TransientError", "main",
-    "now_ms", "parse_duration", "run_demo",
+    "now_ms", "parse_duration",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -854,7 +854,7 @@ class Database:
             raise SqliteqError("after_commit is for work run by Database.write")
         request.after_commit.append(callback)
 
-    def write_changes(self, statement: str, params: Sequence[Any]) -> int:
+    def _write_changes(self, statement: str, params: Sequence[Any]) -> int:
         """Run one statement in a write transaction; how many rows it changed."""
         def run(conn: apsw.Connection) -> int:
             conn.execute(statement, params)
@@ -996,7 +996,7 @@ class Database:
             self._commit_seq += 1
             self._commit_cv.notify_all()
 
-    def wait_for_change(self, timeout: float) -> None:
+    def _wait_for_change(self, timeout: float) -> None:
         """Sleep until this process commits a write, or `timeout` seconds pass.
 
         Callers poll `PRAGMA data_version` after it to notice other processes' commits.
@@ -1022,7 +1022,7 @@ class Database:
                 raise
             raise error from exc
 
-    def wal_size(self) -> int:
+    def _wal_size(self) -> int:
         """Bytes in the file's write-ahead log now."""
         try:
             return os.stat(f"{self.path}-wal").st_size
@@ -1612,7 +1612,7 @@ class Jobs:
             remaining = 0.05 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout} s")
-            self._db.wait_for_change(min(remaining, 0.05))
+            self._db._wait_for_change(min(remaining, 0.05))
 
     # -- administration --
 
@@ -1859,7 +1859,7 @@ class Processes:
         self._db = db
         self._store = store
 
-    def heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float,
+    def _heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float,
                   interval: float) -> int:
         """Record that `host_id` is alive and beats every `interval` seconds (it is to be
         deemed dead after `lease_timeout` seconds of progress without a beat), and rescue
@@ -1889,14 +1889,14 @@ class Processes:
             log.warning("rescued %d job(s) from hosts that stopped heartbeating", rescued)
         return rescued
 
-    def claim_chore(self, name: str, interval: float) -> bool:
+    def _claim_chore(self, name: str, interval: float) -> bool:
         """True for exactly one caller per `interval` seconds, cluster-wide."""
         now = now_ms()
         cutoff = now - int(interval * 1000)
         last = self._db.read(self.CHORE_LAST_RUN, (name,))
         if last and last[0][0] > cutoff:
             return False        # read first: most calls need no writer lock
-        return bool(self._db.write_changes(self.CLAIM_CHORE, (name, now, cutoff)))
+        return bool(self._db._write_changes(self.CLAIM_CHORE, (name, now, cutoff)))
 
     def remove(self, host_id: str) -> None:
         """Forget a host that stopped cleanly."""
@@ -1909,6 +1909,51 @@ class Processes:
                             _datetime_from_ms(started), _datetime_from_ms(beat))  # type: ignore[arg-type]
                 for host, hostname, pid, queues, started, beat
                 in self._db.read(self.SELECT_ALL)]
+
+
+# ----------------------------------------------------------- Cancellation ----
+
+class CancellationToken:
+    """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled" or
+    "lost" (another process rescued the job). Handlers poll `cancelled` or `wait` on it."""
+
+    __slots__ = ("_event", "_lock", "reason")
+
+    def __init__(self) -> None:
+        # The Event is made by the first wait(): most tokens are never waited on, and one
+        # is minted per claimed job.
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
+        self.reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the token has fired."""
+        return self.reason is not None
+
+    def cancel(self, reason: str) -> None:
+        """Fire the token; the first reason sticks."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until the token fires (True) or `timeout` seconds pass (False)."""
+        with self._lock:
+            if self.reason is not None:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise `Cancelled` if the token has fired."""
+        if self.reason is not None:
+            raise Cancelled(f"job cancelled: {self.reason}")
 
 
 # ----------------------------------------------------------- Rate limits ----
@@ -1964,229 +2009,14 @@ class RateLimits:
 
     def drain(self, scope: str) -> None:
         """Empty the bucket, e.g. after an upstream answered HTTP 429."""
-        if not self._db.write_changes(self.SET_TOKENS, (scope, 0.0, now_ms())):
+        if not self._db._write_changes(self.SET_TOKENS, (scope, 0.0, now_ms())):
             raise ConfigError(f"rate-limit scope {scope!r} is not configured")
 
 
-# ------------------------------------------------------------------ Cron ----
+def _check_tokens(tokens: float) -> None:
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not tokens > 0:
+        raise InvalidInput(f"tokens must be a positive number, not {tokens!r}")
 
-@dataclass(frozen=True, slots=True)
-class CronSchedule:
-    """A cron schedule as stored: what it enqueues, and when it fires next."""
-
-    name: str
-    expression: str
-    timezone: str | None
-    request: EnqueueRequest
-    next_fire_at: datetime | None
-    enabled: bool
-    last_error: str | None
-
-
-def _request_to_json(request: EnqueueRequest) -> str:
-    fields = request._asdict()
-    del fields["run_at"]        # a schedule's jobs run at their tick
-    return _json_encode(fields)
-
-
-def _request_from_json(text: str, run_at: float | None = None) -> EnqueueRequest:
-    fields = _json_decode(text)
-    return EnqueueRequest(fields.pop("kind"), fields.pop("payload"), run_at=run_at, **fields)
-
-
-class CronSchedules:
-    """Cron schedules shared by every process: `storage.cron`.
-
-    Each tick is enqueued exactly once however many processes declare the schedule: the
-    process that fires it moves `next_fire_at` with a compare-and-set in the same transaction
-    as the enqueue, so a second process finds nothing left to fire.
-    """
-
-    # Re-declaring an unchanged schedule keeps its next tick; a changed one starts afresh.
-    DECLARE = """
-        INSERT INTO cron (name, expression, timezone, request, next_fire_at)
-        VALUES (?1, ?2, ?3, ?4, ?5)
-        ON CONFLICT (name) DO UPDATE SET expression = ?2, timezone = ?3, request = ?4,
-                                         next_fire_at = ?5, enabled = 1, last_error = NULL
-        WHERE expression IS NOT ?2 OR timezone IS NOT ?3 OR request IS NOT ?4"""
-    SELECT_ALL = ("SELECT name, expression, timezone, request, next_fire_at, enabled, last_error"
-                  " FROM cron ORDER BY name")
-    SELECT_DUE = ("SELECT name, expression, timezone, request, next_fire_at FROM cron"
-                  " WHERE enabled AND next_fire_at <= ?")
-    NEXT_FIRES = "SELECT name, next_fire_at FROM cron WHERE enabled AND next_fire_at NOT NULL"
-    ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
-               " WHERE name = ?1 AND next_fire_at = ?2")
-    SET_ERROR = "UPDATE cron SET last_error = ?2 WHERE name = ?1"
-    # Ticks later than this were missed while no process ran the schedule: they collapse
-    # into one run, then the schedule goes on from now (no catch-up storm).
-    MISSED_AFTER_MS = 5_000
-
-    def __init__(self, db: Database, jobs: Jobs) -> None:
-        self._db = db
-        self._jobs = jobs
-        self._parsed: dict[tuple[str, str | None], CronExpression] = {}
-
-    def declare(self, name: str, expression: CronExpression, request: EnqueueRequest) -> None:
-        """Create or update the schedule `name`; its first tick is the next after now."""
-        _check_name(name, "schedule name")
-        first = expression.next_after(datetime.now(timezone.utc))
-        first_ms = None if first is None else int(first.timestamp() * 1000)
-        params = (name, expression.expression, expression.tz_name, _request_to_json(request),
-                  first_ms)
-        self._db.write(lambda conn: conn.execute(self.DECLARE, params))
-
-    def list(self) -> list[CronSchedule]:
-        """Every stored schedule, by name."""
-        return [CronSchedule(name, expression, tz, _request_from_json(request),
-                             _datetime_from_ms(next_fire), bool(enabled), last_error)
-                for name, expression, tz, request, next_fire, enabled, last_error
-                in self._db.read(self.SELECT_ALL)]
-
-    def next_fire_ms(self, names: set[str]) -> int | None:
-        """When the earliest of the named schedules fires next."""
-        fires = [at for name, at in self._db.read(self.NEXT_FIRES) if name in names]
-        return min(fires, default=None)
-
-    def _fire_due(self, names: set[str], router: Router | None) -> int:
-        """Enqueue one job for each due tick of the named schedules; returns how many ticks
-        this process fired (ticks another process fired first are skipped)."""
-        fired = 0
-        while True:
-            now = now_ms()
-            due = [row for row in self._db.read(self.SELECT_DUE, (now,)) if row[0] in names]
-            if not due:
-                return fired
-            for name, expression, tz, request, tick in due:
-                fired += self._fire(name, expression, tz, request, tick, router)
-
-    def _expression(self, expression: str, tz: str | None) -> CronExpression:
-        parsed = self._parsed.get((expression, tz))
-        if parsed is None:
-            parsed = self._parsed[(expression, tz)] = CronExpression(expression, tz)
-        return parsed
-
-    def _fire(self, name: str, expression: str, tz: str | None, request_json: str, tick: int,
-              router: Router | None) -> int:
-        now = now_ms()
-        missed = now - tick > self.MISSED_AFTER_MS
-        following_ms: int | None = None
-        request, error = None, None
-        try:
-            following = self._expression(expression, tz).next_after(
-                datetime.fromtimestamp((now if missed else tick) / 1000, timezone.utc))
-            following_ms = None if following is None else int(following.timestamp() * 1000)
-            request = _request_from_json(request_json, (now if missed else tick) / 1000)
-        except Exception as exc:    # a bad stored schedule: record it
-            error = f"{type(exc).__name__}: {exc}"
-
-        def fire(conn: apsw.Connection) -> tuple[int, str | None]:
-            conn.execute(self.ADVANCE, (name, tick, following_ms, error))
-            if not conn.changes():
-                return 0, None      # another process fired this tick
-            if request is None:
-                return 1, error
-            try:
-                with conn:          # a savepoint: a failing router rolls back only the job
-                    self._jobs.enqueue_in(conn, (request,), router)
-            except Exception as exc:
-                failure = f"{type(exc).__name__}: {exc}"
-                conn.execute(self.SET_ERROR, (name, failure))
-                return 1, failure
-            return 1, None
-
-        fired, failure = self._db.write(fire)
-        if failure is not None:
-            log.error("cron schedule %r cannot enqueue: %s", name, failure)
-        elif fired and missed:
-            log.info("cron schedule %r missed ticks since %s: ran once for the window",
-                     name, _iso_from_ms(tick))
-        return fired
-
-
-# --------------------------------------------------------------- Storage ----
-
-class Storage:
-    """The database file and everything stored in it.
-
-    Opening creates the file if needed and migrates it. Thread-safe: share one Storage
-    between threads; each thread gets its own connection. `durable=True` makes every commit
-    durable on return (synchronous=FULL). `busy_timeout` is how long one attempt waits for
-    another process's writer lock; a write gives up after 4 attempts (see `TransientError`).
-    `vfs` names a registered SQLite VFS (apsw.VFS) to open the file through, e.g. a
-    fault-injecting shim in tests.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
-                 busy_timeout: float = 5.0, vfs: str | None = None) -> None:
-        self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
-        self.path = self.db.path
-        self._store = _JobStore(self.db)
-        self.jobs = Jobs(self.db, self._store)
-        self.queues = Queues(self.db, self._store)
-        self.processes = Processes(self.db, self._store)
-        self.rate_limits = RateLimits(self.db)
-        self.cron = CronSchedules(self.db, self.jobs)
-
-    def close(self) -> None:
-        """Close all connections. The Storage cannot be used afterwards."""
-        self.db.close()
-
-    def __enter__(self) -> Storage:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Storage({self.path!r})"
-
-
-# --------------------------------------------------------------- Routing ----
-
-class Router(Protocol):
-    """Chooses the queue for a request whose `queue_name` is None."""
-
-    def route(self, kind: str) -> str:
-        """The queue for jobs of `kind`."""
-        ...
-
-
-class DefaultRouter:
-    """Every kind goes to the "default" queue."""
-
-    def route(self, kind: str) -> str:
-        return DEFAULT_QUEUE
-
-
-class KindRouter:
-    """An explicit kind -> queue table, with a default for the rest."""
-
-    def __init__(self, routes: Mapping[str, str], default: str = DEFAULT_QUEUE) -> None:
-        self.routes = {k: _check_name(q, f"queue for kind {k!r}") for k, q in routes.items()}
-        self.default = _check_name(default, "default queue")
-
-    def route(self, kind: str) -> str:
-        return self.routes.get(kind, self.default)
-
-
-class PrefixRouter:
-    """Routes by kind prefix ({"gh_": "gh"}); the longest matching prefix wins."""
-
-    def __init__(self, prefixes: Mapping[str, str] | None = None,
-                 default: str = DEFAULT_QUEUE) -> None:
-        items = (prefixes or {}).items()
-        self.prefixes = sorted(((p, _check_name(q, f"queue for prefix {p!r}")) for p, q in items),
-                               key=lambda item: -len(item[0]))
-        self.default = _check_name(default, "default queue")
-
-    def route(self, kind: str) -> str:
-        for prefix, queue in self.prefixes:
-            if kind.startswith(prefix):
-                return queue
-        return self.default
-
-
-# ---------------------------------------------------------- Rate limiting ----
 
 class RateLimiter:
     """Blocking access to the token buckets in `storage.rate_limits`, shared cluster-wide."""
@@ -2226,91 +2056,6 @@ class RateLimiter:
     def drain(self, scope: str) -> None:
         """Empty the bucket (after a real HTTP 429), so every process backs off."""
         self._rate_limits.drain(scope)
-
-
-def _check_tokens(tokens: float) -> None:
-    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not tokens > 0:
-        raise InvalidInput(f"tokens must be a positive number, not {tokens!r}")
-
-
-# ----------------------------------------------------------- Cancellation ----
-
-class CancellationToken:
-    """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled" or
-    "lost" (another process rescued the job). Handlers poll `cancelled` or `wait` on it."""
-
-    __slots__ = ("_event", "_lock", "reason")
-
-    def __init__(self) -> None:
-        # The Event is made by the first wait(): most tokens are never waited on, and one
-        # is minted per claimed job.
-        self._lock = threading.Lock()
-        self._event: threading.Event | None = None
-        self.reason: str | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the token has fired."""
-        return self.reason is not None
-
-    def cancel(self, reason: str) -> None:
-        """Fire the token; the first reason sticks."""
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            event = self._event
-        if event is not None:
-            event.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Sleep until the token fires (True) or `timeout` seconds pass (False)."""
-        with self._lock:
-            if self.reason is not None:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
-
-    def raise_if_cancelled(self) -> None:
-        """Raise `Cancelled` if the token has fired."""
-        if self.reason is not None:
-            raise Cancelled(f"job cancelled: {self.reason}")
-
-
-# -------------------------------------------------------- Handler context ----
-
-class JobCtx:
-    """What a handler knows about the job it runs, and how it enqueues follow-up work."""
-
-    __slots__ = ("storage", "router", "rate_limit", "job_id", "process_id", "host_id", "cancel",
-                 "attempt", "kind", "queue")
-
-    def __init__(self, storage: Storage, router: Router, rate_limit: RateLimiter, job_id: str,
-                 process_id: str, host_id: str, cancel: CancellationToken, attempt: int,
-                 kind: str, queue: str) -> None:
-        self.storage = storage
-        self.router = router
-        self.rate_limit = rate_limit
-        self.job_id = job_id
-        self.process_id = process_id
-        self.host_id = host_id
-        self.cancel = cancel
-        self.attempt = attempt
-        self.kind = kind
-        self.queue = queue
-
-    def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
-        """Enqueue a follow-up job through the runtime's router (lock contention is retried
-        3 times, as every write is)."""
-        return self.storage.jobs.enqueue(request, self.router)
-
-    def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
-        """Enqueue many follow-up jobs in one transaction (one writer-lock hold)."""
-        return self.storage.jobs.enqueue_bulk(requests, self.router)
-
-    def __repr__(self) -> str:
-        return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
 
 
 # ------------------------------------------------------- Cron expressions ----
@@ -2502,6 +2247,259 @@ def _transition_between(low: datetime, high: datetime, tz: tzinfo) -> datetime:
 def _days_in_month(year: int, month: int) -> int:
     following = date(year + month // 12, month % 12 + 1, 1)
     return (following - timedelta(days=1)).day
+
+
+# ------------------------------------------------------------------ Cron ----
+
+@dataclass(frozen=True, slots=True)
+class CronSchedule:
+    """A cron schedule as stored: what it enqueues, and when it fires next."""
+
+    name: str
+    expression: str
+    timezone: str | None
+    request: EnqueueRequest
+    next_fire_at: datetime | None
+    enabled: bool
+    last_error: str | None
+
+
+def _request_to_json(request: EnqueueRequest) -> str:
+    fields = request._asdict()
+    del fields["run_at"]        # a schedule's jobs run at their tick
+    return _json_encode(fields)
+
+
+def _request_from_json(text: str, run_at: float | None = None) -> EnqueueRequest:
+    fields = _json_decode(text)
+    return EnqueueRequest(fields.pop("kind"), fields.pop("payload"), run_at=run_at, **fields)
+
+
+class CronSchedules:
+    """Cron schedules shared by every process: `storage.cron`.
+
+    Each tick is enqueued exactly once however many processes declare the schedule: the
+    process that fires it moves `next_fire_at` with a compare-and-set in the same transaction
+    as the enqueue, so a second process finds nothing left to fire.
+    """
+
+    # Re-declaring an unchanged schedule keeps its next tick; a changed one starts afresh.
+    DECLARE = """
+        INSERT INTO cron (name, expression, timezone, request, next_fire_at)
+        VALUES (?1, ?2, ?3, ?4, ?5)
+        ON CONFLICT (name) DO UPDATE SET expression = ?2, timezone = ?3, request = ?4,
+                                         next_fire_at = ?5, enabled = 1, last_error = NULL
+        WHERE expression IS NOT ?2 OR timezone IS NOT ?3 OR request IS NOT ?4"""
+    SELECT_ALL = ("SELECT name, expression, timezone, request, next_fire_at, enabled, last_error"
+                  " FROM cron ORDER BY name")
+    SELECT_DUE = ("SELECT name, expression, timezone, request, next_fire_at FROM cron"
+                  " WHERE enabled AND next_fire_at <= ?")
+    NEXT_FIRES = "SELECT name, next_fire_at FROM cron WHERE enabled AND next_fire_at NOT NULL"
+    ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
+               " WHERE name = ?1 AND next_fire_at = ?2")
+    SET_ERROR = "UPDATE cron SET last_error = ?2 WHERE name = ?1"
+    # Ticks later than this were missed while no process ran the schedule: they collapse
+    # into one run, then the schedule goes on from now (no catch-up storm).
+    MISSED_AFTER_MS = 5_000
+
+    def __init__(self, db: Database, jobs: Jobs) -> None:
+        self._db = db
+        self._jobs = jobs
+        self._parsed: dict[tuple[str, str | None], CronExpression] = {}
+
+    def declare(self, name: str, expression: CronExpression, request: EnqueueRequest) -> None:
+        """Create or update the schedule `name`; its first tick is the next after now."""
+        _check_name(name, "schedule name")
+        first = expression.next_after(datetime.now(timezone.utc))
+        first_ms = None if first is None else int(first.timestamp() * 1000)
+        params = (name, expression.expression, expression.tz_name, _request_to_json(request),
+                  first_ms)
+        self._db.write(lambda conn: conn.execute(self.DECLARE, params))
+
+    def list(self) -> list[CronSchedule]:
+        """Every stored schedule, by name."""
+        return [CronSchedule(name, expression, tz, _request_from_json(request),
+                             _datetime_from_ms(next_fire), bool(enabled), last_error)
+                for name, expression, tz, request, next_fire, enabled, last_error
+                in self._db.read(self.SELECT_ALL)]
+
+    def _next_fire_ms(self, names: set[str]) -> int | None:
+        """When the earliest of the named schedules fires next."""
+        fires = [at for name, at in self._db.read(self.NEXT_FIRES) if name in names]
+        return min(fires, default=None)
+
+    def _fire_due(self, names: set[str], router: Router | None) -> int:
+        """Enqueue one job for each due tick of the named schedules; returns how many ticks
+        this process fired (ticks another process fired first are skipped)."""
+        fired = 0
+        while True:
+            now = now_ms()
+            due = [row for row in self._db.read(self.SELECT_DUE, (now,)) if row[0] in names]
+            if not due:
+                return fired
+            for name, expression, tz, request, tick in due:
+                fired += self._fire(name, expression, tz, request, tick, router)
+
+    def _expression(self, expression: str, tz: str | None) -> CronExpression:
+        parsed = self._parsed.get((expression, tz))
+        if parsed is None:
+            parsed = self._parsed[(expression, tz)] = CronExpression(expression, tz)
+        return parsed
+
+    def _fire(self, name: str, expression: str, tz: str | None, request_json: str, tick: int,
+              router: Router | None) -> int:
+        now = now_ms()
+        missed = now - tick > self.MISSED_AFTER_MS
+        following_ms: int | None = None
+        request, error = None, None
+        try:
+            following = self._expression(expression, tz).next_after(
+                datetime.fromtimestamp((now if missed else tick) / 1000, timezone.utc))
+            following_ms = None if following is None else int(following.timestamp() * 1000)
+            request = _request_from_json(request_json, (now if missed else tick) / 1000)
+        except Exception as exc:    # a bad stored schedule: record it
+            error = f"{type(exc).__name__}: {exc}"
+
+        def fire(conn: apsw.Connection) -> tuple[int, str | None]:
+            conn.execute(self.ADVANCE, (name, tick, following_ms, error))
+            if not conn.changes():
+                return 0, None      # another process fired this tick
+            if request is None:
+                return 1, error
+            try:
+                with conn:          # a savepoint: a failing router rolls back only the job
+                    self._jobs.enqueue_in(conn, (request,), router)
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                conn.execute(self.SET_ERROR, (name, failure))
+                return 1, failure
+            return 1, None
+
+        fired, failure = self._db.write(fire)
+        if failure is not None:
+            log.error("cron schedule %r cannot enqueue: %s", name, failure)
+        elif fired and missed:
+            log.info("cron schedule %r missed ticks since %s: ran once for the window",
+                     name, _iso_from_ms(tick))
+        return fired
+
+
+# --------------------------------------------------------------- Storage ----
+
+class Storage:
+    """The database file and everything stored in it.
+
+    Opening creates the file if needed and migrates it. Thread-safe: share one Storage
+    between threads; each thread gets its own connection. `durable=True` makes every commit
+    durable on return (synchronous=FULL). `busy_timeout` is how long one attempt waits for
+    another process's writer lock; a write gives up after 4 attempts (see `TransientError`).
+    `vfs` names a registered SQLite VFS (apsw.VFS) to open the file through, e.g. a
+    fault-injecting shim in tests.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
+                 busy_timeout: float = 5.0, vfs: str | None = None) -> None:
+        self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
+        self.path = self.db.path
+        self._store = _JobStore(self.db)
+        self.jobs = Jobs(self.db, self._store)
+        self.queues = Queues(self.db, self._store)
+        self.processes = Processes(self.db, self._store)
+        self.rate_limits = RateLimits(self.db)
+        self.cron = CronSchedules(self.db, self.jobs)
+
+    def close(self) -> None:
+        """Close all connections. The Storage cannot be used afterwards."""
+        self.db.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Storage({self.path!r})"
+
+
+# --------------------------------------------------------------- Routing ----
+
+class Router(Protocol):
+    """Chooses the queue for a request whose `queue_name` is None."""
+
+    def route(self, kind: str) -> str:
+        """The queue for jobs of `kind`."""
+        ...
+
+
+class DefaultRouter:
+    """Every kind goes to the "default" queue."""
+
+    def route(self, kind: str) -> str:
+        return DEFAULT_QUEUE
+
+
+class KindRouter:
+    """An explicit kind -> queue table, with a default for the rest."""
+
+    def __init__(self, routes: Mapping[str, str], default: str = DEFAULT_QUEUE) -> None:
+        self.routes = {k: _check_name(q, f"queue for kind {k!r}") for k, q in routes.items()}
+        self.default = _check_name(default, "default queue")
+
+    def route(self, kind: str) -> str:
+        return self.routes.get(kind, self.default)
+
+
+class PrefixRouter:
+    """Routes by kind prefix ({"gh_": "gh"}); the longest matching prefix wins."""
+
+    def __init__(self, prefixes: Mapping[str, str] | None = None,
+                 default: str = DEFAULT_QUEUE) -> None:
+        items = (prefixes or {}).items()
+        self.prefixes = sorted(((p, _check_name(q, f"queue for prefix {p!r}")) for p, q in items),
+                               key=lambda item: -len(item[0]))
+        self.default = _check_name(default, "default queue")
+
+    def route(self, kind: str) -> str:
+        for prefix, queue in self.prefixes:
+            if kind.startswith(prefix):
+                return queue
+        return self.default
+
+
+# -------------------------------------------------------- Handler context ----
+
+class JobCtx:
+    """What a handler knows about the job it runs, and how it enqueues follow-up work."""
+
+    __slots__ = ("storage", "router", "rate_limit", "job_id", "process_id", "host_id", "cancel",
+                 "attempt", "kind", "queue")
+
+    def __init__(self, storage: Storage, router: Router, rate_limit: RateLimiter, job_id: str,
+                 process_id: str, host_id: str, cancel: CancellationToken, attempt: int,
+                 kind: str, queue: str) -> None:
+        self.storage = storage
+        self.router = router
+        self.rate_limit = rate_limit
+        self.job_id = job_id
+        self.process_id = process_id
+        self.host_id = host_id
+        self.cancel = cancel
+        self.attempt = attempt
+        self.kind = kind
+        self.queue = queue
+
+    def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
+        """Enqueue a follow-up job through the runtime's router (lock contention is retried
+        3 times, as every write is)."""
+        return self.storage.jobs.enqueue(request, self.router)
+
+    def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
+        """Enqueue many follow-up jobs in one transaction (one writer-lock hold)."""
+        return self.storage.jobs.enqueue_bulk(requests, self.router)
+
+    def __repr__(self) -> str:
+        return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
 
 
 # ---------------------------------------------------------------- Runtime ----
@@ -2750,7 +2748,7 @@ class Runtime:
         self.host_id = _mint_ids(1)[0]      # from the job ids' minter: never equal to one
         for name, (expression, request) in self._schedules.items():
             self.storage.cron.declare(name, expression, request)
-        self.storage.processes.heartbeat(self.host_id, self.queues, self.lease_timeout,
+        self.storage.processes._heartbeat(self.host_id, self.queues, self.lease_timeout,
                                           self.heartbeat_interval)
         self._dispatcher = threading.Thread(
             target=self._guarded, args=("dispatcher", self._dispatch_loop), daemon=True,
@@ -3139,7 +3137,7 @@ class Runtime:
         pause = self.heartbeat_interval
         while not self._stopped.wait(pause):
             try:
-                self.storage.processes.heartbeat(self.host_id, self.queues,
+                self.storage.processes._heartbeat(self.host_id, self.queues,
                                                  self.lease_timeout, self.heartbeat_interval)
                 if self._held:
                     self._sync_running()
@@ -3151,7 +3149,7 @@ class Runtime:
 
     def _watch_wal(self) -> None:
         """Warn once when the WAL has grown far past its limit, and once when it is back."""
-        size = self.storage.db.wal_size()
+        size = self.storage.db._wal_size()
         if not self._wal_warned and size > WAL_WARN_FACTOR * WAL_SIZE_LIMIT:
             self._wal_warned = True
             log.warning("the WAL of %s has grown to %d MB: a connection holds an old read "
@@ -3173,7 +3171,7 @@ class Runtime:
             try:
                 if self._schedules:
                     self.storage.cron._fire_due(set(self._schedules), self.router)
-                    next_fire = self.storage.cron.next_fire_ms(set(self._schedules))
+                    next_fire = self.storage.cron._next_fire_ms(set(self._schedules))
                     if next_fire is not None:
                         timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
                 cron_errors.succeeded()
@@ -3181,7 +3179,7 @@ class Runtime:
                 timeout = cron_errors.failed(exc)
             try:
                 sweeping = self._janitor is not None and self._janitor.is_alive()
-                if not sweeping and self.storage.processes.claim_chore(
+                if not sweeping and self.storage.processes._claim_chore(
                         "janitor", self.janitor_interval):
                     # On its own thread: a long sweep must not make cron ticks late.
                     self._janitor = threading.Thread(target=self._sweep, daemon=True,
@@ -3298,7 +3296,7 @@ class Runtime:
 
 # ------------------------------------------------------------------- Demo ----
 
-def run_demo(storage: Storage, count: int = 10_000,
+def _run_demo(storage: Storage, count: int = 10_000,
              progress: Callable[[int], Any] | None = None) -> dict[str, str]:
     """The workload behind `sqliteq demo`; returns a summary.
 
@@ -3934,7 +3932,7 @@ def _cli() -> Any:
         Example:
           sqliteq demo
         """
-        summary = run_demo(open_storage(ctx, create=True), count,
+        summary = _run_demo(open_storage(ctx, create=True), count,
                            lambda total: click.progressbar(length=total, label="demo",
                                                            file=sys.stderr))
         width = max(map(len, summary))

@@ -4,6 +4,8 @@
     python bench/_child.py idle SYSTEM DB [FSYNC]   idle worker; answers "cpu" lines on stdin
     python bench/_child.py rss SYSTEM DB N [FSYNC]  enqueue N jobs, drain them, print peak RSS
                                                     (VmHWM; ru_maxrss too, see ru_maxrss_mb)
+    python bench/_child.py bulk-rss DB N            sqliteq: one enqueue_bulk of a generator
+                                                    of N jobs; print peak RSS
 
 SYSTEM is "sqliteq" or "huey-sqlite"; FSYNC is huey's fsync setting ("none" or "off").
 Workers print "ready" once started and stop when stdin reaches end of file. Results are
@@ -176,6 +178,19 @@ def rss(system: str, db: str, n: int, fsync: str) -> None:
           "seconds": time.perf_counter() - started})
 
 
+def bulk_rss(db: str, n: int) -> None:
+    """One enqueue_bulk call fed by a generator of n no-op requests."""
+    baseline = peak_rss_mb()
+    started = time.perf_counter()
+    with sqliteq.Storage(db) as storage:
+        outcomes = storage.jobs.enqueue_bulk(sqliteq.EnqueueRequest("noop", {"i": i})
+                                             for i in range(n))
+        if len(outcomes) != n:
+            raise RuntimeError(f"enqueued {len(outcomes)} of {n}")
+    emit({"peak_rss_mb": peak_rss_mb(), "baseline_mb": baseline,
+          "seconds": time.perf_counter() - started})
+
+
 def main(argv: list[str]) -> None:
     mode, *args = argv
     if mode == "xproc-worker":
@@ -184,6 +199,8 @@ def main(argv: list[str]) -> None:
         idle(args[0], args[1], args[2] if len(args) > 2 else "off")
     elif mode == "rss":
         rss(args[0], args[1], int(args[2]), args[3] if len(args) > 3 else "off")
+    elif mode == "bulk-rss":
+        bulk_rss(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}; see the docstring")
 

@@ -7,7 +7,7 @@ Run as ``python tests/coord_workers.py COMMAND --db PATH [options]`` (cwd = repo
 * ``runtime``: a `Runtime` on one queue with the handlers below, run with `rt.run()`
   (SIGTERM stops it gracefully).
 * ``cron``: a `Runtime` that declares ``rt.cron("tick", EXPR, EnqueueRequest("tick"))``.
-* ``chore``: prints ``storage.processes.claim_chore(NAME, INTERVAL)`` as JSON.
+* ``chore``: prints ``storage.processes._claim_chore(NAME, INTERVAL)`` as JSON.
 
 Handlers record what they see in the ``runs`` table of the same database file
 (`create_runs_table`): one row per handler run with its wall-clock start and end
@@ -197,7 +197,7 @@ class _ErrorFlag(logging.Handler):
 
 def run_chore(args: argparse.Namespace) -> int:
     with sqliteq.Storage(args.db) as storage:
-        print(json.dumps(storage.processes.claim_chore(args.name, args.interval)))
+        print(json.dumps(storage.processes._claim_chore(args.name, args.interval)))
     return 0
 
 

@@ -492,29 +492,29 @@ def test_stop_ends_a_janitor_sweep_in_progress(tmp_path: Path) -> None:
 
 def test_claim_chore_once_per_interval_cluster_wide(db: Path, storage: sqliteq.Storage,
                                                     children: Children) -> None:
-    assert storage.processes.claim_chore("x", 60) is True
-    assert storage.processes.claim_chore("x", 60) is False
+    assert storage.processes._claim_chore("x", 60) is True
+    assert storage.processes._claim_chore("x", 60) is False
     with sqliteq.Storage(db) as other:
-        assert other.processes.claim_chore("x", 60) is False
+        assert other.processes._claim_chore("x", 60) is False
     proc = children.start("chore", "--db", str(db), "--name", "x", "--interval", "60")
     assert json.loads(children.finish(proc)) is False
-    assert storage.processes.claim_chore("y", 60) is True       # chores are independent
+    assert storage.processes._claim_chore("y", 60) is True       # chores are independent
 
     # A race between processes for a fresh chore: exactly one wins.
     racers = [children.start("chore", "--db", str(db), "--name", "race", "--interval", "60")
               for _ in range(4)]
     results = [json.loads(children.finish(p)) for p in racers]
-    results.append(storage.processes.claim_chore("race", 60))
+    results.append(storage.processes._claim_chore("race", 60))
     assert results.count(True) == 1, results
 
     # After the interval it can be claimed again, once.
-    assert storage.processes.claim_chore("short", 0.3) is True
+    assert storage.processes._claim_chore("short", 0.3) is True
     claimed_at = time.monotonic()
-    assert storage.processes.claim_chore("short", 0.3) is False
-    wait_until(lambda: storage.processes.claim_chore("short", 0.3), 10,
+    assert storage.processes._claim_chore("short", 0.3) is False
+    wait_until(lambda: storage.processes._claim_chore("short", 0.3), 10,
                "the short chore to come due again")
     assert time.monotonic() - claimed_at >= 0.25
-    assert storage.processes.claim_chore("short", 0.3) is False
+    assert storage.processes._claim_chore("short", 0.3) is False
 
 
 def test_retention_is_per_queue(db: Path, storage: sqliteq.Storage) -> None:

@@ -250,7 +250,7 @@ def test_job_reclaimed_by_its_thawed_process_stays_under_control(cluster_db: Pat
 
         # The test process is the reaper, so that nobody else can claim the job meanwhile.
         reaper = "test-reaper"
-        cluster.wait_for(lambda: storage.processes.heartbeat(reaper, {}, 1.0, 0.2) or
+        cluster.wait_for(lambda: storage.processes._heartbeat(reaper, {}, 1.0, 0.2) or
                          job_row(cluster_db, job_id)["state"] == "queued", 20, "the rescue")
         storage.processes.remove(reaper)
         a.signal(signal.SIGCONT)

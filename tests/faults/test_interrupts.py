@@ -301,7 +301,7 @@ def test_a_runtime_thread_that_dies_stops_the_runtime_instead_of_looking_alive(d
         def dies(*args: Any) -> None:
             raise Death("injected")
 
-        storage.processes.heartbeat = dies      # type: ignore[method-assign]
+        storage.processes._heartbeat = dies      # type: ignore[method-assign]
         wait_until(lambda: rt._stopped.is_set(), timeout=20, what="the runtime stopped")
         rt.stop()                               # returns once the runtime's own stop is over
         assert isinstance(rt.error, sqliteq.SqliteqError)

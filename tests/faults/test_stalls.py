@@ -115,9 +115,9 @@ def test_a_host_left_from_long_ago_is_rescued_only_after_the_others_beat_for_its
     job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
     sql("UPDATE jobs SET state = 'running', attempt = 1, host = 'gone', lease = 7 WHERE id = ?",
         job_id)
-    assert storage.processes.heartbeat("reaper", {}, 1.0, 0.1) == 0
+    assert storage.processes._heartbeat("reaper", {}, 1.0, 0.1) == 0
     assert sql("SELECT state FROM jobs WHERE id = ?", job_id) == [("running",)]
-    wait_until(lambda: storage.processes.heartbeat("reaper", {}, 1.0, 0.1) == 1, timeout=30,
+    wait_until(lambda: storage.processes._heartbeat("reaper", {}, 1.0, 0.1) == 1, timeout=30,
                what="the rescue, once the reaper has beaten for the dead host's lease")
     assert sql("SELECT state, attempt FROM jobs WHERE id = ?", job_id) == [("queued", 1)]
     assert [p.host_id for p in storage.processes.list()] == ["reaper"]
@@ -146,7 +146,7 @@ def test_a_stall_rescues_no_host_whose_interval_is_shorter_than_the_first_beater
     insert_host(sql, "A", now - 1500, 10_000, 500, 100)
     insert_host(sql, "B", now - 2000, 9_500, 30_000, 1000)
     job_id = running_on(storage, sql, "A")
-    assert storage.processes.heartbeat("B", {}, 30.0, 1.0) == 0
+    assert storage.processes._heartbeat("B", {}, 30.0, 1.0) == 0
     assert sql("SELECT state FROM jobs WHERE id = ?", job_id) == [("running",)]
 
 
@@ -156,6 +156,6 @@ def test_a_host_stamped_in_the_future_does_not_stop_the_clock(
     now = sqliteq.now_ms()
     insert_host(sql, "ahead", now + 3_600_000, now, 300, 100)
     job_id = running_on(storage, sql, "ahead")
-    wait_until(lambda: storage.processes.heartbeat("reaper", {}, 1.0, 0.1) == 1, timeout=30,
+    wait_until(lambda: storage.processes._heartbeat("reaper", {}, 1.0, 0.1) == 1, timeout=30,
                what="the rescue of the host stamped in the future")
     assert sql("SELECT state FROM jobs WHERE id = ?", job_id) == [("queued",)]
