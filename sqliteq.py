@@ -2636,6 +2636,150 @@ class _LoopErrors:
             self.streak = 0
 
 
+class _Clock:
+    """Where a runtime reads the time: wall-clock milliseconds (what the database stores)
+    and a monotonic clock in seconds (for intervals). Tests substitute their own."""
+
+    def now_ms(self) -> int:
+        return now_ms()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class _Dispatcher:
+    """A runtime's dispatcher thread: `run` loops over `wait` and `step(now)`, and owns the
+    error policy (a failed round backs off, see _LoopErrors).
+
+    Each round commits one transaction: the finishes workers handed in, claims released
+    after a failed commit, and new claims for free slots (group commit). Between rounds it
+    sleeps on the runtime's condition `_wake` until there is work, and the wake-ups cannot
+    be lost because every flag below is set, and checked before sleeping, under that lock:
+
+    * a worker appends to `_finished` and notifies;
+    * an enqueue committed in this process marks its queues `maybe_ready` and counts
+      `wakes`; a claim that came back short clears `maybe_ready` only if `wakes` did not
+      move while it ran, so an enqueue racing the claim is not forgotten;
+    * stop() and an abandoned shutdown set `_stopping` / `_abandon` and notify;
+    * a scheduled job, a retry or a cool-down sets its queue's `next_due`: the sleep ends
+      then, and the queue is marked `maybe_ready`;
+    * commits by other processes show in `PRAGMA data_version`, and writes by other
+      threads of this process (which may ride in the dispatcher's own group commit, unseen
+      by data_version) in the count of committed writes: both are read every round, and a
+      round comes at least every poll interval. Either marks every queue `maybe_ready` and
+      schedules a sync of queue settings (pause, backoff) within a poll interval.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._db = runtime.storage.db
+        self._seen_version: int | None = None   # None: sync on the first round
+        self._own_writes = 0        # of the database's committed writes, the dispatcher's
+        self._seen_others = 0
+        self._sync_due = 0.0        # monotonic time of the next settings sync; 0: none due
+        self._stop_seen = False
+
+    def run(self) -> None:
+        """Rounds until the runtime may stop."""
+        rt = self._rt
+        errors = _LoopErrors("dispatcher", rt.poll_interval, self._db.path)
+        while True:
+            self.wait()
+            try:
+                if self.step(rt._clock.now_ms()):
+                    return
+                errors.succeeded()
+            except Exception as exc:
+                pause = errors.failed(exc)
+                with rt._wake:
+                    rt._wake.wait_for(lambda: rt._abandon, pause)
+
+    def wait(self) -> None:
+        """Sleep until there is work, or until the next poll, due job or settings sync."""
+        rt = self._rt
+        with rt._wake:
+            if not self._busy():
+                rt._wake.wait(self._idle_timeout())
+
+    def _busy(self) -> bool:
+        rt = self._rt
+        return bool(rt._finished or rt._abandon or (rt._stopping and not self._stop_seen)
+                    or (not rt._stopping and any(
+                        qs.maybe_ready and not qs.paused and qs.claimable() > 0
+                        for qs in rt._queue_states.values())))
+
+    def _idle_timeout(self) -> float:
+        rt = self._rt
+        timeout = rt.poll_interval
+        due = [qs.next_due for qs in rt._queue_states.values() if qs.next_due is not None]
+        if due:
+            timeout = min(timeout, (min(due) - rt._clock.now_ms()) / 1000)
+        if self._sync_due:
+            timeout = min(timeout, self._sync_due - rt._clock.monotonic())
+        return max(0.0, timeout)
+
+    def step(self, now: int) -> bool:
+        """One round as of `now` (ms): notice changes, begin stopping if asked, and commit.
+        True once the runtime may stop. A round that fails holds its finished jobs again
+        (the next round commits them) and raises."""
+        rt = self._rt
+        with rt._wake:
+            finished, rt._finished = rt._finished, []
+            stopping, abandon = rt._stopping, rt._abandon
+        rt._settle(finished)
+        try:
+            self._notice_changes()
+            orphans: list[tuple[str, int]] = []
+            # (At shutdown too: the host row goes, and orphans would wait for a reaper.)
+            if ((self._sync_due and rt._clock.monotonic() >= self._sync_due)
+                    or (stopping and not self._stop_seen)):
+                self._sync_due = 0.0
+                finished += rt._sync_queue_settings()
+                orphans = rt._orphaned_claims(rt._sync_running(), finished)
+            if stopping:
+                self._stop_seen = True
+                finished += rt._take_back_buffered("shutdown")
+                for job in rt._held.values():
+                    job.token.cancel("shutdown")
+            self._mark_due(now)
+            claim_from = [] if stopping else rt._queues_to_claim(bool(finished), now)
+            if finished or claim_from or orphans:
+                lease = random.getrandbits(62)
+                wakes = {qs.name: qs.wakes for qs in rt._queue_states.values()}
+                claimed = self._db.write(functools.partial(rt._commit, finished, claim_from,
+                                                           lease, orphans, now))
+                self._own_writes += 1
+                rt._hand_out(claimed, lease, wakes)
+                rt._note_requeues(finished)
+                finished = []               # committed: nothing to hold again below
+            if abandon:
+                rt._requeue_abandoned()
+                return True
+            return stopping and not rt._held and not rt._finished
+        except Exception:
+            rt._unsettle(finished)
+            # The failed commit may have taken effect: look for orphaned claims at once.
+            self._sync_due = self._sync_due or rt._clock.monotonic()
+            raise
+
+    def _notice_changes(self) -> None:
+        """Another connection committed, or another thread of this process wrote (a pause,
+        say, that may have ridden in this connection's own commit)."""
+        rt, db = self._rt, self._db
+        version, others = db.data_version(), db._writes_committed - self._own_writes
+        if version != self._seen_version or others != self._seen_others:
+            self._seen_version, self._seen_others = version, others
+            for qs in rt._queue_states.values():
+                qs.maybe_ready = True
+            self._sync_due = self._sync_due or rt._last_sync + rt.poll_interval
+
+    def _mark_due(self, now: int) -> None:
+        for qs in self._rt._queue_states.values():
+            if qs.next_due is not None and qs.next_due <= now:
+                qs.next_due = None
+                qs.maybe_ready = True
+
+
 class Runtime:
     """Runs handlers for jobs of the given queues in a pool of worker threads.
 
@@ -2686,6 +2830,7 @@ class Runtime:
         self._stop_lock = threading.Lock()
         self.error: SqliteqError | None = None   # why the runtime stopped itself, if it did
         self._wal_warned = False
+        self._clock = _Clock()          # tests replace it before start() to move time
 
     # -- registration and enqueueing --
 
@@ -2751,7 +2896,7 @@ class Runtime:
         self.storage.processes._heartbeat(self.host_id, self.queues, self.lease_timeout,
                                           self.heartbeat_interval)
         self._dispatcher = threading.Thread(
-            target=self._guarded, args=("dispatcher", self._dispatch_loop), daemon=True,
+            target=self._guarded, args=("dispatcher", _Dispatcher(self).run), daemon=True,
             name=f"sqliteq-dispatch-{self.host_id}")
         self._heartbeat = threading.Thread(
             target=self._guarded, args=("heartbeat", self._heartbeat_loop), daemon=True,
@@ -2882,71 +3027,6 @@ class Runtime:
                     qs.wakes += 1
                     self._wake.notify()
 
-    def _wants_claim(self) -> bool:
-        return any(qs.maybe_ready and not qs.paused and qs.claimable() > 0
-                   for qs in self._queue_states.values())
-
-    def _dispatch_loop(self) -> None:
-        db = self.storage.db
-        seen_version: int | None = None     # None: sync on the first round
-        own_writes = 0                      # of db._writes_committed, the dispatcher's own
-        seen_others = 0
-        sync_due = 0.0          # monotonic time of the next queue-settings sync, 0: none due
-        stop_seen = False
-        errors = _LoopErrors("dispatcher", self.poll_interval, db.path)
-        while True:
-            with self._wake:
-                busy = (self._finished or self._abandon or (self._stopping and not stop_seen)
-                        or (not self._stopping and self._wants_claim()))
-                if not busy:
-                    self._wake.wait(self._idle_timeout(sync_due))
-                finished, self._finished = self._finished, []
-                stopping, abandon = self._stopping, self._abandon
-            self._settle(finished)
-            try:
-                # Another connection committed, or another thread of this process wrote
-                # (a pause, say, that may have ridden in this connection's own commit).
-                version, others = db.data_version(), db._writes_committed - own_writes
-                if version != seen_version or others != seen_others:
-                    seen_version, seen_others = version, others
-                    for qs in self._queue_states.values():
-                        qs.maybe_ready = True
-                    sync_due = sync_due or self._last_sync + self.poll_interval
-                orphans: list[tuple[str, int]] = []
-                # (At shutdown too: the host row goes, and orphans would wait for a reaper.)
-                if (sync_due and time.monotonic() >= sync_due) or (stopping and not stop_seen):
-                    sync_due = 0.0
-                    finished += self._sync_queue_settings()
-                    orphans = self._orphaned_claims(self._sync_running(), finished)
-                if stopping:
-                    stop_seen = True
-                    finished += self._take_back_buffered("shutdown")
-                    for job in self._held.values():
-                        job.token.cancel("shutdown")
-                self._mark_due(now_ms())
-                claim_from = [] if stopping else self._queues_to_claim(bool(finished))
-                if finished or claim_from or orphans:
-                    lease = random.getrandbits(62)
-                    wakes = {qs.name: qs.wakes for qs in self._queue_states.values()}
-                    claimed = db.write(functools.partial(self._commit, finished, claim_from,
-                                                         lease, orphans))
-                    own_writes += 1
-                    self._hand_out(claimed, lease, wakes)
-                    self._note_requeues(finished)
-                    finished = []               # committed: nothing to hold again below
-                if abandon:
-                    self._requeue_abandoned()
-                    return
-                if stopping and not self._held and not self._finished:
-                    return
-                errors.succeeded()
-            except Exception as exc:
-                self._unsettle(finished)
-                sync_due = sync_due or time.monotonic()     # the failed commit may have
-                pause = errors.failed(exc)                  # taken effect: look for orphans
-                with self._wake:
-                    self._wake.wait_for(lambda: self._abandon, pause)
-
     def _settle(self, finished: list[_Ended]) -> None:
         """Free the slots of finished jobs (their finish commits next)."""
         for finish in finished:
@@ -2976,29 +3056,13 @@ class Runtime:
             self._queue_states[finish.job.queue].held += 1
             self._held.setdefault(finish.job.id, finish.job)
 
-    def _idle_timeout(self, sync_due: float) -> float:
-        """Sleep until the next poll, scheduled job or pending settings sync."""
-        timeout = self.poll_interval
-        due = [qs.next_due for qs in self._queue_states.values() if qs.next_due is not None]
-        if due:
-            timeout = min(timeout, (min(due) - now_ms()) / 1000)
-        if sync_due:
-            timeout = min(timeout, sync_due - time.monotonic())
-        return max(0.0, timeout)
-
-    def _mark_due(self, now: int) -> None:
-        for qs in self._queue_states.values():
-            if qs.next_due is not None and qs.next_due <= now:
-                qs.next_due = None
-                qs.maybe_ready = True
-
-    def _queues_to_claim(self, committing: bool) -> list[tuple[str, int, int]]:
+    def _queues_to_claim(self, committing: bool, now: int) -> list[tuple[str, int, int]]:
         """(queue, jobs wanted, slots free now) for queues that may have ready jobs. Unless
         a commit happens anyway, a read-only check spares the writer lock when none are."""
         wanted = [qs for qs in self._queue_states.values()
                   if qs.maybe_ready and not qs.paused and qs.claimable() > 0]
         if not committing and wanted:
-            store, now = self.storage._store, now_ms()
+            store = self.storage._store
             for qs in list(wanted):
                 wakes = qs.wakes
                 if wakes != qs.claim_wakes:
@@ -3011,18 +3075,17 @@ class Runtime:
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
     def _commit(self, finished: list[_Ended], claim_from: list[tuple[str, int, int]],
-                lease: int, orphans: list[tuple[str, int]], conn: apsw.Connection
+                lease: int, orphans: list[tuple[str, int]], now: int, conn: apsw.Connection
                 ) -> list[_QueueClaim]:
-        """One transaction: apply finished jobs, release orphaned claims, then claim.
-        Re-runnable on busy retries."""
+        """One transaction: apply finished jobs, release orphaned claims, then claim (as
+        of `now`, ms). Re-runnable on busy retries."""
         store, queues = self.storage._store, self.storage.queues
         if orphans:
-            store.release_orphans(conn, orphans, now_ms())
+            store.release_orphans(conn, orphans, now)
         store.finish(conn, [ended.finish for ended in finished])
         for ended in finished:
             if ended.cool_down_until is not None:
                 queues._cool_down(conn, ended.job.queue, ended.cool_down_until)
-        now = now_ms()
         claimed = []
         for name, wanted, free_now in claim_from:
             paused, limit, cooldown_until = queues._gate(conn, name)
@@ -3061,7 +3124,8 @@ class Runtime:
         for state in states:
             for job in state.drain_buffer():
                 job.token.cancel(reason)
-                finishes.append(self._requeue(job, now_ms(), None, f"requeued ({reason})"))
+                finishes.append(self._requeue(job, self._clock.now_ms(), None,
+                                              f"requeued ({reason})"))
         self._settle(finishes)
         return finishes
 
@@ -3071,10 +3135,11 @@ class Runtime:
         with self._wake:
             finished, self._finished = self._finished, []
         self._settle(finished)
-        stuck = [self._requeue(job, now_ms(), None, "requeued (shutdown timeout)")
+        stuck = [self._requeue(job, self._clock.now_ms(), None, "requeued (shutdown timeout)")
                  for job in self._held.values()]
         try:
-            self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, []))
+            self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, [],
+                                                    self._clock.now_ms()))
         except Exception:
             self._unsettle(finished)        # held again: the next round commits them
             raise
@@ -3084,7 +3149,7 @@ class Runtime:
     def _sync_queue_settings(self) -> list[_Ended]:
         """Refresh paused flags and backoff. A pause cancels the queue's running jobs and
         hands back its buffered ones (returned as finishes to commit)."""
-        self._last_sync = time.monotonic()
+        self._last_sync = self._clock.monotonic()
         finishes: list[_Ended] = []
         for name, paused, base, cap, cooldown_until in self.storage.queues._settings():
             qs = self._queue_states.get(name)
@@ -3210,7 +3275,7 @@ class Runtime:
             except BaseException as exc:    # e.g. an exception whose str() raises
                 log.error("job %s (%s): the verdict failed (%s); failing the job", job.id,
                           job.kind, type(exc).__name__)
-                ended = _Ended(_Finish.failed(job.id, job.lease, now_ms(), process_id,
+                ended = _Ended(_Finish.failed(job.id, job.lease, self._clock.now_ms(), process_id,
                                               job.errors), job, "failed")
             if job_log.isEnabledFor(logging.INFO):
                 job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, ended.outcome,
@@ -3223,7 +3288,7 @@ class Runtime:
         """Run the handler and turn whatever happens into a finish. Never raises."""
         started = time.perf_counter()
         cooldown_until = self._queue_states[job.queue].cooldown_until
-        if cooldown_until > now_ms():           # throttled while it waited in the buffer
+        if cooldown_until > self._clock.now_ms():   # throttled while it waited in the buffer
             return self._requeue(job, cooldown_until, process_id, "requeued (cool-down)")
         try:
             job.token.raise_if_cancelled()      # e.g. paused while it waited in the buffer
@@ -3237,8 +3302,8 @@ class Runtime:
             except SqliteqError as exc:     # no attempt can do better
                 raise Dead(str(exc)) from None
             result = _encode_json(fn(ctx, payload), f"the result of job {job.id}")
-            return _Ended(_Finish.done(job.id, job.lease, now_ms(), process_id, result), job,
-                          "done", time.perf_counter() - started)
+            return _Ended(_Finish.done(job.id, job.lease, self._clock.now_ms(), process_id,
+                                       result), job, "done", time.perf_counter() - started)
         except BaseException as exc:    # nothing a handler does may kill a worker thread
             # (SystemExit and KeyboardInterrupt too: only the main thread gets signals, so
             # in a worker they come from the handler, argparse on bad input, say.)
@@ -3246,7 +3311,7 @@ class Runtime:
                 seconds=time.perf_counter() - started)
 
     def _verdict(self, job: _Claimed, exc: BaseException, process_id: str) -> _Ended:
-        now, token = now_ms(), job.token
+        now, token = self._clock.now_ms(), job.token
         if isinstance(exc, Snooze):
             return self._requeue(job, now + int(exc.after * 1000), process_id, "snoozed")
         if isinstance(exc, Throttled):
@@ -3278,11 +3343,11 @@ class Runtime:
                                     self._errors_with(job, exc, now), now + delay_ms),
                       job, "retry")
 
-    @staticmethod
-    def _requeue(job: _Claimed, run_at: int, process_id: str | None, outcome: str) -> _Ended:
+    def _requeue(self, job: _Claimed, run_at: int, process_id: str | None, outcome: str
+                 ) -> _Ended:
         """Back to the queue at `run_at` with the attempt refunded."""
-        return _Ended(_Finish.requeue(job.id, job.lease, now_ms(), process_id, job.errors,
-                                      run_at), job, outcome)
+        return _Ended(_Finish.requeue(job.id, job.lease, self._clock.now_ms(), process_id,
+                                      job.errors, run_at), job, outcome)
 
     @staticmethod
     def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:

@@ -540,6 +540,81 @@ def test_ctx_enqueue_bulk_fans_out_children_that_all_run(storage, make_runtime):
     assert sorted(ran) == list(range(100))
 
 
+# ------------------------------------------- dispatcher rounds, clock injected ----
+# The dispatcher's `step(now)` is one round; these tests run rounds themselves, on an
+# unstarted runtime whose clock they move, so nothing waits for time to pass.
+
+class ManualClock(sqliteq._Clock):
+    def __init__(self) -> None:
+        self.now = sqliteq.now_ms()
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+def rounds(storage: sqliteq.Storage, handler: Callable[..., Any] = lambda ctx, payload: None
+           ) -> tuple[sqliteq.Runtime, Any, ManualClock]:
+    rt = sqliteq.Runtime(storage, {"default": 1})
+    rt.register("k", handler)
+    rt._clock = clock = ManualClock()
+    return rt, sqliteq._Dispatcher(rt), clock
+
+
+def buffered(rt: sqliteq.Runtime) -> list[Any]:
+    return rt._queue_states["default"].drain_buffer()
+
+
+def test_a_round_claims_a_scheduled_job_once_the_clock_reaches_its_run_at(storage):
+    rt, dispatcher, clock = rounds(storage)
+    job_id = storage.jobs.enqueue(EnqueueRequest("k", run_at=time.time() + 3600)).job_id
+    run_at = int(storage.jobs.get(job_id).run_at.timestamp() * 1000)
+    dispatcher.step(clock.now)
+    assert buffered(rt) == []
+    assert rt._queue_states["default"].next_due == run_at      # the sleep would end then
+    clock.now = run_at - 1
+    dispatcher.step(clock.now)
+    assert buffered(rt) == []
+    clock.now = run_at
+    dispatcher.step(clock.now)
+    assert [job.id for job in buffered(rt)] == [job_id]
+    job = storage.jobs.get(job_id)
+    assert job.state == "running" and job.started_at.timestamp() * 1000 == run_at
+
+
+def test_a_retry_an_hour_later_is_claimed_again_when_the_clock_passes_the_hour(storage):
+    def fails(ctx, payload):
+        raise sqliteq.Retry(after=3600)
+
+    rt, dispatcher, clock = rounds(storage, fails)
+    job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+    dispatcher.step(clock.now)
+    (job,) = buffered(rt)
+    rt._finished.append(rt._execute(job, "default-0-test"))     # what a worker hands in
+    dispatcher.step(clock.now)
+    assert storage.jobs.get(job_id).run_at.timestamp() * 1000 == clock.now + 3_600_000
+    clock.now += 3_600_000 - 1
+    dispatcher.step(clock.now)
+    assert buffered(rt) == []
+    clock.now += 1
+    dispatcher.step(clock.now)
+    (again,) = buffered(rt)
+    assert (again.id, again.attempt) == (job_id, 2)
+
+
+def test_a_round_commits_finishes_and_new_claims_in_one_transaction(storage):
+    rt, dispatcher, clock = rounds(storage)
+    first, second = (out.job_id for out in storage.jobs.enqueue_bulk(
+        [EnqueueRequest("k", 1), EnqueueRequest("k", 2)]))
+    dispatcher.step(clock.now)
+    (job,) = buffered(rt)                   # one slot: one claim
+    rt._finished.append(rt._execute(job, "default-0-test"))
+    commits = storage.db._writes_committed
+    dispatcher.step(clock.now)
+    assert storage.db._writes_committed == commits + 1
+    assert storage.jobs.get(first).state == "done"
+    assert [job.id for job in buffered(rt)] == [second]
+
+
 # ------------------------------------------------------------- wake-up ----
 
 def test_a_job_enqueued_in_process_wakes_an_idle_runtime_at_once(storage, make_runtime):
