@@ -1131,8 +1131,9 @@ def test_a_second_signal_exits_at_once(storage, tmp_path):
         wait_until(lambda: child.poll() is not None or state_of(storage, job_id) == "running",
                    15, "the child to start the job")
         child.send_signal(signal.SIGTERM)
-        wait_until(lambda: child.poll() is not None or marker.exists(), 10,
-                   "the handler to see the shutdown")
+        # (write_text creates the file before it writes: wait for the text, not the file)
+        wait_until(lambda: child.poll() is not None or (marker.exists() and marker.read_text()),
+                   10, "the handler to see the shutdown")
         assert marker.read_text() == "shutdown"
         assert child.poll() is None, "a stop waiting for a handler must not exit by itself"
         child.send_signal(signal.SIGTERM)
