@@ -3096,6 +3096,9 @@ class Runtime:
         """One transaction: apply finished jobs, release orphaned claims, then claim (as
         of `now`, ms). Re-runnable on busy retries."""
         store, queues = self.storage._store, self.storage.queues
+        # Read again with the writer lock held: a job enqueued while the round waited for
+        # it is never claimed "before" it was created.
+        now = max(now, self._clock.now_ms())
         if orphans:
             store.release_orphans(conn, orphans, now)
         store.finish(conn, [ended.finish for ended in finished])
