@@ -155,6 +155,7 @@ _HOSTNAME = socket.gethostname()
 
 # ASCII output: compact, valid UTF-8 whatever the payload holds (even lone surrogates).
 _json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 
 
 def _json_encode_c(value: Any) -> str:
@@ -166,7 +167,6 @@ def _json_encode_c(value: Any) -> str:
                                    False, False, False)(value, 0))
 
 
-_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 _json_encode: Callable[[Any], str] = _json_encoder.encode
 with contextlib.suppress(Exception):    # another Python, or another signature: the plain one
     if _c_make_encoder is not None and _json_encode_c({"a": [1, "é"]}) == '{"a":[1,"\\u00e9"]}':
