@@ -215,9 +215,10 @@ def _decode_stored(text: str | bytes, what: str) -> Any:
                            f"({type(exc).__name__}: {exc})") from None
 
 
-def _text_from_blob(data: bytes) -> str:
-    """A text column read as bytes (see _JOB_COLUMNS); bytes that are not UTF-8 replaced."""
-    return data.decode("utf-8", "replace")
+def _text_from_blob(data: bytes | str) -> str:
+    """A text column read as bytes (see _JOB_COLUMNS); bytes that are not UTF-8 replaced.
+    (PostgreSQL checks the encoding itself: its text comes as str.)"""
+    return data if isinstance(data, str) else data.decode("utf-8", "replace")
 
 
 def now_ms() -> int:
@@ -682,7 +683,32 @@ class _WriteRequest:
                 log.exception("an after-commit callback failed")
 
 
-class Database:
+class _CommitNotices:
+    """Wakes this process's waiters (Jobs.wait, and through it anyone polling) when a write
+    commits. The writer announces only while someone waits."""
+
+    def __init__(self) -> None:
+        self._commit_cv = threading.Condition(threading.Lock())
+        self._commit_seq = 0
+        self._commit_waiters = 0
+
+    def _announce_commit(self) -> None:
+        with self._commit_cv:
+            self._commit_seq += 1
+            self._commit_cv.notify_all()
+
+    def _wait_for_change(self, timeout: float) -> None:
+        """Sleep until a write commits, or `timeout` seconds pass."""
+        with self._commit_cv:
+            self._commit_waiters += 1
+            try:
+                seq = self._commit_seq
+                self._commit_cv.wait_for(lambda: self._commit_seq != seq, timeout)
+            finally:
+                self._commit_waiters -= 1
+
+
+class Database(_CommitNotices):
     """Connections (one per thread), pragmas, and the single write-transaction helper.
 
     Every write goes through `write`. Threads of one process queue their writes in memory and
@@ -721,10 +747,7 @@ class Database:
         # when other threads wrote, even when their writes rode in its own group commit
         # (which does not change its connection's data_version).
         self._writes_committed = 0
-        # Commit notifications for in-process waiters (Jobs.wait, runtime wake-ups).
-        self._commit_cv = threading.Condition(threading.Lock())
-        self._commit_seq = 0
-        self._commit_waiters = 0
+        super().__init__()
         self._check_path()
         try:
             self.write(migrate)
@@ -1007,24 +1030,6 @@ class Database:
             self._announce_commit()
         return error
 
-    def _announce_commit(self) -> None:
-        with self._commit_cv:
-            self._commit_seq += 1
-            self._commit_cv.notify_all()
-
-    def _wait_for_change(self, timeout: float) -> None:
-        """Sleep until this process commits a write, or `timeout` seconds pass.
-
-        Callers poll `PRAGMA data_version` after it to notice other processes' commits.
-        """
-        with self._commit_cv:
-            self._commit_waiters += 1
-            try:
-                seq = self._commit_seq
-                self._commit_cv.wait_for(lambda: self._commit_seq != seq, timeout)
-            finally:
-                self._commit_waiters -= 1
-
     def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of one statement, run outside any transaction on this thread's
         connection (so it sees every commit so far)."""
@@ -1048,6 +1053,29 @@ class Database:
     def data_version(self) -> int:
         """Changes whenever another connection (any process) commits to the file."""
         return self.read("PRAGMA data_version")[0][0]
+
+    # -- what differs between stores (see _PostgresDatabase) --
+
+    UNIQUE_VIOLATION: tuple[type[Exception], ...] = (apsw.ConstraintError,)
+    # Seconds between re-reads for writes that data_version cannot show: none here, since
+    # it moves on every commit to the file, by any connection.
+    UNSEEN_WRITES_POLL: float | None = None
+
+    def clock_ms(self, conn: apsw.Connection | None = None) -> int:
+        """Now, by the clock that leases, heartbeats and rate limits are judged on: every
+        process on a file shares this machine's."""
+        return now_ms()
+
+    def _serialize(self, conn: apsw.Connection, what: str) -> None:
+        """Make the calling transaction the only one doing `what` until it ends: a no-op
+        here, since every write transaction holds SQLite's single writer lock."""
+
+    def _subscribe(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when another process commits: never, on SQLite, where runtimes
+        notice other processes' commits by polling `data_version`."""
+
+    def _unsubscribe(self, callback: Callable[[], None]) -> None:
+        """Undo `_subscribe`."""
 
     def close(self) -> None:
         """Close every connection this object opened. Safe to call twice. A connection that
@@ -1250,11 +1278,15 @@ class _JobStore:
     COUNT_BY_QUEUE_AND_STATE = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
     COUNT_BY_STATE_IN_QUEUE = "SELECT state, count(*) FROM jobs WHERE queue = ? GROUP BY state"
     # NULL filters match everything, so one statement serves every combination.
-    LIST = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1"
-            " OR (?1 = 'queued' AND state = 'scheduled'))"
-            " AND (?2 IS NULL OR queue = ?2) AND (?3 IS NULL OR kind = ?3)"
-            " ORDER BY id DESC LIMIT ?4")
-    READINESS = ("SELECT queue, sum(run_at <= ?1), sum(run_at > ?1),"
+    # (The casts tell PostgreSQL the type of a NULL parameter; SQLite ignores them.)
+    LIST_FILTER = ("(CAST(?1 AS TEXT) IS NULL OR state = ?1"
+                   " OR (?1 = 'queued' AND state = 'scheduled'))"
+                   " AND (CAST(?2 AS TEXT) IS NULL OR queue = ?2)"
+                   " AND (CAST(?3 AS TEXT) IS NULL OR kind = ?3)"
+                   " ORDER BY id DESC LIMIT ?4")
+    LIST = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {LIST_FILTER}"
+    READINESS = ("SELECT queue, count(*) FILTER (WHERE run_at <= ?1),"
+                 " count(*) FILTER (WHERE run_at > ?1),"
                  " min(CASE WHEN run_at <= ?1 THEN run_at END)"
                  " FROM jobs WHERE state IN ('queued', 'scheduled') GROUP BY queue")
     FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
@@ -1271,13 +1303,13 @@ class _JobStore:
     RETRY_FAILED = ("UPDATE OR IGNORE jobs SET state = 'queued', attempt = 0, run_at = ?2,"
                     " started_at = NULL, finished_at = NULL, worker = NULL, host = NULL,"
                     " result = NULL, cancel_requested = 0, lease = NULL"
-                    " WHERE state = 'failed' AND (?1 IS NULL OR queue = ?1)")
+                    " WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)")
     RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
                " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
     DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
                              " WHERE state = ?1 AND finished_at < ?2"
-                             " AND (?3 IS NULL OR queue = ?3) LIMIT ?4)")
+                             " AND (CAST(?3 AS TEXT) IS NULL OR queue = ?3) LIMIT ?4)")
     # All due jobs, not only as many as the claim wants: a later one may have a higher
     # priority. (A queue's first claim after a big batch came due writes them all at once.)
     PROMOTE_DUE = ("UPDATE jobs SET state = 'queued'"
@@ -1301,24 +1333,26 @@ class _JobStore:
     FINISH_WITH_ERRORS = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5,"
                           " finished_at = ?6 WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # A cancel request that arrives while a job is being put back ends it instead.
-    REQUEUE = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
+    REQUEUE = ("UPDATE jobs SET"
+               " state = CASE WHEN cancel_requested = 1 THEN 'cancelled'"
                " WHEN ?3 > ?7 THEN 'scheduled' ELSE 'queued' END,"
-               " finished_at = CASE WHEN cancel_requested THEN ?7 END,"
+               " finished_at = CASE WHEN cancel_requested = 1 THEN ?7 END,"
                " run_at = ?3, errors = ?4, worker = ?5, attempt = attempt - ?6, lease = NULL"
                " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # A claim its runtime does not hold (its commit was reported failed but took effect):
     # back to the queue, the attempt refunded, unless a cancel request came meanwhile.
-    RELEASE_ORPHAN = ("UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled'"
-                      " ELSE 'queued' END, finished_at = CASE WHEN cancel_requested THEN ?3 END,"
+    RELEASE_ORPHAN = ("UPDATE jobs SET"
+                      " state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'queued' END,"
+                      " finished_at = CASE WHEN cancel_requested = 1 THEN ?3 END,"
                       " attempt = attempt - 1, lease = NULL, worker = NULL"
                       " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # Jobs running on a host that is not alive go back to the queue (or fail, when that was
     # their last attempt), with an entry in their error list. ?4 is the progress clock.
     RESCUE = """
         UPDATE jobs SET
-            state = CASE WHEN cancel_requested THEN 'cancelled'
+            state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
                          WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
-            finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 END,
+            finished_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
             run_at = ?1, lease = NULL, cancel_requested = 0,
             errors = (SELECT CASE WHEN json_array_length(e) > ?3 THEN json_remove(e, '$[0]')
                                   ELSE e END
@@ -1615,11 +1649,13 @@ class Jobs:
         for other processes', so waiting costs next to nothing. Raises TimeoutError.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen_version = None
+        seen_version, reread_at = None, 0.0
+        unseen_poll = self._db.UNSEEN_WRITES_POLL
         while True:
             version = self._db.data_version()
-            if version != seen_version:
+            if version != seen_version or (unseen_poll and time.monotonic() >= reread_at):
                 seen_version = version
+                reread_at = time.monotonic() + (unseen_poll or 0.0)
                 job = self.get(job_id)
                 if job is None:
                     raise InvalidInput(f"no job with id {job_id!r}")
@@ -1648,7 +1684,7 @@ class Jobs:
         def retry(conn: apsw.Connection) -> bool:
             try:
                 return self._store.retry(conn, job_id, now_ms())
-            except apsw.ConstraintError:
+            except self._db.UNIQUE_VIOLATION:
                 raise InvalidInput(f"job {job_id} cannot be retried: another queued or running "
                                    f"job holds its unique_key") from None
 
@@ -1722,7 +1758,7 @@ def _check_state(state: Any) -> str:
 class Queues:
     """Per-queue settings shared by every process: `storage.queues`."""
 
-    ENSURE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
+    ENSURE = "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING"
     SET_PAUSED = "UPDATE queues SET paused = ?2 WHERE name = ?1"
     SET_LIMIT = "UPDATE queues SET concurrency = ?2 WHERE name = ?1"
     SET_BACKOFF = "UPDATE queues SET backoff_base_ms = ?2, backoff_cap_ms = ?3 WHERE name = ?1"
@@ -1732,7 +1768,7 @@ class Queues:
                   " cooldown_until, retain_done_ms, retain_failed_ms FROM queues ORDER BY name")
     GATE = "SELECT paused, concurrency, cooldown_until FROM queues WHERE name = ?"
     SETTINGS = "SELECT name, paused, backoff_base_ms, backoff_cap_ms, cooldown_until FROM queues"
-    COOL_DOWN = "UPDATE queues SET cooldown_until = max(cooldown_until, ?2) WHERE name = ?1"
+    COOL_DOWN = ("UPDATE queues SET cooldown_until = ?2 WHERE name = ?1 AND cooldown_until < ?2")
 
     def __init__(self, db: Database, store: _JobStore) -> None:
         self._db = db
@@ -1855,7 +1891,9 @@ class Processes:
     """
 
     PROGRESS = ("SELECT max(progress_at), max(heartbeat_at) FILTER (WHERE heartbeat_at <= ?1),"
-                " min(min(2 * heartbeat_interval_ms, lease_timeout_ms - heartbeat_interval_ms))"
+                " min(CASE WHEN 2 * heartbeat_interval_ms"
+                " < lease_timeout_ms - heartbeat_interval_ms THEN 2 * heartbeat_interval_ms"
+                " ELSE lease_timeout_ms - heartbeat_interval_ms END)"
                 " FROM processes")
     UPSERT = ("INSERT INTO processes (host_id, hostname, pid, queues, started_at, heartbeat_at,"
               " lease_timeout_ms, progress_at, heartbeat_interval_ms)"
@@ -1868,7 +1906,8 @@ class Processes:
                   " FROM processes ORDER BY started_at, host_id")
     DELETE_SILENT = "DELETE FROM processes WHERE progress_at < ?1 - lease_timeout_ms"
     CLAIM_CHORE = ("INSERT INTO chores (name, last_run_at) VALUES (?1, ?2)"
-                   " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2 WHERE last_run_at <= ?3")
+                   " ON CONFLICT (name) DO UPDATE SET last_run_at = ?2"
+                   " WHERE chores.last_run_at <= ?3")
     CHORE_LAST_RUN = "SELECT last_run_at FROM chores WHERE name = ?"
 
     def __init__(self, db: Database, store: _JobStore) -> None:
@@ -1883,7 +1922,8 @@ class Processes:
         lease_ms, interval_ms = int(lease_timeout * 1000), int(interval * 1000)
 
         def beat(conn: apsw.Connection) -> int:
-            now = now_ms()      # taken with the writer lock held: waiting for it ages no beat
+            self._db._serialize(conn, "heartbeat")
+            now = self._db.clock_ms(conn)   # with the lock held: waiting for it ages no beat
             progress, last_beat, step = cast("tuple[int | None, int | None, int | None]",
                                              conn.execute(self.PROGRESS, (now,)).fetchall()[0])
             if progress is None:
@@ -1907,7 +1947,7 @@ class Processes:
 
     def _claim_chore(self, name: str, interval: float) -> bool:
         """True for exactly one caller per `interval` seconds, cluster-wide."""
-        now = now_ms()
+        now = self._db.clock_ms()
         cutoff = now - int(interval * 1000)
         last = self._db.read(self.CHORE_LAST_RUN, (name,))
         if last and last[0][0] > cutoff:
@@ -2000,12 +2040,14 @@ class RateLimits:
                     or not 0 < value < 1e12:
                 raise InvalidInput(f"{what} of scope {scope!r} must be a positive number")
         self._db.write(lambda conn: conn.execute(
-            self.CONFIGURE, (scope, float(capacity), float(refill_per_sec), now_ms())))
+            self.CONFIGURE, (scope, float(capacity), float(refill_per_sec),
+                             self._db.clock_ms(conn))))
 
     def take(self, scope: str, tokens: float) -> float:
         """Take `tokens` if the bucket holds them: 0.0. Otherwise take nothing and return the
         seconds until it will. The refill is computed lazily inside the same transaction."""
         def take(conn: apsw.Connection) -> float:
+            self._db._serialize(conn, "rate_limits")
             rows = conn.execute(self.SELECT, (scope,)).fetchall()
             if not rows:
                 raise ConfigError(f"rate-limit scope {scope!r} is not configured; call "
@@ -2014,7 +2056,7 @@ class RateLimits:
             if tokens > capacity:
                 raise InvalidInput(f"cannot take {tokens} tokens from scope {scope!r} "
                                    f"whose capacity is {capacity}")
-            now = now_ms()
+            now = self._db.clock_ms(conn)
             available = min(capacity, available + max(0, now - updated_at) / 1000 * refill)
             if available < tokens:
                 return (tokens - available) / refill
@@ -2025,7 +2067,7 @@ class RateLimits:
 
     def drain(self, scope: str) -> None:
         """Empty the bucket, e.g. after an upstream answered HTTP 429."""
-        if not self._db._write_changes(self.SET_TOKENS, (scope, 0.0, now_ms())):
+        if not self._db._write_changes(self.SET_TOKENS, (scope, 0.0, self._db.clock_ms())):
             raise ConfigError(f"rate-limit scope {scope!r} is not configured")
 
 
@@ -2305,12 +2347,14 @@ class CronSchedules:
         VALUES (?1, ?2, ?3, ?4, ?5)
         ON CONFLICT (name) DO UPDATE SET expression = ?2, timezone = ?3, request = ?4,
                                          next_fire_at = ?5, enabled = 1, last_error = NULL
-        WHERE expression IS NOT ?2 OR timezone IS NOT ?3 OR request IS NOT ?4"""
+        WHERE cron.expression IS DISTINCT FROM ?2 OR cron.timezone IS DISTINCT FROM ?3
+              OR cron.request IS DISTINCT FROM ?4"""
     SELECT_ALL = ("SELECT name, expression, timezone, request, next_fire_at, enabled, last_error"
                   " FROM cron ORDER BY name")
     SELECT_DUE = ("SELECT name, expression, timezone, request, next_fire_at FROM cron"
-                  " WHERE enabled AND next_fire_at <= ?")
-    NEXT_FIRES = "SELECT name, next_fire_at FROM cron WHERE enabled AND next_fire_at NOT NULL"
+                  " WHERE enabled = 1 AND next_fire_at <= ?")
+    NEXT_FIRES = ("SELECT name, next_fire_at FROM cron WHERE enabled = 1"
+                  " AND next_fire_at IS NOT NULL")
     ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
                " WHERE name = ?1 AND next_fire_at = ?2")
     SET_ERROR = "UPDATE cron SET last_error = ?2 WHERE name = ?1"
@@ -2400,10 +2444,494 @@ class CronSchedules:
         return fired
 
 
+# ------------------------------------------------------------ PostgreSQL ----
+#
+# The same queue on a PostgreSQL server, for workers on several machines. psycopg 3 and
+# psycopg_pool (`pip install 'sqliteq[postgres]'`) are imported only when a URL is opened.
+# Most statements above are written in the SQL both databases speak, with `?N` parameters
+# that _pg_statement turns into PostgreSQL's `$N`; the store classes below replace the few
+# that cannot be shared (the claim's row locks, JSON editing, casts). What differs:
+#
+# * no writer lock: transactions run side by side at READ COMMITTED, so claims skip rows
+#   other claims locked (FOR UPDATE SKIP LOCKED), and what SQLite's single writer made
+#   atomic (a heartbeat's progress clock, a rate-limit bucket, a global concurrency limit)
+#   takes a transaction-scoped advisory lock (`_serialize`);
+# * the database's clock, not each host's, judges leases, heartbeats and rate limits;
+# * every write transaction sends a NOTIFY that fires on commit; a listener thread per
+#   process turns other processes' notifications into the `data_version` a dispatcher
+#   reads, and wakes it at once (polling stays, as a fallback);
+# * connections come from a pool per Storage, not one per thread.
+
+_PG_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# Like MIGRATIONS, for PostgreSQL; serialised by an advisory lock, so that many hosts
+# starting at once migrate the schema once. Steps are never edited once released.
+_PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            id               text COLLATE "C" PRIMARY KEY,
+            queue            text COLLATE "C" NOT NULL,
+            state            text NOT NULL CHECK (state IN ('queued', 'scheduled', 'running',
+                                                            'done', 'failed', 'cancelled')),
+            priority         bigint NOT NULL DEFAULT 0,
+            run_at           bigint NOT NULL,
+            attempt          integer NOT NULL DEFAULT 0,
+            max_attempts     integer NOT NULL DEFAULT 5,
+            lease            bigint,
+            cancel_requested integer NOT NULL DEFAULT 0,
+            created_at       bigint NOT NULL,
+            started_at       bigint,
+            finished_at      bigint,
+            host             text COLLATE "C",
+            worker           text,
+            unique_key       text,
+            kind             text COLLATE "C" NOT NULL,
+            payload          text NOT NULL,
+            result           text,
+            errors           text
+        )""",
+        "CREATE INDEX jobs_claim ON jobs (queue, priority, run_at, id) WHERE state = 'queued'",
+        "CREATE INDEX jobs_due ON jobs (queue, run_at) WHERE state = 'scheduled'",
+        ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
+         " IS NOT NULL AND state IN ('queued', 'scheduled', 'running')"),
+        "CREATE INDEX jobs_running ON jobs (host, queue) WHERE state = 'running'",
+        ("CREATE INDEX jobs_finished ON jobs (state, finished_at)"
+         " WHERE state IN ('done', 'failed', 'cancelled')"),
+        """CREATE TABLE queues (
+            name             text COLLATE "C" PRIMARY KEY,
+            paused           integer NOT NULL DEFAULT 0,
+            concurrency      integer,
+            backoff_base_ms  bigint NOT NULL DEFAULT 1000,
+            backoff_cap_ms   bigint NOT NULL DEFAULT 3600000,
+            cooldown_until   bigint NOT NULL DEFAULT 0,
+            retain_done_ms   bigint NOT NULL DEFAULT 604800000,
+            retain_failed_ms bigint NOT NULL DEFAULT 2592000000
+        )""",
+        """CREATE TABLE processes (
+            host_id               text COLLATE "C" PRIMARY KEY,
+            hostname              text NOT NULL,
+            pid                   integer NOT NULL,
+            queues                text NOT NULL,
+            started_at            bigint NOT NULL,
+            heartbeat_at          bigint NOT NULL,
+            lease_timeout_ms      bigint NOT NULL DEFAULT 30000,
+            progress_at           bigint NOT NULL DEFAULT 0,
+            heartbeat_interval_ms bigint NOT NULL DEFAULT 1000
+        )""",
+        """CREATE TABLE cron (
+            name         text COLLATE "C" PRIMARY KEY,
+            expression   text NOT NULL,
+            timezone     text,
+            request      text NOT NULL,
+            next_fire_at bigint,
+            enabled      integer NOT NULL DEFAULT 1,
+            last_error   text
+        )""",
+        """CREATE TABLE rate_limits (
+            scope          text COLLATE "C" PRIMARY KEY,
+            capacity       double precision NOT NULL,
+            refill_per_sec double precision NOT NULL,
+            tokens         double precision NOT NULL,
+            updated_at     bigint NOT NULL
+        )""",
+        """CREATE TABLE chores (
+            name        text COLLATE "C" PRIMARY KEY,
+            last_run_at bigint NOT NULL
+        )""",
+    ),
+)
+
+_PG_PARAMETER = re.compile(r"\?(\d*)")
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_statement(statement: str) -> str:
+    """A statement with SQLite's parameters (`?N`, or `?` counted from the left) written
+    as PostgreSQL's `$N`. (No statement of sqliteq has a `?` inside a string literal.)"""
+    counter = itertools.count(1)
+    return _PG_PARAMETER.sub(lambda m: f"${m.group(1) or next(counter)}", statement)
+
+
+def _is_pg_url(target: Any) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def _redacted_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+class _PgTransaction:
+    """A PostgreSQL transaction seen through the part of apsw.Connection that sqliteq's
+    statements use: execute, executemany, changes, and `with` for a savepoint."""
+
+    __slots__ = ("_conn", "_changes", "_savepoints")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._changes = 0
+        self._savepoints = 0
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        cursor = self._conn.execute(_pg_statement(statement), params)
+        self._changes = max(cursor.rowcount, 0)
+        return cursor
+
+    def executemany(self, statement: str, params: Iterable[Sequence[Any]]) -> None:
+        self._conn.cursor().executemany(_pg_statement(statement), params)
+
+    def changes(self) -> int:
+        """Rows the last `execute` changed."""
+        return self._changes
+
+    def __enter__(self) -> _PgTransaction:
+        self._savepoints += 1
+        self._conn.execute(f"SAVEPOINT s{self._savepoints}")
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        name = f"s{self._savepoints}"
+        self._savepoints -= 1
+        if exc_type is not None:
+            self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+        self._conn.execute(f"RELEASE SAVEPOINT {name}")
+
+
+class _PostgresDatabase(_CommitNotices):
+    """Database's counterpart on a PostgreSQL server: the same `write`, `read`,
+    `after_commit`, `data_version` and clock, on a pool of connections.
+
+    `write` runs its work in one transaction on a pooled connection. A serialization
+    failure, a deadlock, a lock wait past `busy_timeout` or a connection lost before the
+    COMMIT retries the whole transaction up to 3 times (jittered, as SQLite's busy errors
+    are), then raises TransientError. A connection lost during the COMMIT is not retried:
+    the write may have taken effect, and TransientError says so.
+    """
+
+    CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+    # Writes by something other than sqliteq send no NOTIFY: waiters and dispatchers look
+    # again this often all the same.
+    UNSEEN_WRITES_POLL = 0.5
+    NOTIFY = "SELECT pg_notify($1, $2)"
+
+    def __init__(self, url: str, *, schema: str = "sqliteq", busy_timeout: float = 5.0,
+                 pool_size: int = 10) -> None:
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise ConfigError("a PostgreSQL URL needs psycopg 3 and psycopg_pool: "
+                              "pip install 'sqliteq[postgres]'") from None
+        if not isinstance(schema, str) or not _PG_SCHEMA_NAME.fullmatch(schema):
+            raise InvalidInput(f"schema must be a lower-case PostgreSQL identifier "
+                               f"(letters, digits, _), not {schema!r}")
+        self._psycopg = psycopg
+        errors = psycopg.errors
+        self.UNIQUE_VIOLATION = (errors.UniqueViolation,)
+        # Worth a retry of the whole transaction: it may well work the next time.
+        self._transient = (errors.SerializationFailure, errors.DeadlockDetected,
+                           errors.LockNotAvailable, psycopg.OperationalError)
+        self.url, self.schema = url, schema
+        self.path = f"{_redacted_url(url)} (schema {schema})"
+        self.durable = True
+        self.busy_timeout_ms = int(_duration_seconds(busy_timeout, "busy_timeout") * 1000)
+        self.channel = f"sqliteq_{schema}"
+        self.application_name = f"sqliteq-{schema}"     # what pg_stat_activity shows
+        self._token = _mint_ids(1)[0]   # this object's notifications carry it: not echoed
+        self._local = threading.local()
+        self._closed = False
+        self._writes_committed = 0
+        super().__init__()
+        self._remote_version = 0        # notifications from other processes seen
+        self._subscribers: list[Callable[[], None]] = []
+        self._listener: threading.Thread | None = None
+        self._listener_lock = threading.Lock()
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, configure=self._configure,
+            kwargs={"autocommit": True, "cursor_factory": psycopg.RawCursor,
+                    "application_name": self.application_name},
+            name=f"sqliteq-{schema}")
+        try:                    # one plain attempt first: a clear error, and at once
+            psycopg.connect(url, connect_timeout=5).close()
+            self._pool.open(wait=True, timeout=max(5.0, busy_timeout))
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            self._pool.close()
+            reason = " ".join(str(exc).split()) or "timed out"     # libpq's is multi-line
+            raise StorageError(f"cannot connect to PostgreSQL at {self.path}: "
+                               f"{reason}") from None
+        try:
+            self.write(self._migrate)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _configure(self, conn: Any) -> None:
+        conn.execute(f"SET search_path TO {self.schema}")
+        conn.execute(f"SET lock_timeout = {self.busy_timeout_ms:d}")
+
+    def _migrate(self, tx: apsw.Connection) -> None:
+        """Bring the schema to the last step, holding the schema's advisory lock."""
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"sqliteq:{self.schema}",))
+        tx.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        tx.execute("CREATE TABLE IF NOT EXISTS sqliteq_version (version integer NOT NULL)")
+        rows = tx.execute("SELECT version FROM sqliteq_version").fetchall()
+        version = cast(int, rows[0][0]) if rows else 0
+        if version > len(_PG_MIGRATIONS):
+            raise SchemaError(f"PostgreSQL schema {self.schema!r} has version {version}, newer "
+                              f"than this sqliteq ({__version__}) understands "
+                              f"({len(_PG_MIGRATIONS)}); upgrade sqliteq")
+        for step in _PG_MIGRATIONS[version:]:
+            for statement in step:
+                tx.execute(statement)
+        if not rows:
+            tx.execute("INSERT INTO sqliteq_version VALUES (?)", (len(_PG_MIGRATIONS),))
+        elif version < len(_PG_MIGRATIONS):
+            tx.execute("UPDATE sqliteq_version SET version = ?", (len(_PG_MIGRATIONS),))
+
+    # -- transactions --
+
+    def write(self, work: Callable[[apsw.Connection], T]) -> T:
+        """Run `work(tx)` in one transaction and return once it committed (see the class)."""
+        if self._closed:
+            raise SqliteqError("storage is closed")
+        for delay in (*TRANSIENT_RETRY_DELAYS, None):
+            committing = False
+            after_commit: list[Callable[[], None]] = []
+            self._local.after_commit = after_commit
+            try:
+                with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
+                    conn.execute("BEGIN")
+                    try:
+                        result = work(cast(apsw.Connection, _PgTransaction(conn)))
+                        conn.execute(self.NOTIFY, (self.channel, self._token))
+                        committing = True
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if not committing and not conn.closed:
+                            with contextlib.suppress(Exception):
+                                conn.execute("ROLLBACK")
+                        raise
+            except self._transient as exc:
+                if committing:
+                    raise TransientError(f"the connection to {self.path} was lost during a "
+                                         f"COMMIT: the write may or may not have taken effect "
+                                         f"({exc})") from None
+                if delay is None:
+                    raise TransientError(f"{self.path}: the transaction failed through "
+                                         f"{len(TRANSIENT_RETRY_DELAYS)} retries: {exc}") from None
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                continue
+            except self._pool_errors() as exc:
+                raise StorageError(f"no PostgreSQL connection from the pool for {self.path} "
+                                   f"({exc})") from None
+            finally:
+                self._local.after_commit = None
+            self._writes_committed += 1
+            self._local.own_writes = getattr(self._local, "own_writes", 0) + 1
+            for callback in after_commit:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("an after-commit callback failed")
+            if self._commit_waiters:
+                self._announce_commit()
+            return result
+        raise AssertionError("unreachable")
+
+    def _pool_errors(self) -> tuple[type[Exception], ...]:
+        import psycopg_pool
+        return (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the write transaction the calling work runs in commits."""
+        callbacks = getattr(self._local, "after_commit", None)
+        if callbacks is None:
+            raise SqliteqError("after_commit is for work run by Database.write")
+        callbacks.append(callback)
+
+    def _write_changes(self, statement: str, params: Sequence[Any]) -> int:
+        def run(conn: apsw.Connection) -> int:
+            conn.execute(statement, params)
+            return conn.changes()
+
+        return self.write(run)
+
+    def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement, run outside any transaction."""
+        if self._closed:
+            raise SqliteqError("storage is closed")
+        # A read has no effect to lose: a dropped connection is retried on another one.
+        for delay in (*TRANSIENT_RETRY_DELAYS, None):
+            try:
+                with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
+                    return cast("list[tuple[Any, ...]]",
+                                conn.execute(_pg_statement(statement), params).fetchall())
+            except self._psycopg.OperationalError as exc:
+                if delay is None:
+                    raise StorageError(f"cannot read from {self.path} ({exc})") from None
+                time.sleep(delay * random.uniform(0.5, 1.5))
+            except self._pool_errors() as exc:
+                raise StorageError(f"no PostgreSQL connection from the pool for {self.path} "
+                                   f"({exc})") from None
+        raise AssertionError("unreachable")
+
+    # -- what differs between stores --
+
+    def clock_ms(self, conn: apsw.Connection | None = None) -> int:
+        """Now, by the server's clock: hosts whose clocks disagree still agree on it."""
+        if conn is None:
+            return cast(int, self.read(self.CLOCK)[0][0])
+        return cast(int, conn.execute(self.CLOCK).fetchall()[0][0])
+
+    def _serialize(self, conn: apsw.Connection, what: str) -> None:
+        """Make the calling transaction the only one doing `what` until it commits."""
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))",
+                     (f"sqliteq:{self.schema}:{what}",))
+
+    def _wal_size(self) -> int:
+        return 0                        # the server manages its own log
+
+    # -- noticing other processes' commits --
+
+    def data_version(self) -> int:
+        """Moves whenever another thread or process commits a write to the schema (as far
+        as other processes' notifications have arrived), as SQLite's does for another
+        connection."""
+        self._listen()
+        return (self._remote_version + self._writes_committed
+                - getattr(self._local, "own_writes", 0))
+
+    def _subscribe(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the listener thread) when another process commits."""
+        self._listen()
+        self._subscribers.append(callback)
+
+    def _unsubscribe(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(callback)
+
+    def _wait_for_change(self, timeout: float) -> None:
+        """Sleep until a write commits here or in another process, or `timeout` passes."""
+        self._listen()
+        super()._wait_for_change(timeout)
+
+    def _listen(self) -> None:
+        with self._listener_lock:
+            if self._listener is None and not self._closed:
+                self._listener = threading.Thread(target=self._listen_loop, daemon=True,
+                                                  name=f"sqliteq-listen-{self.schema}")
+                self._listener.start()
+
+    def _listen_loop(self) -> None:
+        """LISTEN on a connection of its own; reconnect after losing it (and count that as
+        a change: notifications may have been missed meanwhile)."""
+        pause = 0.1
+        while not self._closed:
+            try:
+                with self._psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                           application_name=self.application_name) as conn:
+                    conn.execute(f"LISTEN {self.channel}")
+                    self._remote_changed()
+                    pause = 0.1
+                    while not self._closed:
+                        for note in conn.notifies(timeout=0.5):
+                            if note.payload != self._token:
+                                self._remote_changed()
+            except Exception as exc:
+                if self._closed:
+                    return
+                log.warning("listening for commits on %s failed (%s); polling until it "
+                            "reconnects", self.path, exc)
+                time.sleep(pause)
+                pause = min(pause * 2, MAX_ERROR_BACKOFF)
+
+    def _remote_changed(self) -> None:
+        self._remote_version += 1
+        self._announce_commit()
+        for callback in tuple(self._subscribers):
+            try:
+                callback()
+            except Exception:
+                log.exception("a commit subscriber failed")
+
+    def close(self) -> None:
+        """Close the pool and stop listening. Safe to call twice."""
+        self._closed = True
+        self._pool.close()
+        if self._listener is not None:
+            self._listener.join(2.0)
+
+
+# Parts of the jobs table's rows that SQLite reads as bytes (see _JOB_COLUMNS) are text here.
+_PG_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max_attempts,"
+                   " unique_key, result, errors, created_at, started_at, finished_at, worker,"
+                   " host, cancel_requested")
+
+
+class _PgJobStore(_JobStore):
+    """The job store on PostgreSQL: _JobStore's statements, with these replaced."""
+
+    SELECT_ONE = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE id = ?"
+    LIST = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE {_JobStore.LIST_FILTER}"
+    # Claims running at once skip each other's rows instead of waiting for them.
+    CLAIM = """
+        UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
+                        worker = NULL, started_at = ?3, cancel_requested = 0
+        WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued'
+                     ORDER BY priority, run_at, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
+        RETURNING id, kind, payload, attempt, max_attempts, errors, priority, run_at"""
+    # SQLite's UPDATE OR IGNORE skips the rows that would break a unique key; here the
+    # statement leaves out, per key, all but the newest failed job, and any key an active
+    # job holds.
+    RETRY_FAILED = """
+        UPDATE jobs SET state = 'queued', attempt = 0, run_at = ?2, started_at = NULL,
+                        finished_at = NULL, worker = NULL, host = NULL, result = NULL,
+                        cancel_requested = 0, lease = NULL
+        WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)
+          AND (unique_key IS NULL OR (
+              id = (SELECT max(f.id) FROM jobs f WHERE f.unique_key = jobs.unique_key
+                    AND f.state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR f.queue = ?1))
+              AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.unique_key = jobs.unique_key
+                              AND a.state IN ('queued', 'scheduled', 'running'))))"""
+    RESCUE = """
+        UPDATE jobs SET
+            state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                         WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts
+                               THEN ?1::bigint END,
+            run_at = ?1, lease = NULL, cancel_requested = 0,
+            errors = (SELECT CASE WHEN jsonb_array_length(e) > ?3 THEN (e - 0)::text
+                                  ELSE e::text END
+                      FROM (SELECT coalesce(errors, '[]')::jsonb || jsonb_build_array(
+                          jsonb_build_object('at', ?2::text, 'attempt', attempt,
+                              'error', 'worker lost: host ' || host || ' stopped heartbeating',
+                              'traceback', NULL)) AS e) AS appended)
+        WHERE state = 'running' AND host NOT IN (
+            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
+
+
+class _PgRateLimits(RateLimits):
+    """Token buckets on PostgreSQL (greatest/least are its n-ary max and min)."""
+
+    CONFIGURE = """
+        INSERT INTO rate_limits (scope, capacity, refill_per_sec, tokens, updated_at)
+        VALUES (?1, ?2, ?3, ?2, ?4)
+        ON CONFLICT (scope) DO UPDATE SET
+            capacity = ?2, refill_per_sec = ?3,
+            updated_at = greatest(rate_limits.updated_at, ?4),
+            tokens = least(?2, rate_limits.capacity, rate_limits.tokens
+                           + greatest(0, ?4 - rate_limits.updated_at) / 1000.0
+                             * rate_limits.refill_per_sec)"""
+
+
 # --------------------------------------------------------------- Storage ----
 
 class Storage:
-    """The database file and everything stored in it.
+    """The database file (or PostgreSQL schema) and everything stored in it.
+
+    `path` is a SQLite file, or a `postgresql://` URL: the same API then runs on that server,
+    with its tables in the PostgreSQL schema `schema` (default "sqliteq"; created if needed)
+    and at most `pool_size` connections per Storage (needs `pip install 'sqliteq[postgres]'`).
 
     Opening creates the file if needed and migrates it. Thread-safe: share one Storage
     between threads; each thread gets its own connection. `durable=True` makes every commit
@@ -2414,14 +2942,30 @@ class Storage:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
-                 busy_timeout: float = 5.0, vfs: str | None = None) -> None:
-        self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
+                 busy_timeout: float = 5.0, vfs: str | None = None, schema: str | None = None,
+                 pool_size: int = 10) -> None:
+        if _is_pg_url(path):
+            if vfs is not None:
+                raise InvalidInput("vfs names a SQLite VFS: it does not apply to PostgreSQL")
+            if not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1:
+                raise InvalidInput(f"pool_size must be a positive integer, not {pool_size!r}")
+            # (Duck-typed: _PostgresDatabase offers what the classes below use of Database.)
+            self.db = cast(Database, _PostgresDatabase(
+                cast(str, path), schema="sqliteq" if schema is None else schema,
+                busy_timeout=busy_timeout, pool_size=pool_size))
+            self._store: _JobStore = _PgJobStore(self.db)
+            self.rate_limits: RateLimits = _PgRateLimits(self.db)
+        else:
+            if schema is not None:
+                raise InvalidInput("schema names a PostgreSQL schema: give a postgresql:// "
+                                   "URL, or leave it out for a SQLite file")
+            self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
+            self._store = _JobStore(self.db)
+            self.rate_limits = RateLimits(self.db)
         self.path = self.db.path
-        self._store = _JobStore(self.db)
         self.jobs = Jobs(self.db, self._store)
         self.queues = Queues(self.db, self._store)
         self.processes = Processes(self.db, self._store)
-        self.rate_limits = RateLimits(self.db)
         self.cron = CronSchedules(self.db, self.jobs)
 
     def close(self) -> None:
@@ -2693,6 +3237,7 @@ class _Dispatcher:
         self._own_writes = 0        # of the database's committed writes, the dispatcher's
         self._seen_others = 0
         self._sync_due = 0.0        # monotonic time of the next settings sync; 0: none due
+        self._unseen_at = 0.0       # when to look for writes data_version cannot show
         self._stop_seen = False
 
     def run(self) -> None:
@@ -2719,7 +3264,8 @@ class _Dispatcher:
 
     def _busy(self) -> bool:
         rt = self._rt
-        return bool(rt._finished or rt._abandon or (rt._stopping and not self._stop_seen)
+        return bool(rt._finished or rt._abandon or rt._remote_commit
+                    or (rt._stopping and not self._stop_seen)
                     or (not rt._stopping and any(
                         qs.maybe_ready and not qs.paused and qs.claimable() > 0
                         for qs in rt._queue_states.values())))
@@ -2742,6 +3288,7 @@ class _Dispatcher:
         with rt._wake:
             finished, rt._finished = rt._finished, []
             stopping, abandon = rt._stopping, rt._abandon
+            rt._remote_commit = False   # _notice_changes reads what it announced
         rt._settle(finished)
         try:
             self._notice_changes()
@@ -2783,8 +3330,11 @@ class _Dispatcher:
         say, that may have ridden in this connection's own commit)."""
         rt, db = self._rt, self._db
         version, others = db.data_version(), db._writes_committed - self._own_writes
-        if version != self._seen_version or others != self._seen_others:
+        unseen = db.UNSEEN_WRITES_POLL is not None and rt._clock.monotonic() >= self._unseen_at
+        if version != self._seen_version or others != self._seen_others or unseen:
             self._seen_version, self._seen_others = version, others
+            if db.UNSEEN_WRITES_POLL is not None:
+                self._unseen_at = rt._clock.monotonic() + db.UNSEEN_WRITES_POLL
             for qs in rt._queue_states.values():
                 qs.maybe_ready = True
             self._sync_due = self._sync_due or rt._last_sync + rt.poll_interval
@@ -2834,6 +3384,7 @@ class Runtime:
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
         self._finished: list[_Ended] = []
+        self._remote_commit = False     # another process committed (PostgreSQL's NOTIFY)
         self._wake = threading.Condition(threading.Lock())
         self._stopping = False
         self._abandon = False
@@ -2924,6 +3475,7 @@ class Runtime:
                                           daemon=True, name=f"{qs.name}-{slot}-{self.host_id}")
                          for qs in self._queue_states.values() for slot in range(qs.slots)]
         self.storage.jobs._enqueue_listeners.append(self._on_enqueue)
+        self.storage.db._subscribe(self._on_remote_commit)
         log.info("runtime %s starting: queues %s", self.host_id, self.queues)
         for thread in (self._dispatcher, self._heartbeat, self._scheduler, *self._workers):
             thread.start()
@@ -2977,6 +3529,7 @@ class Runtime:
             self._janitor.join()
         if self._on_enqueue in self.storage.jobs._enqueue_listeners:
             self.storage.jobs._enqueue_listeners.remove(self._on_enqueue)
+        self.storage.db._unsubscribe(self._on_remote_commit)
         try:
             self.storage.processes.remove(self.host_id)
         except Exception as exc:
@@ -3042,6 +3595,11 @@ class Runtime:
                     qs.maybe_ready = True
                     qs.wakes += 1
                     self._wake.notify()
+
+    def _on_remote_commit(self) -> None:
+        with self._wake:
+            self._remote_commit = True
+            self._wake.notify()
 
     def _settle(self, finished: list[_Ended]) -> None:
         """Free the slots of finished jobs (their finish commits next)."""
@@ -3113,6 +3671,7 @@ class Runtime:
                                            None if paused else cooldown_until))
                 continue
             if limit is not None:       # no prefetch: buffered jobs would count as running
+                self.storage.db._serialize(conn, f"limit:{name}")
                 wanted = min(free_now, limit - store.count_running(conn, name))
             rows = (store.claim(conn, name, wanted, lease, self.host_id, now)
                     if wanted > 0 else [])
@@ -3615,9 +4174,19 @@ def _cli() -> Any:
                 error = _storage_error(exc, ctx.obj["db"])
                 fail(str(error) if error is not exc else f"database error: {exc}",
                      2 if isinstance(error, SchemaError) else 1)
+            except Exception as exc:
+                if not type(exc).__module__.startswith("psycopg"):
+                    raise
+                fail("PostgreSQL error: " + " ".join(_describe(exc).split()), 1)
 
     def open_storage(ctx: click.Context, *, create: bool = False) -> Storage:
-        path = ctx.obj["db"]
+        path, schema = ctx.obj["db"], ctx.obj["schema"]
+        if _is_pg_url(path):
+            storage = Storage(path, schema=schema)
+            ctx.call_on_close(storage.close)
+            return storage
+        if schema is not None:
+            fail("--schema names a PostgreSQL schema: give --db a postgresql:// URL")
         if not create and not os.path.exists(path):
             fail(f"no database at {path!r} (set --db or SQLITEQ_DB)")
         if not create and os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -3640,10 +4209,14 @@ def _cli() -> Any:
 
     @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--db", default="sqliteq.db", envvar="SQLITEQ_DB", show_default=True,
-                  help="Database file (default $SQLITEQ_DB, else ./sqliteq.db).")
+                  help="Database file or postgresql:// URL (default $SQLITEQ_DB, else "
+                       "./sqliteq.db).")
+    @click.option("--schema", default=None, envvar="SQLITEQ_SCHEMA",
+                  help="PostgreSQL schema of the queue (default $SQLITEQ_SCHEMA, else "
+                       "sqliteq).")
     @click.version_option(__version__, prog_name="sqliteq")
     @click.pass_context
-    def cli(ctx: click.Context, db: str) -> None:
+    def cli(ctx: click.Context, db: str, schema: str | None) -> None:
         """sqliteq: a durable job queue in one SQLite file.
 
         \b
@@ -3651,7 +4224,7 @@ def _cli() -> Any:
           sqliteq demo                   # run the built-in demo workload
           sqliteq --db jobs.db status    # what every queue is doing
         """
-        ctx.obj = {"db": db}
+        ctx.obj = {"db": db, "schema": schema}
 
     @cli.command()
     @click.argument("kind")

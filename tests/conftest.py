@@ -1,16 +1,18 @@
-"""Shared fixtures: a fresh database file per test, raw SQL on it, and child Pythons."""
+"""Shared fixtures: a fresh store per test (a SQLite file, or a schema on PostgreSQL), raw SQL
+on it, and child Pythons."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
+from support import PG_URL, Target, pg_execute
 from workers import Cluster, create_test_tables
 
 import sqliteq
@@ -49,25 +51,45 @@ def cluster(cluster_db: Path, tmp_path: Path) -> Iterator[Cluster]:
         cluster.close()                 # SIGKILL every child, even when the test failed
 
 
+# Fixtures that name a SQLite file: a test that asks for one (or is marked sqlite_only: it
+# is about SQLite itself) runs on SQLite only. Every other test that uses a store (through
+# `target`, `storage`, `sql`) runs on both.
+SQLITE_ONLY_FIXTURES = {"db_path", "cluster_db", "cluster"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "target" in metafunc.fixturenames:
+        sqlite_only = (SQLITE_ONLY_FIXTURES & set(metafunc.fixturenames)
+                       or metafunc.definition.get_closest_marker("sqlite_only"))
+        stores = ["sqlite"] if sqlite_only else ["sqlite", "postgres"]
+        metafunc.parametrize("target", stores, indirect=True)
+
+
 @pytest.fixture
-def storage(db_path: Path) -> Iterator[sqliteq.Storage]:
-    with sqliteq.Storage(db_path) as storage:
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    """The store a test runs on: a fresh SQLite file, or a fresh schema on the local
+    PostgreSQL server (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield Target(str(tmp_path / "q.db"), None)
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Target(PG_URL, schema)
+    finally:
+        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def storage(target: Target) -> Iterator[sqliteq.Storage]:
+    with target.open() as storage:
         yield storage
 
 
 @pytest.fixture
-def sql(db_path: Path) -> Callable[..., list[Any]]:
-    """Run one statement on the test's database through its own raw apsw connection."""
-
-    def run(statement: str, *params: Any) -> list[Any]:
-        conn = apsw.Connection(str(db_path))
-        try:
-            conn.setbusytimeout(10_000)
-            return conn.execute(statement, params).fetchall()
-        finally:
-            conn.close()
-
-    return run
+def sql(target: Target) -> Callable[..., list[Any]]:
+    """Run one statement on the test's store through a connection of its own (SQLite's
+    `?` parameters work on both)."""
+    return target.sql
 
 
 @pytest.fixture

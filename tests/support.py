@@ -60,6 +60,48 @@ def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+# ------------------------------------------------------------ PostgreSQL ----
+
+# The local server every machine of the project runs (CI's included): a test that needs it
+# fails, never skips, when it cannot be reached.
+PG_URL = os.environ.get("SQLITEQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_execute(statement: str, *params: Any, schema: str | None = None) -> list[Any]:
+    """One statement on its own psycopg connection (in `schema`, if given); its rows."""
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10,
+                         cursor_factory=psycopg.RawCursor) as conn:
+        if schema is not None:
+            conn.execute(f"SET search_path TO {schema}")
+        cursor = conn.execute(sqliteq._pg_statement(statement), params or None)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+class Target:
+    """Where a test's store lives: a SQLite file (`schema` None) or a PostgreSQL schema."""
+
+    def __init__(self, url: str, schema: str | None) -> None:
+        self.url, self.schema = url, schema
+
+    @property
+    def postgres(self) -> bool:
+        return self.schema is not None
+
+    def open(self, **options: Any) -> sqliteq.Storage:
+        return sqliteq.Storage(self.url, schema=self.schema, **options)
+
+    def sql(self, statement: str, *params: Any) -> list[Any]:
+        """One statement behind sqliteq's back, on a connection of its own."""
+        if self.schema is not None:
+            return pg_execute(statement, *params, schema=self.schema)
+        return raw(Path(self.url), statement, *params)
+
+    def __repr__(self) -> str:
+        return "postgres" if self.postgres else "sqlite"
+
+
 # ------------------------------------------------------------------- CLI ----
 
 def script() -> str:

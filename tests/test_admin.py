@@ -6,8 +6,8 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-import apsw
 import pytest
+from support import Target
 
 import sqliteq
 from sqliteq import EnqueueRequest, InvalidInput
@@ -227,34 +227,33 @@ def test_purge_rejects_a_negative_age(storage):
 
 # ------------------------------------------------------------------- wait ----
 
+# Another process: a write through sqliteq (on PostgreSQL, its NOTIFY wakes the waiter).
 FINISH_LATER = """
-import sys, time, apsw
+import sys, time, sqliteq
 time.sleep(0.3)
-conn = apsw.Connection(sys.argv[1])
-conn.setbusytimeout(10_000)
-conn.execute("UPDATE jobs SET state = 'done', result = '{\\"ok\\":true}', finished_at = ?"
-             " WHERE id = ?", (int(time.time() * 1000), sys.argv[2]))
+url, schema, job_id = sys.argv[1:]
+with sqliteq.Storage(url, schema=schema or None) as storage:
+    storage.db.write(lambda conn: conn.execute(
+        "UPDATE jobs SET state = 'done', result = '{\\"ok\\":true}', finished_at = ?"
+        " WHERE id = ?", (int(time.time() * 1000), job_id)))
 """
 
 
-def finish_later(path: str, job_id: str) -> threading.Thread:
+def finish_later(target: Target, job_id: str) -> threading.Thread:
     """Another thread, on its own raw connection, marks the job done a little later."""
     def finish() -> None:
         time.sleep(0.3)
-        conn = apsw.Connection(path)
-        conn.setbusytimeout(10_000)
-        conn.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ?",
-                     (sqliteq.now_ms(), job_id))
-        conn.close()
+        target.sql("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ?",
+                   sqliteq.now_ms(), job_id)
 
     thread = threading.Thread(target=finish)
     thread.start()
     return thread
 
 
-def test_wait_returns_the_job_once_another_thread_finishes_it(storage):
+def test_wait_returns_the_job_once_another_thread_finishes_it(storage, target):
     job_id = enqueue(storage)
-    thread = finish_later(storage.path, job_id)
+    thread = finish_later(target, job_id)
     job = storage.jobs.wait(job_id, timeout=30)
     thread.join()
     assert (job.id, job.state) == (job_id, "done")
@@ -269,12 +268,12 @@ def test_wait_returns_when_another_thread_cancels_through_the_same_storage(stora
     assert job.state == "cancelled"
 
 
-def test_wait_returns_the_job_once_another_process_finishes_it(storage, run_python):
+def test_wait_returns_the_job_once_another_process_finishes_it(storage, target, run_python):
     job_id = enqueue(storage)
     waited: list = []
     waiter = threading.Thread(target=lambda: waited.append(storage.jobs.wait(job_id, 30)))
     waiter.start()
-    proc = run_python(FINISH_LATER, storage.path, job_id)
+    proc = run_python(FINISH_LATER, target.url, target.schema or "", job_id)
     assert proc.returncode == 0, proc.stderr
     waiter.join(timeout=30)
     assert [(j.state, j.result) for j in waited] == [("done", {"ok": True})]
@@ -362,10 +361,10 @@ def test_set_backoff(storage):
         0.5, 300.0)
 
 
-def test_queue_settings_are_seen_by_another_storage_on_the_file(storage):
+def test_queue_settings_are_seen_by_another_storage_on_the_file(storage, target):
     storage.queues.pause("email")
     storage.queues.set_limit("email", 3)
-    with sqliteq.Storage(storage.path) as other:
+    with target.open() as other:
         assert (queue(other, "email").paused, queue(other, "email").limit) == (True, 3)
 
 

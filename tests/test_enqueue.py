@@ -18,7 +18,7 @@ import pytest
 import ulid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import wait_until
+from support import Target, wait_until
 
 import sqliteq
 from sqliteq import EnqueueOutcome, EnqueueRequest, InvalidInput
@@ -376,6 +376,7 @@ def test_a_bad_request_deep_in_a_generator_writes_nothing(storage):
     assert total(storage) == 0
 
 
+@pytest.mark.sqlite_only   # it forces a retry through SQLite group commit's queue
 def test_a_one_shot_iterator_is_never_read_twice_into_a_retried_transaction(storage):
     """A write that shares the group commit hits lock contention, so the transaction runs
     again: a generator cannot be read again, so its enqueue fails whole instead of writing
@@ -421,7 +422,7 @@ def test_a_one_shot_iterator_is_never_read_twice_into_a_retried_transaction(stor
 
 
 def test_enqueue_in_commits_with_the_callers_own_writes(storage, sql):
-    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id, state)"))
+    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id TEXT, state TEXT)"))
 
     def pay(conn):
         conn.execute("INSERT INTO orders VALUES (1, 'paid')")
@@ -433,7 +434,7 @@ def test_enqueue_in_commits_with_the_callers_own_writes(storage, sql):
 
 
 def test_enqueue_in_rolls_back_with_the_callers_transaction(storage, sql):
-    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id, state)"))
+    storage.db.write(lambda conn: conn.execute("CREATE TABLE orders (id TEXT, state TEXT)"))
     woken = []
     storage.jobs._enqueue_listeners.append(woken.append)
 
@@ -552,10 +553,10 @@ def test_routers_reject_bad_queue_names_when_built(make):
 PROCESSES, THREADS, JOBS_PER_THREAD = 4, 2, 2_000
 
 
-def enqueue_from_threads(path: str, process_no: int, barrier, report: str) -> None:
+def enqueue_from_threads(target: Target, process_no: int, barrier, report: str) -> None:
     """Child process: THREADS threads each enqueue JOBS_PER_THREAD jobs, one per call."""
     errors: list[str] = []
-    storage = sqliteq.Storage(path)
+    storage = target.open()
 
     def work(thread_no: int) -> None:
         try:
@@ -575,12 +576,12 @@ def enqueue_from_threads(path: str, process_no: int, barrier, report: str) -> No
     sys.exit(1 if errors else 0)
 
 
-def test_processes_and_threads_enqueue_in_parallel_without_errors(storage, tmp_path):
+def test_processes_and_threads_enqueue_in_parallel_without_errors(storage, target, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(PROCESSES)
     reports = [tmp_path / f"report-{n}.json" for n in range(PROCESSES)]
     procs = [ctx.Process(target=enqueue_from_threads,
-                         args=(storage.path, n, barrier, str(reports[n])))
+                         args=(target, n, barrier, str(reports[n])))
              for n in range(PROCESSES)]
     for proc in procs:
         proc.start()

@@ -54,12 +54,6 @@ def state_of(storage: sqliteq.Storage, job_id: str) -> str:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Iterator[sqliteq.Storage]:
-    with sqliteq.Storage(tmp_path / "q.db") as storage:
-        yield storage
-
-
-@pytest.fixture
 def make_runtime(storage: sqliteq.Storage) -> Iterator[Callable[..., sqliteq.Runtime]]:
     """Build runtimes on the test's storage (fast intervals unless overridden); every one is
     stopped at teardown even when the test fails half-way."""
@@ -1060,7 +1054,7 @@ CHILD_RUNTIME = """
 import sys
 import sqliteq
 
-storage = sqliteq.Storage(sys.argv[1])
+storage = sqliteq.Storage(sys.argv[1], schema=sys.argv[2] or None)
 rt = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02, heartbeat_interval=0.1,
                      lease_timeout=5.0)
 
@@ -1075,11 +1069,12 @@ storage.close()
 """
 
 
-def test_run_stops_gracefully_on_sigterm(storage):
+def test_run_stops_gracefully_on_sigterm(storage, target):
     job_id = storage.jobs.enqueue(EnqueueRequest("long")).job_id
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-c", CHILD_RUNTIME, storage.path], env=env,
+    child = subprocess.Popen([sys.executable, "-c", CHILD_RUNTIME, target.url,
+                              target.schema or ""], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: child.poll() is not None or state_of(storage, job_id) == "running",
@@ -1104,8 +1099,8 @@ import sys
 import threading
 import sqliteq
 
-storage = sqliteq.Storage(sys.argv[1])
-marker = pathlib.Path(sys.argv[2])
+storage = sqliteq.Storage(sys.argv[1], schema=sys.argv[2] or None)
+marker = pathlib.Path(sys.argv[3])
 rt = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02, heartbeat_interval=0.1,
                      lease_timeout=5.0, shutdown_timeout=60.0)
 
@@ -1119,13 +1114,13 @@ rt.run()
 """
 
 
-def test_a_second_signal_exits_at_once(storage, tmp_path):
+def test_a_second_signal_exits_at_once(storage, target, tmp_path):
     job_id = storage.jobs.enqueue(EnqueueRequest("stubborn")).job_id
     marker = tmp_path / "shutdown-seen"
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-c", CHILD_STUBBORN_RUNTIME, storage.path,
-                              str(marker)], env=env, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", CHILD_STUBBORN_RUNTIME, target.url,
+                              target.schema or "", str(marker)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: child.poll() is not None or state_of(storage, job_id) == "running",

@@ -117,6 +117,7 @@ def test_closing_while_another_thread_uses_a_connection_is_a_clear_error(db_path
         assert again.jobs.counts()["queued"] == 0
 
 
+@pytest.mark.sqlite_only
 def test_default_synchronous_is_normal(storage):
     assert storage.db.connection().execute("PRAGMA synchronous").fetchall() == [(1,)]
 

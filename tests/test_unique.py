@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+from support import Target
 
 import sqliteq
 from sqliteq import EnqueueOutcome, EnqueueRequest
@@ -86,19 +87,19 @@ def test_bulk_with_a_bad_request_after_a_unique_one_writes_nothing(storage):
 RACE_ROUNDS = 200
 
 
-def race_unique_enqueue(path: str, barrier, results) -> None:
+def race_unique_enqueue(target: Target, barrier, results) -> None:
     """Child process: enqueue the same unique key RACE_ROUNDS times, report the outcomes."""
-    with sqliteq.Storage(path) as storage:
+    with target.open() as storage:
         barrier.wait(timeout=60)
         outs = [tuple(storage.jobs.enqueue(EnqueueRequest("race", n, unique_key="the-key")))
                 for n in range(RACE_ROUNDS)]
     results.put(outs)
 
 
-def test_processes_racing_on_one_key_create_exactly_one_job(storage, sql):
+def test_processes_racing_on_one_key_create_exactly_one_job(storage, target, sql):
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=race_unique_enqueue, args=(storage.path, barrier, results))
+    procs = [ctx.Process(target=race_unique_enqueue, args=(target, barrier, results))
              for _ in range(2)]
     for proc in procs:
         proc.start()

@@ -1,0 +1,324 @@
+"""What the PostgreSQL store adds to the shared behaviour: many hosts on one server, the
+server's clock, NOTIFY wake-ups, a bounded pool, lost connections, and crashes (SIGKILL).
+
+The rest of the suite runs on both stores (see conftest.py); the tests here are about
+PostgreSQL only, on the local server, each in a schema of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from support import (
+    PG_URL,
+    REPO,
+    Target,
+    assert_error,
+    clean_env,
+    ok,
+    pg_execute,
+    run,
+    script,
+    wait_until,
+)
+
+import sqliteq
+from sqliteq import EnqueueRequest, InvalidInput
+
+pytestmark = pytest.mark.timeout(240)
+APP = "tests.cli_app:make_runtime"
+
+# A worker process: `python -c WORKER URL SCHEMA SLOTS`. Handlers: "work" sleeps
+# payload["s"] seconds and returns the payload.
+WORKER = """
+import logging, os, sys, threading, time, sqliteq
+logging.basicConfig(level=logging.WARNING)
+if os.environ.get("FAKETIME"):  # libfaketime 0.9.10's clock_nanosleep fails (EINVAL) when
+    time.sleep = lambda s: threading.Event().wait(s)    # the monotonic clock is left real
+url, schema, slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
+storage = sqliteq.Storage(url, schema=schema)
+rt = sqliteq.Runtime(storage, {"default": slots}, heartbeat_interval=0.25, lease_timeout=1.5,
+                     poll_interval=float(sys.argv[4]) if len(sys.argv) > 4 else 0.05)
+
+@rt.handler("work")
+def work(ctx, payload):
+    time.sleep(payload["s"])
+    return payload
+
+rt.run()
+storage.close()
+"""
+
+# Every change of a job's state, written by the transaction that makes it.
+AUDIT = """
+CREATE TABLE audit (seq bigserial PRIMARY KEY, job_id text, old_state text, new_state text,
+                    old_lease bigint, new_lease bigint, attempt integer);
+CREATE FUNCTION audit_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO audit (job_id, old_state, new_state, old_lease, new_lease, attempt)
+    VALUES (NEW.id, OLD.state, NEW.state, OLD.lease, NEW.lease, NEW.attempt);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_jobs AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_jobs();
+"""
+
+
+@pytest.fixture
+def pg() -> Iterator[Target]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Target(PG_URL, schema)
+    finally:
+        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+class Workers:
+    """Worker processes on one schema; every one is killed at the end of the test."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.children: list[subprocess.Popen[str]] = []
+        # Under faketime, only the wall clock is off, as on a host whose clock is wrong:
+        # a faked monotonic clock breaks timed waits inside libc.
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "DONT_FAKE_MONOTONIC": "1"}
+
+    def start(self, slots: int = 2, *, prefix: tuple[str, ...] = (), poll: float = 0.05
+              ) -> subprocess.Popen[str]:
+        child = subprocess.Popen(
+            [*prefix, sys.executable, "-c", WORKER, self.target.url, str(self.target.schema),
+             str(slots), str(poll)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=30)
+
+
+@pytest.fixture
+def workers(pg: Target) -> Iterator[Workers]:
+    group = Workers(pg)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def registered(pg: Target) -> int:
+    return pg.sql("SELECT count(*) FROM processes")[0][0]
+
+
+# ------------------------------------------------------------- the URL ----
+
+def test_a_postgres_url_opens_the_schema_and_creates_its_tables(pg):
+    with pg.open() as storage:
+        assert storage.path.startswith(PG_URL) and pg.schema in storage.path
+        tables = {name for (name,) in pg.sql(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
+            pg.schema)}
+        assert {"jobs", "queues", "processes", "cron", "rate_limits", "chores"} <= tables
+
+
+def test_postgres_and_postgresql_urls_both_work_and_hide_the_password(pg):
+    url = PG_URL.replace("postgresql://", "postgres://").replace("postgres@", "postgres:pw@")
+    with sqliteq.Storage(url, schema=pg.schema) as storage:   # trust auth ignores the password
+        assert "pw" not in storage.path and "***" in storage.path
+        assert storage.jobs.enqueue(EnqueueRequest("k")).created
+
+
+@pytest.mark.parametrize("schema", ["", "Upper", "has space", "x;drop", "1st", 7])
+def test_a_schema_that_is_not_a_plain_identifier_is_refused(schema):
+    with pytest.raises(InvalidInput, match="schema"):
+        sqliteq.Storage(PG_URL, schema=schema)
+
+
+def test_a_schema_is_refused_for_a_sqlite_file(tmp_path):
+    with pytest.raises(InvalidInput, match="schema"):
+        sqliteq.Storage(tmp_path / "q.db", schema="x")
+    assert not (tmp_path / "q.db").exists()
+
+
+def test_an_unreachable_server_is_one_clear_error(pg):
+    with pytest.raises(sqliteq.StorageError, match="cannot connect to PostgreSQL"):
+        sqliteq.Storage("postgresql://postgres@127.0.0.1:1/test", schema=pg.schema,
+                        busy_timeout=0.5)
+
+
+def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python):
+    code = ("import sys, sqliteq\n"
+            "sqliteq.Storage(sys.argv[1], schema=sys.argv[2]).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg.url, str(pg.schema)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    errors = [proc.communicate(timeout=60)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, errors
+    assert pg.sql("SELECT version FROM sqliteq_version") == [(1,)]
+
+
+# --------------------------------------------------------- connections ----
+
+def test_connections_are_pooled_per_storage_not_opened_per_thread(pg):
+    with pg.open(pool_size=3) as storage:
+        app = f"sqliteq-{pg.schema}"
+        threads = [threading.Thread(target=lambda: [storage.jobs.enqueue(EnqueueRequest("k"))
+                                                    for _ in range(50)]) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        peak = 0
+        while any(thread.is_alive() for thread in threads):
+            peak = max(peak, pg_execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = ?", app)[0][0])
+        for thread in threads:
+            thread.join()
+        assert storage.jobs.counts()["queued"] == 600
+        assert 1 <= peak <= 3
+
+
+def terminate_backends(app: str) -> int:
+    return len(pg_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = ?", app))
+
+
+def test_a_runtime_survives_its_connections_being_dropped_and_loses_no_job(pg):
+    with pg.open() as storage:
+        storage.queues.set_backoff("default", 0.01, 0.05)
+        rt = sqliteq.Runtime(storage, {"default": 4}, poll_interval=0.02,
+                             heartbeat_interval=0.2, lease_timeout=5)
+        runs: dict[str, int] = {}
+        lock = threading.Lock()
+
+        @rt.handler("work")
+        def work(ctx, payload):
+            with lock:
+                runs[ctx.job_id] = runs.get(ctx.job_id, 0) + 1
+            time.sleep(0.002)
+
+        ids = [o.job_id for o in storage.jobs.enqueue_bulk(
+            [EnqueueRequest("work", i) for i in range(2000)])]
+        dropped = 0
+        with rt:
+            deadline = time.monotonic() + 120
+            while storage.jobs.counts()["done"] < len(ids):
+                assert time.monotonic() < deadline, storage.jobs.counts()
+                dropped += terminate_backends(f"sqliteq-{pg.schema}")
+                time.sleep(0.05)
+        assert dropped >= 5, "the test dropped too few connections to prove anything"
+        assert rt.error is None
+        assert storage.jobs.counts() == {"queued": 0, "running": 0, "done": 2000, "failed": 0,
+                                         "cancelled": 0}
+        assert set(runs) == set(ids)
+
+
+# ------------------------------------------------------ other processes ----
+
+def test_an_enqueue_wakes_a_worker_on_another_host_by_notify_not_by_polling(pg, workers):
+    with pg.open() as storage:
+        workers.start(1, poll=30.0)             # its poll alone would take 30 s
+        wait_until(lambda: registered(pg) == 1, 30, "the worker to register")
+        time.sleep(0.5)                         # its dispatcher is asleep by now
+        started = time.monotonic()
+        job_id = storage.jobs.enqueue(EnqueueRequest("work", {"s": 0})).job_id
+        assert storage.jobs.wait(job_id, timeout=20).state == "done"
+        assert time.monotonic() - started < 10
+
+
+def test_a_worker_whose_clock_is_ten_minutes_off_neither_loses_nor_steals_jobs(pg, workers):
+    if shutil.which("faketime") is None:
+        pytest.skip("needs libfaketime (apt-get install faketime; .ci/run installs it)")
+    with pg.open() as storage:
+        slow = [storage.jobs.enqueue(EnqueueRequest("work", {"s": 4})).job_id
+                for _ in range(4)]
+        workers.start(2)
+        workers.start(2, prefix=("faketime", "-f", "+10m"))
+        wait_until(lambda: storage.jobs.counts()["running"] == 4, 30, "both to run two jobs")
+        hosts = {row[0] for row in pg.sql("SELECT DISTINCT host FROM jobs")}
+        assert len(hosts) == 2, "each worker holds jobs"
+        for job_id in slow:
+            job = storage.jobs.wait(job_id, timeout=60)
+            assert (job.state, job.attempt, job.errors) == ("done", 1, []), repr(job.errors)
+        assert all(proc.poll() is None for proc in workers.children)
+
+
+def test_workers_killed_again_and_again_finish_every_job_exactly_once(pg, workers):
+    with pg.open() as storage:
+        pg_execute(AUDIT, schema=pg.schema)
+        ids = [o.job_id for o in storage.jobs.enqueue_bulk(
+            [EnqueueRequest("work", {"s": random.uniform(0.005, 0.05)}) for _ in range(600)])]
+        live = [workers.start(3) for _ in range(3)]
+        kills = 0
+        rng = random.Random(7)
+        while kills < 12 and storage.jobs.counts()["done"] < len(ids):
+            time.sleep(rng.uniform(0.2, 0.6))
+            victim = live.pop(rng.randrange(len(live)))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            kills += 1
+            live.append(workers.start(3))
+        assert kills >= 10, "the jobs were done before ten kills: make them slower"
+        wait_until(lambda: storage.jobs.counts()["done"] == len(ids), 120, "every job done")
+        finals = pg.sql("SELECT job_id, count(*) FROM audit WHERE new_state = 'done'"
+                        " GROUP BY job_id")
+        assert sorted(finals) == sorted((job_id, 1) for job_id in ids)
+        assert pg.sql("SELECT count(*) FROM audit WHERE old_state = 'done'") == [(0,)]
+
+
+# ------------------------------------------------------------- the CLI ----
+
+def cli(pg: Target, *args: str, **kwargs: Any) -> str:
+    return ok("--db", pg.url, "--schema", str(pg.schema), *args, **kwargs)
+
+
+def test_every_admin_command_of_the_cli_works_on_a_postgres_url(pg):
+    job_id = cli(pg, "enqueue", "add", '{"a": 1, "b": 2}').split()[0]
+    assert json.loads(cli(pg, "job", job_id, "--json"))["state"] == "queued"
+    cli(pg, "enqueue-bulk", "-", stdin='{"kind": "add", "payload": {"a": 2, "b": 3}}\n'
+                                       '{"kind": "boom", "max_attempts": 1}\n')
+    status = json.loads(cli(pg, "status", "--json"))
+    assert [(q["name"], q["ready"]) for q in status["queues"]] == [("default", 3)]
+    cli(pg, "pause", "default")
+    cli(pg, "limit", "default", "2")
+    assert json.loads(cli(pg, "status", "--json"))["queues"][0]["paused"] is True
+    cli(pg, "resume", "default")
+    worker = subprocess.Popen(
+        [script(), "--db", pg.url, "--schema", str(pg.schema), "worker", APP],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: json.loads(cli(pg, "jobs", "--state", "failed", "--json")), 30,
+                   "the boom job to fail")
+        wait_until(lambda: len(json.loads(cli(pg, "jobs", "--state", "done", "--json"))) == 2,
+                   30, "both add jobs done")
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert json.loads(cli(pg, "job", job_id, "--json"))["result"] == {"sum": 3}
+    [failed] = json.loads(cli(pg, "jobs", "--state", "failed", "--json"))
+    cli(pg, "retry", failed["id"])
+    cli(pg, "cancel", failed["id"])
+    assert json.loads(cli(pg, "job", failed["id"], "--json"))["state"] == "cancelled"
+    cli(pg, "purge", "--state", "done", "--older-than", "0s")
+    assert json.loads(cli(pg, "jobs", "--state", "done", "--json")) == []
+
+
+def test_the_cli_names_a_bad_postgres_target_in_one_line(pg, tmp_path):
+    assert_error(run("--db", "postgresql://postgres@127.0.0.1:1/test", "status"),
+                 "cannot connect to PostgreSQL", code=1)
+    assert_error(run("--db", pg.url, "--schema", "Bad Name", "status"), "schema")
+    assert_error(run("--db", str(tmp_path / "q.db"), "--schema", "x", "status"), "--schema")
