@@ -1062,8 +1062,8 @@ class Database(_CommitNotices):
     UNSEEN_WRITES_POLL: float | None = None
 
     def clock_ms(self, conn: apsw.Connection | None = None) -> int:
-        """Now, by the clock that leases, heartbeats and rate limits are judged on: every
-        process on a file shares this machine's."""
+        """Now, by the clock the store's times are on (run_at, leases, heartbeats, rate
+        limits): every process on a file shares this machine's."""
         return now_ms()
 
     def _serialize(self, conn: apsw.Connection, what: str) -> None:
@@ -1591,11 +1591,10 @@ class Jobs:
         self._db.after_commit(functools.partial(self._announce, queues))
         return outcomes
 
-    @staticmethod
-    def _new_jobs(requests: list[EnqueueRequest], first_index: int, router: Router | None,
-                  routed: dict[str, str]) -> list[_NewJob]:
+    def _new_jobs(self, requests: list[EnqueueRequest], first_index: int,
+                  router: Router | None, routed: dict[str, str]) -> list[_NewJob]:
         """Validate, route and serialise requests, minting their ids."""
-        now = now_ms()
+        now = self._db.clock_ms()
         ids = _mint_ids(len(requests))
         route = router.route if router is not None else None
         jobs = []
@@ -1645,8 +1644,9 @@ class Jobs:
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is done, failed or cancelled, and return it.
 
-        Wakes at once on this process's commits and polls `PRAGMA data_version` every 50 ms
-        for other processes', so waiting costs next to nothing. Raises TimeoutError.
+        Wakes at once on this process's commits, and for other processes' on SQLite by
+        polling `PRAGMA data_version` every 50 ms, on PostgreSQL by their NOTIFY: waiting
+        costs next to nothing. Raises TimeoutError.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         seen_version, reread_at = None, 0.0
@@ -1673,7 +1673,7 @@ class Jobs:
 
         Returns "cancelled", "cancel_requested", "finished" or "not_found".
         """
-        return self._db.write(lambda conn: self._store.cancel(conn, job_id, now_ms()))
+        return self._db.write(lambda conn: self._store.cancel(conn, job_id, self._db.clock_ms()))
 
     def retry(self, job_id: str) -> bool:
         """Put a failed or cancelled job back in its queue with its attempts reset.
@@ -1683,7 +1683,7 @@ class Jobs:
         """
         def retry(conn: apsw.Connection) -> bool:
             try:
-                return self._store.retry(conn, job_id, now_ms())
+                return self._store.retry(conn, job_id, self._db.clock_ms())
             except self._db.UNIQUE_VIOLATION:
                 raise InvalidInput(f"job {job_id} cannot be retried: another queued or running "
                                    f"job holds its unique_key") from None
@@ -1693,11 +1693,12 @@ class Jobs:
     def retry_failed(self, queue: str | None = None) -> int:
         """Retry every failed job (of one queue, if given). Jobs whose unique key is held by
         an active job are left failed. Returns how many were requeued."""
-        return self._db.write(lambda conn: self._store.retry_failed(conn, queue, now_ms()))
+        return self._db.write(
+            lambda conn: self._store.retry_failed(conn, queue, self._db.clock_ms()))
 
     def run_now(self, job_id: str) -> bool:
         """Make a scheduled (queued, future run_at) job ready now. False if not applicable."""
-        return self._db.write(lambda conn: self._store.run_now(conn, job_id, now_ms()))
+        return self._db.write(lambda conn: self._store.run_now(conn, job_id, self._db.clock_ms()))
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running (cancel a running one first)."""
@@ -1713,7 +1714,7 @@ class Jobs:
         if state not in FINISHED_STATES:
             raise InvalidInput(f"purge takes a finished state (done, failed, cancelled), "
                                f"not {state!r}")
-        cutoff = now_ms() - int(_duration_seconds(older_than, "older_than") * 1000)
+        cutoff = self._db.clock_ms() - int(_duration_seconds(older_than, "older_than") * 1000)
         return self._delete_finished(state, cutoff)
 
     def _delete_finished(self, state: str, cutoff: int, queue: str | None = None,
@@ -1735,7 +1736,7 @@ class Jobs:
         `retain_done`, `failed` and `cancelled` ones after `retain_failed`. In chunks of
         short transactions; once `stop` is set it gives up after the current chunk (the next
         sweep finishes the work). Returns the number of rows deleted."""
-        now, total = now_ms(), 0
+        now, total = self._db.clock_ms(), 0
         for queue, retain_done, retain_failed in self._db.read(self.RETENTIONS):
             for state, retain in (("done", retain_done), ("failed", retain_failed),
                                   ("cancelled", retain_failed)):
@@ -1821,7 +1822,7 @@ class Queues:
     def stats(self) -> list[QueueStats]:
         """Load of every queue, by name. Counting reads the whole table: for dashboards and
         the CLI, not for hot paths."""
-        now = now_ms()
+        now = self._db.clock_ms()
         counts = self._store.counts_by_queue()
         readiness = self._store.readiness(now)
         finished = self._store.finished_since(now - self.THROUGHPUT_WINDOW_MS)
@@ -2393,7 +2394,7 @@ class CronSchedules:
         this process fired (ticks another process fired first are skipped)."""
         fired = 0
         while True:
-            now = now_ms()
+            now = self._db.clock_ms()
             due = [row for row in self._db.read(self.SELECT_DUE, (now,)) if row[0] in names]
             if not due:
                 return fired
@@ -2408,7 +2409,7 @@ class CronSchedules:
 
     def _fire(self, name: str, expression: str, tz: str | None, request_json: str, tick: int,
               router: Router | None) -> int:
-        now = now_ms()
+        now = self._db.clock_ms()
         missed = now - tick > self.MISSED_AFTER_MS
         following_ms: int | None = None
         request, error = None, None
@@ -2609,6 +2610,7 @@ class _PostgresDatabase(_CommitNotices):
     """
 
     CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+    CLOCK_RESYNC = 30.0     # seconds; clocks drift by far less than a millisecond in that
     # Writes by something other than sqliteq send no NOTIFY: waiters and dispatchers look
     # again this often all the same.
     UNSEEN_WRITES_POLL = 0.5
@@ -2641,6 +2643,7 @@ class _PostgresDatabase(_CommitNotices):
         self._local = threading.local()
         self._closed = False
         self._writes_committed = 0
+        self._offset_ms, self._offset_due = 0, -math.inf   # measured by the first clock_ms
         super().__init__()
         self._remote_version = 0        # notifications from other processes seen
         self._subscribers: list[Callable[[], None]] = []
@@ -2778,10 +2781,22 @@ class _PostgresDatabase(_CommitNotices):
     # -- what differs between stores --
 
     def clock_ms(self, conn: apsw.Connection | None = None) -> int:
-        """Now, by the server's clock: hosts whose clocks disagree still agree on it."""
-        if conn is None:
-            return cast(int, self.read(self.CLOCK)[0][0])
-        return cast(int, conn.execute(self.CLOCK).fetchall()[0][0])
+        """Now, by the server's clock: hosts whose clocks disagree still agree on it. In a
+        transaction (`conn`), the server is asked; otherwise this host's clock is corrected
+        by its offset from the server's, measured every CLOCK_RESYNC seconds."""
+        if conn is not None:
+            return cast(int, conn.execute(self.CLOCK).fetchall()[0][0])
+        if time.monotonic() >= self._offset_due:
+            self._measure_offset()
+        return now_ms() + self._offset_ms
+
+    def _measure_offset(self) -> None:
+        before = now_ms()
+        server = cast(int, self.read(self.CLOCK)[0][0])
+        after = now_ms()
+        # The server read its clock somewhere in the round trip: assume halfway.
+        self._offset_ms = server - (before + after) // 2
+        self._offset_due = time.monotonic() + self.CLOCK_RESYNC
 
     def _serialize(self, conn: apsw.Connection, what: str) -> None:
         """Make the calling transaction the only one doing `what` until it commits."""
@@ -3197,11 +3212,14 @@ class _LoopErrors:
 
 
 class _Clock:
-    """Where a runtime reads the time: wall-clock milliseconds (what the database stores)
-    and a monotonic clock in seconds (for intervals). Tests substitute their own."""
+    """Where a runtime reads the time: the store's clock in milliseconds (what the database
+    stores) and a monotonic clock in seconds (for intervals). Tests substitute their own."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def now_ms(self) -> int:
-        return now_ms()
+        return self._db.clock_ms()
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -3227,7 +3245,10 @@ class _Dispatcher:
       threads of this process (which may ride in the dispatcher's own group commit, unseen
       by data_version) in the count of committed writes: both are read every round, and a
       round comes at least every poll interval. Either marks every queue `maybe_ready` and
-      schedules a sync of queue settings (pause, backoff) within a poll interval.
+      schedules a sync of queue settings (pause, backoff) within a poll interval;
+    * on PostgreSQL, other processes' commits arrive by NOTIFY on the store's listener
+      thread, which sets `_remote_commit` and notifies; writes that send no NOTIFY (not
+      sqliteq's) are looked for every `UNSEEN_WRITES_POLL` seconds.
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -3397,7 +3418,7 @@ class Runtime:
         self._stop_lock = threading.Lock()
         self.error: SqliteqError | None = None   # why the runtime stopped itself, if it did
         self._wal_warned = False
-        self._clock = _Clock()          # tests replace it before start() to move time
+        self._clock = _Clock(storage.db)    # tests replace it before start() to move time
 
     # -- registration and enqueueing --
 
@@ -3816,7 +3837,7 @@ class Runtime:
                     self.storage.cron._fire_due(set(self._schedules), self.router)
                     next_fire = self.storage.cron._next_fire_ms(set(self._schedules))
                     if next_fire is not None:
-                        timeout = min(1.0, max(0.0, (next_fire - now_ms()) / 1000))
+                        timeout = min(1.0, max(0.0, (next_fire - self._clock.now_ms()) / 1000))
                 cron_errors.succeeded()
             except Exception as exc:
                 timeout = cron_errors.failed(exc)

@@ -61,6 +61,13 @@ rt.run()
 storage.close()
 """
 
+# `python -c ENQUEUE_ONE URL SCHEMA` enqueues one "work" job and prints its id.
+ENQUEUE_ONE = """
+import sys, sqliteq
+storage = sqliteq.Storage(sys.argv[1], schema=sys.argv[2])
+print(storage.jobs.enqueue(sqliteq.EnqueueRequest("work", {"s": 0})).job_id)
+"""
+
 # Every change of a job's state, written by the transaction that makes it.
 AUDIT = """
 CREATE TABLE audit (seq bigserial PRIMARY KEY, job_id text, old_state text, new_state text,
@@ -254,6 +261,30 @@ def test_a_worker_whose_clock_is_ten_minutes_off_neither_loses_nor_steals_jobs(p
             job = storage.jobs.wait(job_id, timeout=60)
             assert (job.state, job.attempt, job.errors) == ("done", 1, []), repr(job.errors)
         assert all(proc.poll() is None for proc in workers.children)
+
+
+def test_hosts_ten_minutes_apart_agree_on_when_a_job_is_due(pg, workers):
+    if shutil.which("faketime") is None:
+        pytest.skip("needs libfaketime (apt-get install faketime; .ci/run installs it)")
+    ahead = ("faketime", "-f", "+10m")
+    with pg.open() as storage:
+        # Enqueued "now" by a host ten minutes ahead: due now, not in ten minutes.
+        child = subprocess.run(
+            [*ahead, sys.executable, "-c", ENQUEUE_ONE, pg.url, str(pg.schema)],
+            env=workers.env, capture_output=True, text=True, timeout=60, check=True)
+        right = workers.start(1)
+        assert storage.jobs.wait(child.stdout.strip(), timeout=30).state == "done"
+        right.kill()
+        right.wait()
+        # Scheduled two minutes out by this host: not started early by the host ahead.
+        later = storage.jobs.enqueue(EnqueueRequest("work", {"s": 0},
+                                                    run_at=time.time() + 120)).job_id
+        workers.start(1, prefix=ahead)
+        due = storage.jobs.enqueue(EnqueueRequest("work", {"s": 0})).job_id
+        assert storage.jobs.wait(due, timeout=30).state == "done"
+        time.sleep(0.5)                         # a few more of its rounds
+        job = storage.jobs.get(later)
+        assert (job.state, job.attempt, job.started_at) == ("queued", 0, None)
 
 
 def test_workers_killed_again_and_again_finish_every_job_exactly_once(pg, workers):
