@@ -2,7 +2,11 @@
 
 Programs enqueue jobs into a SQLite file; a thread-pool `Runtime` in any number of processes
 runs them with retries, priorities, schedules, unique keys and queue pause/resume, and
-cancellation that reaches a job running in another process.
+cancellation that reaches a job running in another process. `Storage("postgresql://…")`
+runs the same API on a PostgreSQL server, for workers on many machines.
+
+Needs apsw and python-ulid; the `sqliteq` command also needs click, and PostgreSQL psycopg 3
+with psycopg_pool (`pip install 'sqliteq[postgres]'`); both are imported only when used.
 
 Quick start::
 
@@ -66,15 +70,17 @@ import os
 import queue as queue_module
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
 from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, cast
@@ -84,9 +90,9 @@ import ulid
 
 __version__ = "0.1.0"
 __all__ = [
-    "Cancelled", "CancellationToken", "ConfigError", "CronExpression", "CronSchedule",
-    "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome", "EnqueueRequest",
-    "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
+    "Cancelled", "CancellationToken", "ConfigError", "CopyReport", "CronExpression",
+    "CronSchedule", "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome",
+    "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
     "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
     "Snooze", "SqliteqError", "Storage", "StorageError", "Throttled", "TransientError", "main",
@@ -2371,7 +2377,7 @@ class CronSchedules:
     def declare(self, name: str, expression: CronExpression, request: EnqueueRequest) -> None:
         """Create or update the schedule `name`; its first tick is the next after now."""
         _check_name(name, "schedule name")
-        first = expression.next_after(datetime.now(timezone.utc))
+        first = expression.next_after(_datetime_from_ms(self._db.clock_ms()))  # type: ignore[arg-type]
         first_ms = None if first is None else int(first.timestamp() * 1000)
         params = (name, expression.expression, expression.tz_name, _request_to_json(request),
                   first_ms)
@@ -2643,7 +2649,7 @@ class _PostgresDatabase(_CommitNotices):
         self._local = threading.local()
         self._closed = False
         self._writes_committed = 0
-        self._offset_ms, self._offset_due = 0, -math.inf   # measured by the first clock_ms
+        self._offset_ms, self._offset_due = 0, -math.inf   # measured once open
         super().__init__()
         self._remote_version = 0        # notifications from other processes seen
         self._subscribers: list[Callable[[], None]] = []
@@ -2664,6 +2670,7 @@ class _PostgresDatabase(_CommitNotices):
                                f"{reason}") from None
         try:
             self.write(self._migrate)
+            self._measure_offset(None)
         except BaseException:
             self._pool.close()
             raise
@@ -2705,7 +2712,8 @@ class _PostgresDatabase(_CommitNotices):
                 with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
                     conn.execute("BEGIN")
                     try:
-                        result = work(cast(apsw.Connection, _PgTransaction(conn)))
+                        self._local.tx = tx = _PgTransaction(conn)
+                        result = work(cast(apsw.Connection, tx))
                         conn.execute(self.NOTIFY, (self.channel, self._token))
                         committing = True
                         conn.execute("COMMIT")
@@ -2728,7 +2736,7 @@ class _PostgresDatabase(_CommitNotices):
                 raise StorageError(f"no PostgreSQL connection from the pool for {self.path} "
                                    f"({exc})") from None
             finally:
-                self._local.after_commit = None
+                self._local.after_commit = self._local.tx = None
             self._writes_committed += 1
             self._local.own_writes = getattr(self._local, "own_writes", 0) + 1
             for callback in after_commit:
@@ -2787,15 +2795,25 @@ class _PostgresDatabase(_CommitNotices):
         if conn is not None:
             return cast(int, conn.execute(self.CLOCK).fetchall()[0][0])
         if time.monotonic() >= self._offset_due:
-            self._measure_offset()
+            self._measure_offset(getattr(self._local, "tx", None))
         return now_ms() + self._offset_ms
 
-    def _measure_offset(self) -> None:
-        before = now_ms()
-        server = cast(int, self.read(self.CLOCK)[0][0])
-        after = now_ms()
-        # The server read its clock somewhere in the round trip: assume halfway.
-        self._offset_ms = server - (before + after) // 2
+    def _measure_offset(self, tx: _PgTransaction | None) -> None:
+        # Within a transaction, on its own connection: asking the pool for a second one
+        # would deadlock a pool that every thread holds a connection of.
+        def ask() -> int:
+            rows = self.read(self.CLOCK) if tx is None else tx.execute(self.CLOCK).fetchall()
+            return cast(int, rows[0][0])
+
+        # The server read its clock somewhere in the round trip: assume halfway, and trust
+        # the shortest of three round trips (the others may include a slow checkout).
+        samples = []
+        for _ in range(3):
+            before = time.time_ns()
+            server = ask()
+            after = time.time_ns()
+            samples.append((after - before, server - (before + after) / 2e6))
+        self._offset_ms = round(min(samples)[1])
         self._offset_due = time.monotonic() + self.CLOCK_RESYNC
 
     def _serialize(self, conn: apsw.Connection, what: str) -> None:
@@ -2939,6 +2957,93 @@ class _PgRateLimits(RateLimits):
                              * rate_limits.refill_per_sec)"""
 
 
+# ------------------------------------------------- Copying between stores ----
+
+class _CopiedTable(NamedTuple):
+    """A table that Storage.copy_to copies: its key, the other columns copied, and which
+    rows. (Leases, hosts, heartbeats and chores belong to one store's processes: not
+    copied.) Both stores name and order these columns alike."""
+
+    name: str
+    key: str
+    columns: str
+    rows: str = "TRUE"
+
+    def select_page(self) -> str:
+        """The next rows after a key (?1), at most ?2 of them, in key order."""
+        return (f"SELECT {self.key}, {self.columns} FROM {self.name}"
+                f" WHERE ({self.rows}) AND {self.key} > ?1 ORDER BY {self.key} LIMIT ?2")
+
+    def insert_new(self) -> str:
+        """Insert one row unless the table has its key (or, for jobs, an active job has its
+        unique key)."""
+        marks = ", ".join("?" * (self.columns.count(",") + 2))
+        return (f"INSERT INTO {self.name} ({self.key}, {self.columns}) VALUES ({marks})"
+                f" ON CONFLICT DO NOTHING")
+
+
+_COPIED_TABLES = (
+    _CopiedTable("queues", "name", "paused, concurrency, backoff_base_ms, backoff_cap_ms,"
+                 " cooldown_until, retain_done_ms, retain_failed_ms"),
+    _CopiedTable("cron", "name", "expression, timezone, request, next_fire_at, enabled,"
+                 " last_error"),
+    _CopiedTable("rate_limits", "scope", "capacity, refill_per_sec, tokens, updated_at"),
+    # Unfinished jobs, with their ids, attempts, errors and pending cancel requests.
+    _CopiedTable("jobs", "id", "kind, queue, payload, state, priority, run_at, attempt,"
+                 " max_attempts, unique_key, errors, created_at, cancel_requested",
+                 "state IN ('queued', 'scheduled')"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyReport:
+    """What Storage.copy_to copied (with `dry_run`, would copy), by table. `kept` counts
+    the rows the destination already had by key (or, for a job, an active job there with
+    its unique key): those were left as they are."""
+
+    queues: int
+    cron_schedules: int
+    rate_limits: int
+    jobs: int
+    kept: int
+    dry_run: bool
+
+
+class _RolledBack(Exception):
+    """Ends a dry run's transaction, carrying what it would have written."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.rows = rows
+
+
+def _insert_new_rows(statement: str, rows: list[tuple[Any, ...]], dry_run: bool,
+                     conn: apsw.Connection) -> int:
+    inserted = 0
+    for row in rows:
+        conn.execute(statement, row)
+        inserted += conn.changes()
+    if dry_run:
+        raise _RolledBack(inserted)
+    return inserted
+
+
+def _copy_table(source: Database, destination: Database, table: _CopiedTable,
+                dry_run: bool, chunk: int) -> tuple[int, int]:
+    """Copy a table's rows page by page, one destination transaction per page (the
+    destination's workers are not held up for the whole copy). Returns (copied, kept)."""
+    select, insert = table.select_page(), table.insert_new()
+    after, copied, kept = "", 0, 0
+    while rows := source.read(select, (after, chunk)):
+        try:
+            inserted = destination.write(functools.partial(_insert_new_rows, insert, rows,
+                                                           dry_run))
+        except _RolledBack as rolled_back:
+            inserted = rolled_back.rows
+        copied, kept, after = copied + inserted, kept + len(rows) - inserted, rows[-1][0]
+    return copied, kept
+
+
 # --------------------------------------------------------------- Storage ----
 
 class Storage:
@@ -2982,6 +3087,38 @@ class Storage:
         self.queues = Queues(self.db, self._store)
         self.processes = Processes(self.db, self._store)
         self.cron = CronSchedules(self.db, self.jobs)
+
+    COPY_CHUNK = 1000       # rows per transaction of a copy
+
+    def copy_to(self, destination: Storage, *, dry_run: bool = False, force: bool = False
+                ) -> CopyReport:
+        """Copy the queues (and their settings), cron schedules, rate limits and unfinished
+        jobs (same ids, attempts and errors) into `destination`: another SQLite file or
+        PostgreSQL schema, of either kind. Rows the destination already has are kept, so
+        a copy can be run again to pick up jobs enqueued here since.
+
+        Refused while jobs run here (stop the workers first: a graceful stop hands their
+        jobs back) and, unless `force`, when the destination already holds jobs.
+        `dry_run` counts what would be copied and writes nothing.
+        """
+        if os.path.realpath(destination.path) == os.path.realpath(self.path):  # (URLs too)
+            raise InvalidInput(f"cannot copy {self.path} onto itself")
+        running = self.jobs.counts()["running"]
+        if running:
+            raise InvalidInput(f"{running} job(s) are running in {self.path}: stop its "
+                               f"workers first (a graceful stop hands their jobs back)")
+        held = sum(destination.jobs.counts().values())
+        if held and not force:
+            raise InvalidInput(f"{destination.path} already holds {held} job(s); copy into "
+                               f"it anyway with force=True (--force): rows it has are kept")
+        copied, kept = [], 0
+        for table in _COPIED_TABLES:
+            rows, rows_kept = _copy_table(self.db, destination.db, table, dry_run,
+                                          self.COPY_CHUNK)
+            copied.append(rows)
+            kept += rows_kept
+        queues, cron_schedules, rate_limits, jobs = copied
+        return CopyReport(queues, cron_schedules, rate_limits, jobs, kept, dry_run)
 
     def close(self) -> None:
         """Close all connections. The Storage cannot be used afterwards."""
@@ -4201,17 +4338,23 @@ def _cli() -> Any:
                 fail("PostgreSQL error: " + " ".join(_describe(exc).split()), 1)
 
     def open_storage(ctx: click.Context, *, create: bool = False) -> Storage:
-        path, schema = ctx.obj["db"], ctx.obj["schema"]
+        return open_target(ctx, ctx.obj["db"], ctx.obj["schema"], create=create,
+                           db_option="--db", schema_option="--schema")
+
+    def open_target(ctx: click.Context, path: str, schema: str | None, *, create: bool,
+                    db_option: str, schema_option: str) -> Storage:
         if _is_pg_url(path):
             storage = Storage(path, schema=schema)
             ctx.call_on_close(storage.close)
             return storage
         if schema is not None:
-            fail("--schema names a PostgreSQL schema: give --db a postgresql:// URL")
+            fail(f"{schema_option} names a PostgreSQL schema: give {db_option} a "
+                 f"postgresql:// URL")
+        hint = " (set --db or SQLITEQ_DB)" if db_option == "--db" else ""
         if not create and not os.path.exists(path):
-            fail(f"no database at {path!r} (set --db or SQLITEQ_DB)")
+            fail(f"no database at {path!r}{hint}")
         if not create and os.path.isfile(path) and os.path.getsize(path) == 0:
-            fail(f"{path!r} is an empty file, not a sqliteq database (set --db or SQLITEQ_DB)")
+            fail(f"{path!r} is an empty file, not a sqliteq database{hint}")
         storage = Storage(path)
         ctx.call_on_close(storage.close)
         return storage
@@ -4575,6 +4718,49 @@ def _cli() -> Any:
         seconds = parse_duration(older_than)
         deleted = open_storage(ctx).jobs.purge(state, seconds)
         echo(f"deleted {deleted} {state} job(s)")
+
+    @cli.command("copy")
+    @click.argument("source")
+    @click.argument("destination")
+    @click.option("--from-schema", default=None,
+                  help="PostgreSQL schema of SOURCE (default sqliteq).")
+    @click.option("--to-schema", default=None,
+                  help="PostgreSQL schema of DESTINATION (default sqliteq).")
+    @click.option("--dry-run", is_flag=True, help="Count what would be copied; write nothing.")
+    @click.option("--force", is_flag=True,
+                  help="Copy even if DESTINATION already holds jobs (rows it has are kept).")
+    @json_option
+    @click.pass_context
+    def copy(ctx: click.Context, source: str, destination: str, from_schema: str | None,
+             to_schema: str | None, dry_run: bool, force: bool, as_json: bool) -> None:
+        """Copy queues, cron schedules, rate limits and unfinished jobs to another store.
+
+        SOURCE and DESTINATION are SQLite files or postgresql:// URLs. Stop the workers
+        on SOURCE first; a copy can be run again (rows already copied are kept).
+
+        \b
+        Example:
+          sqliteq copy jobs.db postgresql://app@db.internal/app --dry-run
+        """
+        src = open_target(ctx, source, from_schema, create=False, db_option="SOURCE",
+                          schema_option="--from-schema")
+        target = destination
+        if dry_run and not _is_pg_url(destination) and not os.path.exists(destination):
+            # A dry run creates no file: it copies into a scratch one, thrown away.
+            scratch = tempfile.mkdtemp(prefix="sqliteq-dry-run-")
+            ctx.call_on_close(functools.partial(shutil.rmtree, scratch, True))
+            target = os.path.join(scratch, "destination.db")
+        dst = open_target(ctx, target, to_schema, create=True, db_option="DESTINATION",
+                          schema_option="--to-schema")
+        report = src.copy_to(dst, dry_run=dry_run, force=force)
+        if as_json:
+            emit_json(asdict(report))
+            return
+        shown = destination if target != destination else dst.path
+        echo(f"{'would copy' if dry_run else 'copied'} {report.queues} queue(s), "
+             f"{report.cron_schedules} cron schedule(s), {report.rate_limits} rate "
+             f"limit(s), {report.jobs} job(s) into {shown}; kept {report.kept} row(s) it "
+             f"already had")
 
     @cli.command("cron")
     @json_option

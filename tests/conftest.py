@@ -34,15 +34,14 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cluster_db(tmp_path: Path) -> Path:
-    """A database file with the tables the worker children's handlers write."""
-    path = tmp_path / "cluster.db"
-    create_test_tables(path)
-    return path
+def cluster_db(target: Target) -> Target:
+    """The test's store, with the tables the worker children's handlers write."""
+    create_test_tables(target)
+    return target
 
 
 @pytest.fixture
-def cluster(cluster_db: Path, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(cluster_db: Target, tmp_path: Path) -> Iterator[Cluster]:
     """Worker children on `cluster_db` (tests/workers.py); none outlives the test."""
     cluster = Cluster(cluster_db, tmp_path / "logs")
     try:
@@ -54,7 +53,7 @@ def cluster(cluster_db: Path, tmp_path: Path) -> Iterator[Cluster]:
 # Fixtures that name a SQLite file: a test that asks for one (or is marked sqlite_only: it
 # is about SQLite itself) runs on SQLite only. Every other test that uses a store (through
 # `target`, `storage`, `sql`) runs on both.
-SQLITE_ONLY_FIXTURES = {"db_path", "cluster_db", "cluster"}
+SQLITE_ONLY_FIXTURES = {"db_path"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -12,9 +12,9 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from support import Target
 from workers import events, heartbeat_at, query, release
 
 import sqliteq
@@ -24,8 +24,8 @@ HEARTBEAT = 0.2
 
 
 @pytest.fixture
-def storage(cluster_db: Path) -> Iterator[sqliteq.Storage]:
-    with sqliteq.Storage(cluster_db) as storage:
+def storage(cluster_db: Target) -> Iterator[sqliteq.Storage]:
+    with cluster_db.open() as storage:
         yield storage
 
 

@@ -627,8 +627,11 @@ def children(tmp_path: Path) -> Iterator[Children]:
 
 
 def tick_run_ats(storage: sqliteq.Storage) -> list[int]:
+    """The ticks that ran: a tick job handed back by a stopping runtime runs later, at a new
+    run_at, so only done jobs still carry their tick."""
     rows = storage.db.connection().execute(
-        "SELECT run_at FROM jobs WHERE kind = 'tick' ORDER BY run_at").fetchall()
+        "SELECT run_at FROM jobs WHERE kind = 'tick' AND state = 'done' ORDER BY run_at"
+    ).fetchall()
     return [row[0] for row in rows]
 
 

@@ -1,15 +1,15 @@
 """What the PostgreSQL store adds to the shared behaviour: many hosts on one server, the
-server's clock, NOTIFY wake-ups, a bounded pool, lost connections, and crashes (SIGKILL).
+server's clock, NOTIFY wake-ups, a bounded pool, lost connections, and its CLI targets.
 
-The rest of the suite runs on both stores (see conftest.py); the tests here are about
-PostgreSQL only, on the local server, each in a schema of its own.
+The rest of the suite, crash tests (SIGKILL, SIGSTOP) included, runs on both stores (see
+conftest.py); the tests here are about PostgreSQL only, on the local server, each in a schema
+of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -66,19 +66,6 @@ ENQUEUE_ONE = """
 import sys, sqliteq
 storage = sqliteq.Storage(sys.argv[1], schema=sys.argv[2])
 print(storage.jobs.enqueue(sqliteq.EnqueueRequest("work", {"s": 0})).job_id)
-"""
-
-# Every change of a job's state, written by the transaction that makes it.
-AUDIT = """
-CREATE TABLE audit (seq bigserial PRIMARY KEY, job_id text, old_state text, new_state text,
-                    old_lease bigint, new_lease bigint, attempt integer);
-CREATE FUNCTION audit_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO audit (job_id, old_state, new_state, old_lease, new_lease, attempt)
-    VALUES (NEW.id, OLD.state, NEW.state, OLD.lease, NEW.lease, NEW.attempt);
-    RETURN NEW;
-END $$;
-CREATE TRIGGER audit_jobs AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_jobs();
 """
 
 
@@ -183,6 +170,9 @@ def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python)
 
 def test_connections_are_pooled_per_storage_not_opened_per_thread(pg):
     with pg.open(pool_size=3) as storage:
+        # Every clock reading re-measures the server's clock, most inside an enqueue's
+        # transaction: none may need a second connection while holding one.
+        storage.db.CLOCK_RESYNC = 0.0
         app = f"sqliteq-{pg.schema}"
         threads = [threading.Thread(target=lambda: [storage.jobs.enqueue(EnqueueRequest("k"))
                                                     for _ in range(50)]) for _ in range(12)]
@@ -285,29 +275,6 @@ def test_hosts_ten_minutes_apart_agree_on_when_a_job_is_due(pg, workers):
         time.sleep(0.5)                         # a few more of its rounds
         job = storage.jobs.get(later)
         assert (job.state, job.attempt, job.started_at) == ("queued", 0, None)
-
-
-def test_workers_killed_again_and_again_finish_every_job_exactly_once(pg, workers):
-    with pg.open() as storage:
-        pg_execute(AUDIT, schema=pg.schema)
-        ids = [o.job_id for o in storage.jobs.enqueue_bulk(
-            [EnqueueRequest("work", {"s": random.uniform(0.005, 0.05)}) for _ in range(600)])]
-        live = [workers.start(3) for _ in range(3)]
-        kills = 0
-        rng = random.Random(7)
-        while kills < 12 and storage.jobs.counts()["done"] < len(ids):
-            time.sleep(rng.uniform(0.2, 0.6))
-            victim = live.pop(rng.randrange(len(live)))
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=30)
-            kills += 1
-            live.append(workers.start(3))
-        assert kills >= 10, "the jobs were done before ten kills: make them slower"
-        wait_until(lambda: storage.jobs.counts()["done"] == len(ids), 120, "every job done")
-        finals = pg.sql("SELECT job_id, count(*) FROM audit WHERE new_state = 'done'"
-                        " GROUP BY job_id")
-        assert sorted(finals) == sorted((job_id, 1) for job_id in ids)
-        assert pg.sql("SELECT count(*) FROM audit WHERE old_state = 'done'") == [(0,)]
 
 
 # ------------------------------------------------------------- the CLI ----

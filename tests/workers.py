@@ -1,12 +1,13 @@
 """Child-process worker entry points for the crash and cluster tests, and the parent-side
 helpers that start, signal and reap those children.
 
-Run a child as ``python tests/workers.py --db PATH [options]``: it opens the file, registers
+Run a child as ``python tests/workers.py --db PATH|URL [--schema S] [options]``: it opens
+the store (a SQLite file, or a PostgreSQL schema), registers
 every handler below on one `Runtime` and calls `rt.run()`, so SIGTERM stops it gracefully and
 SIGKILL is a real crash. It exits 0 after a clean stop, 1 if anything logged at ERROR level
 (or its producer thread failed), 70 if its parent test process disappeared.
 
-Handlers report what they see into tables of the same database file (created by
+Handlers report what they see into tables of the same store (created by
 `create_test_tables` before any child starts):
 
 * ``side(job_id, lease, at, attempt, host, pid)`` — one row per run of a ``record`` handler.
@@ -30,11 +31,14 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
 import sqliteq
+
+if TYPE_CHECKING:
+    from support import Target
 
 WORKERS = Path(__file__).resolve()
 # Children import the very sqliteq the test process imported (the checkout, or whatever
@@ -60,6 +64,29 @@ CREATE TRIGGER IF NOT EXISTS audit_jobs AFTER UPDATE ON jobs BEGIN
 END;
 """
 
+# The same tables on PostgreSQL (the trigger in PL/pgSQL).
+PG_TEST_TABLES = """
+CREATE TABLE side (
+    job_id text, lease bigint, at bigint, attempt integer, host text, pid integer);
+CREATE TABLE events (
+    seq bigserial PRIMARY KEY, job_id text, what text, attempt integer, host text,
+    pid integer, reason text, at bigint);
+CREATE TABLE control (job_id text, attempt integer, action text);
+CREATE TABLE audit (
+    seq bigserial PRIMARY KEY, job_id text, old_state text, new_state text, old_lease bigint,
+    new_lease bigint, old_attempt integer, new_attempt integer, host text, worker text,
+    result text, errors text, finished_at bigint);
+CREATE FUNCTION audit_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO audit (job_id, old_state, new_state, old_lease, new_lease, old_attempt,
+                       new_attempt, host, worker, result, errors, finished_at)
+    VALUES (NEW.id, OLD.state, NEW.state, OLD.lease, NEW.lease, OLD.attempt, NEW.attempt,
+            NEW.host, NEW.worker, NEW.result, NEW.errors, NEW.finished_at);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_jobs AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_jobs();
+"""
+
 
 # ======================================================= parent-side helpers ====
 
@@ -69,47 +96,55 @@ def raw_connection(db_path: Path | str) -> apsw.Connection:
     return conn
 
 
-def create_test_tables(db_path: Path | str) -> None:
-    """Create (and migrate) the sqliteq file, then add the tables the handlers write."""
-    sqliteq.Storage(db_path).close()
-    conn = raw_connection(db_path)
+def create_test_tables(db: Target) -> None:
+    """Create (and migrate) the store, then add the tables the handlers write."""
+    db.open().close()
+    if db.postgres:
+        db.sql(PG_TEST_TABLES)          # (without parameters, several statements at once)
+        return
+    conn = raw_connection(db.url)
     try:
         conn.execute(TEST_TABLES)
     finally:
         conn.close()
 
 
-def query(db_path: Path | str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = raw_connection(db_path)
-    try:
-        return conn.execute(statement, params).fetchall()
-    finally:
-        conn.close()
+def query(db: Target, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in db.sql(statement, *params)]
 
 
-def release(db_path: Path | str, job_id: str, attempt: int | None = None) -> None:
+def release(db: Target, job_id: str, attempt: int | None = None) -> None:
     """Let a blocked handler of `job_id` (only of that attempt, if given) return."""
-    query(db_path, "INSERT INTO control (job_id, attempt, action) VALUES (?, ?, 'release')",
+    query(db, "INSERT INTO control (job_id, attempt, action) VALUES (?, ?, 'release')",
           job_id, attempt)
 
 
-def events(db_path: Path | str, job_id: str | None = None, what: str | None = None
+def events(db: Target, job_id: str | None = None, what: str | None = None
            ) -> list[dict[str, Any]]:
-    rows = query(db_path, "SELECT job_id, what, attempt, host, pid, reason, at FROM events"
-                          " WHERE (?1 IS NULL OR job_id = ?1) AND (?2 IS NULL OR what = ?2)"
-                          " ORDER BY seq", job_id, what)
+    rows = query(db, "SELECT job_id, what, attempt, host, pid, reason, at FROM events"
+                     " WHERE (CAST(?1 AS TEXT) IS NULL OR job_id = ?1)"
+                     " AND (CAST(?2 AS TEXT) IS NULL OR what = ?2) ORDER BY seq", job_id, what)
     keys = ("job_id", "what", "attempt", "host", "pid", "reason", "at")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def host_of(db_path: Path | str, pid: int) -> str | None:
-    rows = query(db_path, "SELECT host_id FROM processes WHERE pid = ?", pid)
+def host_of(db: Target, pid: int) -> str | None:
+    rows = query(db, "SELECT host_id FROM processes WHERE pid = ?", pid)
     return rows[0][0] if rows else None
 
 
-def heartbeat_at(db_path: Path | str, host: str) -> int | None:
-    rows = query(db_path, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)
+def heartbeat_at(db: Target, host: str) -> int | None:
+    rows = query(db, "SELECT heartbeat_at FROM processes WHERE host_id = ?", host)
     return rows[0][0] if rows else None
+
+
+def no_transaction_open(db: Target) -> bool:
+    """True if no process holds a write transaction on the store now: SQLite's writer lock
+    can be taken; no sqliteq connection to the PostgreSQL schema is inside a transaction."""
+    if db.postgres:
+        return not query(db, "SELECT 1 FROM pg_stat_activity WHERE application_name = ?"
+                             " AND state LIKE 'idle in transaction%'", f"sqliteq-{db.schema}")
+    return writer_lock_free(db.url)
 
 
 def writer_lock_free(db_path: Path | str) -> bool:
@@ -184,10 +219,10 @@ class Child:
 
 
 class Cluster:
-    """Starts worker children on one database file and guarantees none outlives the test."""
+    """Starts worker children on one store and guarantees none outlives the test."""
 
-    def __init__(self, db_path: Path, log_dir: Path) -> None:
-        self.db_path = db_path
+    def __init__(self, db: Target, log_dir: Path) -> None:
+        self.db = db
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
@@ -196,7 +231,8 @@ class Cluster:
               poll: float = 0.05, heartbeat: float = 0.2, lease: float = 1.0,
               produce: int = 0, max_life: float = 150.0) -> Child:
         name = name or f"w{len(self.children)}"
-        args = ["--db", str(self.db_path), "--role", role, "--slots", str(slots),
+        args = ["--db", self.db.url, *(["--schema", self.db.schema] if self.db.schema else []),
+                "--role", role, "--slots", str(slots),
                 "--poll", str(poll), "--heartbeat", str(heartbeat), "--lease", str(lease),
                 "--produce", str(produce), "--max-life", str(max_life)]
         child = Child(name, args, self.log_dir)
@@ -205,7 +241,7 @@ class Cluster:
 
     def wait_registered(self, child: Child, timeout: float = 20) -> str:
         """Wait until the child's runtime has written its heartbeat row; its host_id."""
-        return self.wait_for(lambda: host_of(self.db_path, child.pid), timeout,
+        return self.wait_for(lambda: host_of(self.db, child.pid), timeout,
                              f"{child.name} to register in the processes table")
 
     def check_alive(self) -> None:
@@ -227,15 +263,16 @@ class Cluster:
             time.sleep(interval)
 
     def freeze(self, child: Child) -> None:
-        """SIGSTOP `child` at a moment it holds no SQLite write transaction.
+        """SIGSTOP `child` at a moment it holds no write transaction.
 
         A process frozen inside BEGIN IMMEDIATE ... COMMIT would block every writer on the
-        file, which is SQLite, not sqliteq; these tests are about a worker frozen mid-handler.
+        file (on PostgreSQL, everyone waiting for its row and advisory locks), which is the
+        database, not sqliteq; these tests are about a worker frozen mid-handler.
         """
         for _ in range(50):
             child.signal(signal.SIGSTOP)
             self.wait_for(child.is_stopped, 10, f"{child.name} to stop")
-            if writer_lock_free(self.db_path):
+            if no_transaction_open(self.db):
                 return
             child.signal(signal.SIGCONT)
             time.sleep(random.uniform(0.01, 0.05))
@@ -279,9 +316,9 @@ def _record_event(ctx: sqliteq.JobCtx, what: str, reason: str | None = None) -> 
 
 
 def _released(ctx: sqliteq.JobCtx) -> bool:
-    return bool(ctx.storage.db.connection().execute(
+    return bool(ctx.storage.db.read(
         "SELECT 1 FROM control WHERE job_id = ? AND action = 'release'"
-        " AND (attempt IS NULL OR attempt = ?)", (ctx.job_id, ctx.attempt)).fetchall())
+        " AND (attempt IS NULL OR attempt = ?)", (ctx.job_id, ctx.attempt)))
 
 
 def _register_handlers(rt: sqliteq.Runtime, role: str) -> None:
@@ -357,6 +394,7 @@ def _register_handlers(rt: sqliteq.Runtime, role: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True)
+    parser.add_argument("--schema", default=None)
     parser.add_argument("--role", default="")
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--poll", type=float, default=0.05)
@@ -374,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(errors)
     threading.Thread(target=_watchdog, args=(args.max_life,), daemon=True).start()
 
-    storage = sqliteq.Storage(args.db)
+    storage = sqliteq.Storage(args.db, schema=args.schema)
     rt = sqliteq.Runtime(storage, {"default": args.slots}, poll_interval=args.poll,
                          heartbeat_interval=args.heartbeat, lease_timeout=args.lease,
                          shutdown_timeout=20)

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support import HOLD_WRITER_LOCK, wait_until
+from support import HOLD_WRITER_LOCK, Target, wait_until
 from workers import Cluster, events, heartbeat_at, query, release
 
 import sqliteq
@@ -29,14 +28,14 @@ LEASE = 2.0
 HEARTBEAT = 0.25
 
 
-def start_two_hosts_running_jobs(cluster_db: Path, cluster: Cluster
+def start_two_hosts_running_jobs(cluster_db: Target, cluster: Cluster
                                  ) -> tuple[dict[str, str], list[str]]:
     """Two runtimes in two processes, each running two long jobs that have one attempt
     only: any rescue fails a job. Returns host name -> host id, and the job ids."""
     children = {name: cluster.start(name, slots=2, heartbeat=HEARTBEAT, lease=LEASE)
                 for name in ("A", "B")}
     hosts = {name: cluster.wait_registered(child) for name, child in children.items()}
-    with sqliteq.Storage(cluster_db) as storage:
+    with cluster_db.open() as storage:
         jobs = [storage.jobs.enqueue(EnqueueRequest("coop", max_attempts=1)).job_id
                 for _ in range(4)]
     cluster.wait_for(lambda: len(events(cluster_db, what="started")) == 4, 30, "four jobs started")
@@ -45,8 +44,8 @@ def start_two_hosts_running_jobs(cluster_db: Path, cluster: Cluster
     return hosts, jobs
 
 
-def hold_the_writer_lock(cluster_db: Path, seconds: float, env: dict[str, str]) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER_LOCK, str(cluster_db),
+def hold_the_writer_lock(cluster_db: Target, seconds: float, env: dict[str, str]) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER_LOCK, cluster_db.url,
                                str(seconds)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout is not None
@@ -57,12 +56,13 @@ def hold_the_writer_lock(cluster_db: Path, seconds: float, env: dict[str, str]) 
         holder.wait()
 
 
-def rescues(cluster_db: Path) -> list[tuple[str, str]]:
+def rescues(cluster_db: Target) -> list[tuple[str, str]]:
     return query(cluster_db, "SELECT id, errors FROM jobs WHERE errors LIKE '%worker lost%'")
 
 
+@pytest.mark.sqlite_only                # (PostgreSQL has no writer lock to stall)
 @pytest.mark.parametrize("factor", [0.5, 1.0, 3.0])
-def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Path, cluster: Cluster,
+def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Target, cluster: Cluster,
                                                        child_env: dict[str, str],
                                                        factor: float) -> None:
     hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
@@ -77,12 +77,13 @@ def test_a_stall_that_blocks_every_host_rescues_no_job(cluster_db: Path, cluster
     assert [e for e in events(cluster_db) if e["what"] == "stopped"] == []
     for job_id in jobs:
         release(cluster_db, job_id)
-    with sqliteq.Storage(cluster_db) as storage:
+    with cluster_db.open() as storage:
         finished = [storage.jobs.wait(job_id, timeout=30) for job_id in jobs]
     assert [(job.state.value, job.attempt) for job in finished] == [("done", 1)] * 4
 
 
-def test_a_host_silent_while_the_others_beat_is_still_rescued(cluster_db: Path, cluster: Cluster,
+@pytest.mark.sqlite_only
+def test_a_host_silent_while_the_others_beat_is_still_rescued(cluster_db: Target, cluster: Cluster,
                                                               child_env: dict[str, str]) -> None:
     hosts, jobs = start_two_hosts_running_jobs(cluster_db, cluster)
     hold_the_writer_lock(cluster_db, LEASE, child_env)
@@ -95,7 +96,7 @@ def test_a_host_silent_while_the_others_beat_is_still_rescued(cluster_db: Path, 
     rescued = {job_id for job_id, _ in rescues(cluster_db)}
     on_b = {e["job_id"] for e in events(cluster_db, what="started") if e["host"] == hosts["B"]}
     assert rescued == on_b
-    with sqliteq.Storage(cluster_db) as storage:
+    with cluster_db.open() as storage:
         for job_id in rescued:          # one attempt only: the rescue failed them
             job = storage.jobs.get(job_id)
             assert job is not None and job.state.value == "failed"
