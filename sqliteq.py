@@ -2572,20 +2572,39 @@ class _PgTransaction:
     """A PostgreSQL transaction seen through the part of apsw.Connection that sqliteq's
     statements use: execute, executemany, changes, and `with` for a savepoint."""
 
-    __slots__ = ("_conn", "_changes", "_savepoints")
+    __slots__ = ("_conn", "_changes", "_savepoints", "_begun")
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._changes = 0
         self._savepoints = 0
+        self._begun = False
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
-        cursor = self._conn.execute(_pg_statement(statement), params)
+        cursor = self._run(_pg_statement(statement), params)
         self._changes = max(cursor.rowcount, 0)
         return cursor
 
     def executemany(self, statement: str, params: Iterable[Sequence[Any]]) -> None:
+        if isinstance(params, Sequence) and len(params) == 1:
+            self._run(_pg_statement(statement), params[0])
+            return
+        self._begin()
         self._conn.cursor().executemany(_pg_statement(statement), params)
+
+    def _run(self, statement: str, params: Sequence[Any]) -> Any:
+        if self._begun:
+            return self._conn.execute(statement, params)
+        # BEGIN and the first statement in one round trip (results are read at the sync).
+        self._begun = True
+        with self._conn.pipeline():
+            self._conn.execute("BEGIN")
+            return self._conn.execute(statement, params)
+
+    def _begin(self) -> None:
+        if not self._begun:
+            self._begun = True
+            self._conn.execute("BEGIN")
 
     def changes(self) -> int:
         """Rows the last `execute` changed."""
@@ -2593,7 +2612,7 @@ class _PgTransaction:
 
     def __enter__(self) -> _PgTransaction:
         self._savepoints += 1
-        self._conn.execute(f"SAVEPOINT s{self._savepoints}")
+        self._run(f"SAVEPOINT s{self._savepoints}", ())
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -2602,6 +2621,10 @@ class _PgTransaction:
         if exc_type is not None:
             self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
         self._conn.execute(f"RELEASE SAVEPOINT {name}")
+
+    def commit(self, notify_and_commit: str) -> None:
+        """Send the NOTIFY and COMMIT (BEGIN too, if the work ran no statement)."""
+        self._conn.execute(notify_and_commit if self._begun else f"BEGIN; {notify_and_commit}")
 
 
 class _PostgresDatabase(_CommitNotices):
@@ -2620,7 +2643,9 @@ class _PostgresDatabase(_CommitNotices):
     # Writes by something other than sqliteq send no NOTIFY: waiters and dispatchers look
     # again this often all the same.
     UNSEEN_WRITES_POLL = 0.5
-    NOTIFY = "SELECT pg_notify($1, $2)"
+    # One round trip for both (a simple query, so no parameters: the channel is a checked
+    # identifier, the token a ULID).
+    NOTIFY_AND_COMMIT = "NOTIFY {channel}, '{token}'; COMMIT"
 
     def __init__(self, url: str, *, schema: str = "sqliteq", busy_timeout: float = 5.0,
                  pool_size: int = 10) -> None:
@@ -2646,6 +2671,8 @@ class _PostgresDatabase(_CommitNotices):
         self.channel = f"sqliteq_{schema}"
         self.application_name = f"sqliteq-{schema}"     # what pg_stat_activity shows
         self._token = _mint_ids(1)[0]   # this object's notifications carry it: not echoed
+        self._notify_and_commit = self.NOTIFY_AND_COMMIT.format(channel=self.channel,
+                                                                token=self._token)
         self._local = threading.local()
         self._closed = False
         self._writes_committed = 0
@@ -2710,13 +2737,11 @@ class _PostgresDatabase(_CommitNotices):
             self._local.after_commit = after_commit
             try:
                 with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
-                    conn.execute("BEGIN")
                     try:
-                        self._local.tx = tx = _PgTransaction(conn)
-                        result = work(cast(apsw.Connection, tx))
-                        conn.execute(self.NOTIFY, (self.channel, self._token))
+                        self._local.tx = tx = _PgTransaction(conn)   # BEGIN comes with the
+                        result = work(cast(apsw.Connection, tx))     # first statement
                         committing = True
-                        conn.execute("COMMIT")
+                        tx.commit(self._notify_and_commit)
                     except BaseException:
                         if not committing and not conn.closed:
                             with contextlib.suppress(Exception):
