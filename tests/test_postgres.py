@@ -8,6 +8,7 @@ of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -95,14 +96,15 @@ class Workers:
         child = subprocess.Popen(
             [*prefix, sys.executable, "-c", WORKER, self.target.url, str(self.target.schema),
              str(slots), str(poll)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)     # a group of its own: faketime's child dies with it
         self.children.append(child)
         return child
 
     def close(self) -> None:
         for child in self.children:
-            if child.poll() is None:
-                child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait(timeout=30)
 
 
