@@ -2592,6 +2592,13 @@ class _PgTransaction:
         self._begin()
         self._conn.cursor().executemany(_pg_statement(statement), params)
 
+    def copy_rows(self, statement: str, rows: Iterable[Sequence[Any]]) -> None:
+        """COPY … FROM STDIN the rows."""
+        self._begin()
+        with self._conn.cursor().copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
     def _run(self, statement: str, params: Sequence[Any]) -> Any:
         if self._begun:
             return self._conn.execute(statement, params)
@@ -2928,6 +2935,15 @@ _PG_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, 
 
 class _PgJobStore(_JobStore):
     """The job store on PostgreSQL: _JobStore's statements, with these replaced."""
+
+    # New jobs without unique keys stream in by COPY: far cheaper per row than INSERTs.
+    COPY_NEW = f"COPY jobs ({', '.join(_NewJob._fields)}) FROM STDIN"
+
+    def insert(self, conn: apsw.Connection, jobs: Sequence[_NewJob]) -> list[EnqueueOutcome]:
+        if len(jobs) < 2 or any(job.unique_key for job in jobs):
+            return super().insert(conn, jobs)
+        cast(_PgTransaction, conn).copy_rows(self.COPY_NEW, jobs)
+        return [EnqueueOutcome(job.id, True) for job in jobs]
 
     SELECT_ONE = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE id = ?"
     LIST = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE {_JobStore.LIST_FILTER}"
