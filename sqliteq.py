@@ -2046,15 +2046,23 @@ class RateLimits:
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not 0 < value < 1e12:
                 raise InvalidInput(f"{what} of scope {scope!r} must be a positive number")
-        self._db.write(lambda conn: conn.execute(
+        self._change(lambda conn: conn.execute(
             self.CONFIGURE, (scope, float(capacity), float(refill_per_sec),
                              self._db.clock_ms(conn))))
+
+    def _change(self, work: Callable[[apsw.Connection], T]) -> T:
+        """Run `work` in a write holding the buckets' lock: on PostgreSQL, where writes run
+        side by side, a take, a drain and a configure must not interleave."""
+        def locked(conn: apsw.Connection) -> T:
+            self._db._serialize(conn, "rate_limits")
+            return work(conn)
+
+        return self._db.write(locked)
 
     def take(self, scope: str, tokens: float) -> float:
         """Take `tokens` if the bucket holds them: 0.0. Otherwise take nothing and return the
         seconds until it will. The refill is computed lazily inside the same transaction."""
         def take(conn: apsw.Connection) -> float:
-            self._db._serialize(conn, "rate_limits")
             rows = conn.execute(self.SELECT, (scope,)).fetchall()
             if not rows:
                 raise ConfigError(f"rate-limit scope {scope!r} is not configured; call "
@@ -2070,11 +2078,15 @@ class RateLimits:
             conn.execute(self.SET_TOKENS, (scope, available - tokens, now))
             return 0.0
 
-        return self._db.write(take)
+        return self._change(take)
 
     def drain(self, scope: str) -> None:
         """Empty the bucket, e.g. after an upstream answered HTTP 429."""
-        if not self._db._write_changes(self.SET_TOKENS, (scope, 0.0, self._db.clock_ms())):
+        def drain(conn: apsw.Connection) -> int:
+            conn.execute(self.SET_TOKENS, (scope, 0.0, self._db.clock_ms(conn)))
+            return conn.changes()
+
+        if not self._change(drain):
             raise ConfigError(f"rate-limit scope {scope!r} is not configured")
 
 
@@ -2683,6 +2695,7 @@ class _PostgresDatabase(_CommitNotices):
         self._local = threading.local()
         self._closed = False
         self._writes_committed = 0
+        self._count_lock = threading.Lock()
         self._offset_ms, self._offset_due = 0, -math.inf   # measured once open
         super().__init__()
         self._remote_version = 0        # notifications from other processes seen
@@ -2769,7 +2782,8 @@ class _PostgresDatabase(_CommitNotices):
                                    f"({exc})") from None
             finally:
                 self._local.after_commit = self._local.tx = None
-            self._writes_committed += 1
+            with self._count_lock:      # threads commit side by side here
+                self._writes_committed += 1
             self._local.own_writes = getattr(self._local, "own_writes", 0) + 1
             for callback in after_commit:
                 try:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -251,27 +251,29 @@ class PgQueuer:
         await queries.install()
         return conn, queries
 
-    def enqueue_1t(self, schema: str, n: int) -> float:
+    def timed(self, schema: str, n: int, body: Callable[[Any], Any]) -> float:
+        """Jobs/s of `await body(queries)` for n jobs, on a fresh install."""
         async def go() -> float:
             conn, queries = await self.queries(schema)
-            started = time.perf_counter()
-            for i in range(n):
-                await queries.enqueue("noop", f'{{"i":{i}}}'.encode())
-            elapsed = time.perf_counter() - started
-            await conn.close()
-            return rate(n, elapsed)
+            try:
+                started = time.perf_counter()
+                await body(queries)
+                return rate(n, time.perf_counter() - started)
+            finally:
+                await conn.close()
         return asyncio.run(go())
 
+    def enqueue_1t(self, schema: str, n: int) -> float:
+        async def body(queries: Any) -> None:
+            for i in range(n):
+                await queries.enqueue("noop", f'{{"i":{i}}}'.encode())
+        return self.timed(schema, n, body)
+
     def bulk(self, schema: str, n: int) -> float:
-        async def go() -> float:
-            conn, queries = await self.queries(schema)
-            started = time.perf_counter()
+        async def body(queries: Any) -> None:
             await queries.enqueue(["noop"] * n, [f'{{"i":{i}}}'.encode() for i in range(n)],
                                   [0] * n)
-            elapsed = time.perf_counter() - started
-            await conn.close()
-            return rate(n, elapsed)
-        return asyncio.run(go())
+        return self.timed(schema, n, body)
 
     def drain(self, schema: str, n: int) -> float:
         from pgqueuer.qm import QueueManager

@@ -190,6 +190,32 @@ def test_connections_are_pooled_per_storage_not_opened_per_thread(pg):
         assert 1 <= peak <= 3
 
 
+def test_every_change_to_a_rate_limit_waits_for_the_bucket_lock(pg):
+    """On PostgreSQL writes run side by side: a drain or a reconfigure that did not wait for
+    a take holding the bucket lock would be overwritten by that take's commit."""
+    import psycopg
+
+    with pg.open() as storage:
+        storage.rate_limits.configure("api", 10, 0.001)
+        for change in (lambda: storage.rate_limits.drain("api"),
+                       lambda: storage.rate_limits.configure("api", 5, 0.001)):
+            with psycopg.connect(PG_URL) as holder:     # a transaction that holds the lock
+                holder.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                               (f"sqliteq:{pg.schema}:rate_limits",))
+                done = threading.Event()
+
+                def run(change: Any = change, done: threading.Event = done) -> None:
+                    change()
+                    done.set()
+
+                thread = threading.Thread(target=run)
+                thread.start()
+                assert not done.wait(1.0), "the change did not wait for the bucket lock"
+            thread.join(30)                             # the holder committed: it goes on
+            assert done.is_set()
+        assert pg.sql("SELECT capacity, tokens < 1 FROM rate_limits") == [(5.0, True)]
+
+
 def terminate_backends(app: str) -> int:
     return len(pg_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                           " WHERE application_name = ?", app))
