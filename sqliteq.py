@@ -78,6 +78,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -119,8 +120,8 @@ class TransientError(SqliteqError):
 
 
 class SchemaError(SqliteqError):
-    """The database file cannot be used: not SQLite, corrupt, newer schema, read-only, or a
-    missing folder. A runtime that meets it stops."""
+    """The database file cannot be used: not SQLite, corrupt, newer schema, read-only, a
+    missing folder, or (opened with `create=False`) missing. A runtime that meets it stops."""
 
 
 class StorageError(SqliteqError):
@@ -2576,21 +2577,31 @@ def _is_pg_url(target: Any) -> bool:
 
 
 def _redacted_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The URL without its password (given before the host or as `?password=`), for
+    messages and logs."""
+    url = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+
+
+def _without_password(message: str, url: str) -> str:
+    """`message` (a server's or libpq's) with any copy of `url`'s password masked."""
+    found = (re.search(r"://[^:/@]+:([^@/]+)@", url)
+             or re.search(r"[?&]password=([^&]+)", url))
+    return message.replace(found.group(1), "***") if found else message
 
 
 class _PgTransaction:
     """A PostgreSQL transaction seen through the part of apsw.Connection that sqliteq's
     statements use: execute, executemany, changes, and `with` for a savepoint."""
 
-    __slots__ = ("_conn", "_changes", "_savepoints", "_begun")
+    __slots__ = ("_conn", "_changes", "_savepoints", "_begun", "_pipelined")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, pipelined: bool) -> None:
         self._conn = conn
         self._changes = 0
         self._savepoints = 0
         self._begun = False
+        self._pipelined = pipelined     # libpq 14 and later can
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
         cursor = self._run(_pg_statement(statement), params)
@@ -2614,8 +2625,11 @@ class _PgTransaction:
     def _run(self, statement: str, params: Sequence[Any]) -> Any:
         if self._begun:
             return self._conn.execute(statement, params)
-        # BEGIN and the first statement in one round trip (results are read at the sync).
         self._begun = True
+        if not self._pipelined:
+            self._conn.execute("BEGIN")
+            return self._conn.execute(statement, params)
+        # BEGIN and the first statement in one round trip (results are read at the sync).
         with self._conn.pipeline():
             self._conn.execute("BEGIN")
             return self._conn.execute(statement, params)
@@ -2667,7 +2681,7 @@ class _PostgresDatabase(_CommitNotices):
     NOTIFY_AND_COMMIT = "NOTIFY {channel}, '{token}'; COMMIT"
 
     def __init__(self, url: str, *, schema: str = "sqliteq", busy_timeout: float = 5.0,
-                 pool_size: int = 10) -> None:
+                 pool_size: int = 10, create: bool = True) -> None:
         try:
             import psycopg
             import psycopg_pool
@@ -2678,6 +2692,7 @@ class _PostgresDatabase(_CommitNotices):
             raise InvalidInput(f"schema must be a lower-case PostgreSQL identifier "
                                f"(letters, digits, _), not {schema!r}")
         self._psycopg = psycopg
+        self._pipelined = psycopg.Pipeline.is_supported()
         errors = psycopg.errors
         self.UNIQUE_VIOLATION = (errors.UniqueViolation,)
         # Worth a retry of the whole transaction: it may well work the next time.
@@ -2686,7 +2701,9 @@ class _PostgresDatabase(_CommitNotices):
         self.url, self.schema = url, schema
         self.path = f"{_redacted_url(url)} (schema {schema})"
         self.durable = True
-        self.busy_timeout_ms = int(_duration_seconds(busy_timeout, "busy_timeout") * 1000)
+        busy_seconds = _duration_seconds(busy_timeout, "busy_timeout")
+        # (At least 1 ms: PostgreSQL's lock_timeout 0 would wait for ever.)
+        self.busy_timeout_ms = max(1, int(busy_seconds * 1000))
         self.channel = f"sqliteq_{schema}"
         self.application_name = f"sqliteq-{schema}"     # what pg_stat_activity shows
         self._token = _mint_ids(1)[0]   # this object's notifications carry it: not echoed
@@ -2709,14 +2726,19 @@ class _PostgresDatabase(_CommitNotices):
             name=f"sqliteq-{schema}")
         try:                    # one plain attempt first: a clear error, and at once
             psycopg.connect(url, connect_timeout=5).close()
-            self._pool.open(wait=True, timeout=max(5.0, busy_timeout))
+            self._pool.open(wait=True, timeout=max(5.0, busy_seconds))
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             self._pool.close()
             reason = " ".join(str(exc).split()) or "timed out"     # libpq's is multi-line
             raise StorageError(f"cannot connect to PostgreSQL at {self.path}: "
-                               f"{reason}") from None
+                               f"{_without_password(reason, url)}") from None
         try:
-            self.write(self._migrate)
+            version = self._schema_version()
+            if version is None and not create:
+                raise SchemaError(f"no sqliteq queue at {self.path}: it holds no sqliteq "
+                                   f"tables")
+            if version != len(_PG_MIGRATIONS):
+                self.write(self._migrate)
             self._measure_offset(None)
         except BaseException:
             self._pool.close()
@@ -2726,8 +2748,18 @@ class _PostgresDatabase(_CommitNotices):
         conn.execute(f"SET search_path TO {self.schema}")
         conn.execute(f"SET lock_timeout = {self.busy_timeout_ms:d}")
 
+    def _schema_version(self) -> int | None:
+        """The schema's migration step; None if it holds no sqliteq tables."""
+        rows = self.read("SELECT to_regclass(?) IS NOT NULL", (f"{self.schema}.sqliteq_version",))
+        if not rows[0][0]:
+            return None
+        rows = self.read(f"SELECT version FROM {self.schema}.sqliteq_version")
+        return cast(int, rows[0][0]) if rows else 0
+
     def _migrate(self, tx: apsw.Connection) -> None:
-        """Bring the schema to the last step, holding the schema's advisory lock."""
+        """Bring the schema to the last step, holding the schema's advisory lock. (Only
+        run when the schema is behind: CREATE SCHEMA needs a privilege that a role which
+        only uses the queue need not have.)"""
         tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"sqliteq:{self.schema}",))
         tx.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
         tx.execute("CREATE TABLE IF NOT EXISTS sqliteq_version (version integer NOT NULL)")
@@ -2758,8 +2790,8 @@ class _PostgresDatabase(_CommitNotices):
             try:
                 with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
                     try:
-                        self._local.tx = tx = _PgTransaction(conn)   # BEGIN comes with the
-                        result = work(cast(apsw.Connection, tx))     # first statement
+                        self._local.tx = tx = _PgTransaction(conn, self._pipelined)
+                        result = work(cast(apsw.Connection, tx))
                         committing = True
                         tx.commit(self._notify_and_commit)
                     except BaseException:
@@ -2897,30 +2929,42 @@ class _PostgresDatabase(_CommitNotices):
     def _listen(self) -> None:
         with self._listener_lock:
             if self._listener is None and not self._closed:
-                self._listener = threading.Thread(target=self._listen_loop, daemon=True,
-                                                  name=f"sqliteq-listen-{self.schema}")
+                self._listener = threading.Thread(
+                    target=_PostgresDatabase._listen_loop, args=(weakref.ref(self),),
+                    daemon=True, name=f"sqliteq-listen-{self.schema}")
                 self._listener.start()
 
-    def _listen_loop(self) -> None:
+    @staticmethod
+    def _listen_loop(ref: weakref.ref[_PostgresDatabase]) -> None:
         """LISTEN on a connection of its own; reconnect after losing it (and count that as
-        a change: notifications may have been missed meanwhile)."""
+        a change: notifications may have been missed meanwhile). The loop holds the
+        database only while it handles a notification, so a Storage dropped unclosed is
+        still collected, and this thread then ends."""
         pause = 0.1
-        while not self._closed:
+        while (db := ref()) is not None and not db._closed:
+            url, channel, token, path = db.url, db.channel, db._token, db.path
+            connect, application_name = db._psycopg.connect, db.application_name
+            del db
             try:
-                with self._psycopg.connect(self.url, autocommit=True, connect_timeout=10,
-                                           application_name=self.application_name) as conn:
-                    conn.execute(f"LISTEN {self.channel}")
-                    self._remote_changed()
+                with connect(url, autocommit=True, connect_timeout=10,
+                             application_name=application_name) as conn:
+                    conn.execute(f"LISTEN {channel}")
                     pause = 0.1
-                    while not self._closed:
-                        for note in conn.notifies(timeout=0.5):
-                            if note.payload != self._token:
-                                self._remote_changed()
+                    changed = True
+                    while True:
+                        if (db := ref()) is None or db._closed:
+                            return
+                        if changed:
+                            db._remote_changed()
+                        del db
+                        changed = any(note.payload != token
+                                      for note in conn.notifies(timeout=0.5, stop_after=1))
             except Exception as exc:
-                if self._closed:
+                if (db := ref()) is None or db._closed:
                     return
+                del db
                 log.warning("listening for commits on %s failed (%s); polling until it "
-                            "reconnects", self.path, exc)
+                            "reconnects", path, exc)
                 time.sleep(pause)
                 pause = min(pause * 2, MAX_ERROR_BACKOFF)
 
@@ -2935,10 +2979,11 @@ class _PostgresDatabase(_CommitNotices):
 
     def close(self) -> None:
         """Close the pool and stop listening. Safe to call twice."""
-        self._closed = True
+        with self._listener_lock:       # no listener starts after this
+            self._closed = True
         self._pool.close()
-        if self._listener is not None:
-            self._listener.join(2.0)
+        if self._listener is not None and self._listener is not threading.current_thread():
+            self._listener.join(2.0)    # (a listener still connecting ends once it has)
 
 
 # Parts of the jobs table's rows that SQLite reads as bytes (see _JOB_COLUMNS) are text here.
@@ -3108,7 +3153,8 @@ class Storage:
     with its tables in the PostgreSQL schema `schema` (default "sqliteq"; created if needed)
     and at most `pool_size` connections per Storage (needs `pip install 'sqliteq[postgres]'`).
 
-    Opening creates the file if needed and migrates it. Thread-safe: share one Storage
+    Opening creates the file (or schema) if needed and migrates it; with `create=False`, a
+    missing one is a SchemaError instead. Thread-safe: share one Storage
     between threads; each thread gets its own connection. `durable=True` makes every commit
     durable on return (synchronous=FULL). `busy_timeout` is how long one attempt waits for
     another process's writer lock; a write gives up after 4 attempts (see `TransientError`).
@@ -3118,7 +3164,7 @@ class Storage:
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = False,
                  busy_timeout: float = 5.0, vfs: str | None = None, schema: str | None = None,
-                 pool_size: int = 10) -> None:
+                 pool_size: int = 10, create: bool = True) -> None:
         if _is_pg_url(path):
             if vfs is not None:
                 raise InvalidInput("vfs names a SQLite VFS: it does not apply to PostgreSQL")
@@ -3127,13 +3173,16 @@ class Storage:
             # (Duck-typed: _PostgresDatabase offers what the classes below use of Database.)
             self.db = cast(Database, _PostgresDatabase(
                 cast(str, path), schema="sqliteq" if schema is None else schema,
-                busy_timeout=busy_timeout, pool_size=pool_size))
+                busy_timeout=busy_timeout, pool_size=pool_size, create=create))
             self._store: _JobStore = _PgJobStore(self.db)
             self.rate_limits: RateLimits = _PgRateLimits(self.db)
         else:
             if schema is not None:
                 raise InvalidInput("schema names a PostgreSQL schema: give a postgresql:// "
                                    "URL, or leave it out for a SQLite file")
+            if not create and not os.path.exists(path):
+                raise SchemaError(f"no sqliteq queue at {os.fspath(path)}: the file does "
+                                  f"not exist")
             self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
             self._store = _JobStore(self.db)
             self.rate_limits = RateLimits(self.db)
@@ -4384,13 +4433,16 @@ def _cli() -> Any:
             except SqliteqError as exc:
                 fail(str(exc), 1)
             except apsw.Error as exc:   # one the library let through: still one line
-                error = _storage_error(exc, ctx.obj["db"])
+                error = _storage_error(exc, _redacted_url(ctx.obj["db"]))
                 fail(str(error) if error is not exc else f"database error: {exc}",
                      2 if isinstance(error, SchemaError) else 1)
             except Exception as exc:
                 if not type(exc).__module__.startswith("psycopg"):
                     raise
-                fail("PostgreSQL error: " + " ".join(_describe(exc).split()), 1)
+                message = " ".join(_describe(exc).split())
+                for url in (ctx.obj["db"], *ctx.obj.get("urls", ())):
+                    message = _without_password(message, url)
+                fail(f"PostgreSQL error: {message}", 1)
 
     def open_storage(ctx: click.Context, *, create: bool = False) -> Storage:
         return open_target(ctx, ctx.obj["db"], ctx.obj["schema"], create=create,
@@ -4399,7 +4451,8 @@ def _cli() -> Any:
     def open_target(ctx: click.Context, path: str, schema: str | None, *, create: bool,
                     db_option: str, schema_option: str) -> Storage:
         if _is_pg_url(path):
-            storage = Storage(path, schema=schema)
+            ctx.obj.setdefault("urls", []).append(path)     # (masked in error messages)
+            storage = Storage(path, schema=schema, create=create)
             ctx.call_on_close(storage.close)
             return storage
         if schema is not None:
@@ -4413,6 +4466,29 @@ def _cli() -> Any:
         storage = Storage(path)
         ctx.call_on_close(storage.close)
         return storage
+
+    def open_destination(ctx: click.Context, destination: str, schema: str | None,
+                         dry_run: bool) -> tuple[Storage, str]:
+        """A copy's destination and how to name it. A dry run creates nothing: a missing
+        destination is then a scratch file, thrown away."""
+        names = {"db_option": "DESTINATION", "schema_option": "--to-schema"}
+        if not dry_run:
+            storage = open_target(ctx, destination, schema, create=True, **names)
+            return storage, storage.path
+        if _is_pg_url(destination):
+            with contextlib.suppress(SchemaError):
+                storage = open_target(ctx, destination, schema, create=False, **names)
+                return storage, storage.path
+            shown = f"{_redacted_url(destination)} (schema {schema or 'sqliteq'})"
+        elif schema is not None or os.path.exists(destination):
+            storage = open_target(ctx, destination, schema, create=False, **names)
+            return storage, storage.path
+        else:
+            shown = destination
+        scratch = tempfile.mkdtemp(prefix="sqliteq-dry-run-")
+        ctx.call_on_close(functools.partial(shutil.rmtree, scratch, True))
+        return open_target(ctx, os.path.join(scratch, "destination.db"), None, create=True,
+                           **names), shown
 
     def known_queue(storage: Storage, name: str) -> str:
         names = [q.name for q in storage.queues.list()]
@@ -4799,19 +4875,11 @@ def _cli() -> Any:
         """
         src = open_target(ctx, source, from_schema, create=False, db_option="SOURCE",
                           schema_option="--from-schema")
-        target = destination
-        if dry_run and not _is_pg_url(destination) and not os.path.exists(destination):
-            # A dry run creates no file: it copies into a scratch one, thrown away.
-            scratch = tempfile.mkdtemp(prefix="sqliteq-dry-run-")
-            ctx.call_on_close(functools.partial(shutil.rmtree, scratch, True))
-            target = os.path.join(scratch, "destination.db")
-        dst = open_target(ctx, target, to_schema, create=True, db_option="DESTINATION",
-                          schema_option="--to-schema")
+        dst, shown = open_destination(ctx, destination, to_schema, dry_run)
         report = src.copy_to(dst, dry_run=dry_run, force=force)
         if as_json:
             emit_json(asdict(report))
             return
-        shown = destination if target != destination else dst.path
         echo(f"{'would copy' if dry_run else 'copied'} {report.queues} queue(s), "
              f"{report.cron_schedules} cron schedule(s), {report.rate_limits} rate "
              f"limit(s), {report.jobs} job(s) into {shown}; kept {report.kept} row(s) it "

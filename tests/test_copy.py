@@ -206,6 +206,25 @@ def test_a_dry_run_into_a_missing_file_creates_no_file(tmp_path):
     assert not (tmp_path / "b.db").exists()
 
 
+def test_a_dry_run_into_a_missing_postgres_schema_creates_nothing(tmp_path):
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with sqliteq.Storage(tmp_path / "a.db") as src:
+        src.jobs.enqueue(EnqueueRequest("k"))
+    url = PG_URL.replace("postgres@", "postgres:s3cret@")   # (trust auth ignores it)
+    out = ok("copy", str(tmp_path / "a.db"), url, "--to-schema", schema, "--dry-run")
+    assert "would copy 1 queue(s), 0 cron schedule(s), 0 rate limit(s), 1 job(s)" in out
+    assert f"(schema {schema})" in out and "s3cret" not in out
+    assert not pg_execute("SELECT 1 FROM pg_namespace WHERE nspname = ?", schema)
+
+
+def test_a_missing_postgres_source_is_refused_and_not_created(tmp_path):
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    assert_error(run("copy", PG_URL, str(tmp_path / "b.db"), "--from-schema", schema),
+                 "no sqliteq queue at", schema)
+    assert not pg_execute("SELECT 1 FROM pg_namespace WHERE nspname = ?", schema)
+    assert not (tmp_path / "b.db").exists()
+
+
 # --------------------------------------------------- switching over live ----
 
 def test_the_documented_switch_over_loses_no_job_and_runs_none_twice(ends):

@@ -9,6 +9,7 @@ of its own.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -155,6 +157,98 @@ def test_an_unreachable_server_is_one_clear_error(pg):
     with pytest.raises(sqliteq.StorageError, match="cannot connect to PostgreSQL"):
         sqliteq.Storage("postgresql://postgres@127.0.0.1:1/test", schema=pg.schema,
                         busy_timeout=0.5)
+
+
+def test_a_password_given_as_a_url_parameter_is_hidden_too(pg):
+    with pytest.raises(sqliteq.StorageError) as caught:
+        sqliteq.Storage("postgresql://postgres@127.0.0.1:1/test?password=s3cret",
+                        schema=pg.schema, busy_timeout=0.5)
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    with sqliteq.Storage(f"{PG_URL}?password=s3cret", schema=pg.schema) as storage:
+        assert "s3cret" not in storage.path and "***" in storage.path
+
+
+def test_busy_timeout_may_be_a_timedelta(pg):
+    with pg.open(busy_timeout=timedelta(seconds=2)) as storage:
+        assert storage.db.busy_timeout_ms == 2000
+
+
+def test_a_zero_busy_timeout_gives_up_on_a_held_lock_instead_of_waiting_for_ever(pg):
+    import psycopg
+
+    with pg.open(busy_timeout=0) as storage, psycopg.connect(PG_URL) as holder:
+        holder.execute(f"LOCK TABLE {pg.schema}.jobs IN ACCESS EXCLUSIVE MODE")
+        errors: list[Exception] = []
+
+        def enqueue() -> None:
+            try:
+                storage.jobs.enqueue(EnqueueRequest("k"))
+            except sqliteq.TransientError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=enqueue)
+        thread.start()
+        thread.join(30)
+        hung = thread.is_alive()
+        holder.rollback()               # (lets a hung enqueue go)
+        thread.join(30)
+        assert not hung and len(errors) == 1
+
+
+def test_a_libpq_without_pipeline_mode_still_works(pg, monkeypatch):
+    import psycopg
+
+    def no_pipeline(self: Any) -> None:
+        raise psycopg.NotSupportedError("libpq 13 has no pipeline mode")
+
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    monkeypatch.setattr(psycopg.Connection, "pipeline", no_pipeline)
+    with pg.open() as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+        assert storage.jobs.get(job_id).state == "queued"
+
+
+@pytest.fixture
+def plain_role(pg: Target) -> Iterator[str]:
+    """A login role of its own, with no privilege at all to begin with."""
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    pg_execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        yield role
+    finally:
+        pg_execute(f"DROP OWNED BY {role}")     # (its grants)
+        pg_execute(f"DROP ROLE {role}")
+
+
+def test_a_role_that_may_use_the_queue_but_not_create_schemas_opens_it(pg, plain_role):
+    pg.open().close()                   # created by its owner
+    for grant in (f"GRANT USAGE ON SCHEMA {pg.schema}",
+                  f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {pg.schema}",
+                  f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {pg.schema}"):
+        pg_execute(f"{grant} TO {plain_role}")
+    assert not pg_execute("SELECT has_database_privilege(?, current_database(), 'CREATE')",
+                          plain_role)[0][0]
+    url = PG_URL.replace("postgres@", f"{plain_role}@")
+    with sqliteq.Storage(url, schema=pg.schema) as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+        assert storage.jobs.get(job_id).state == "queued"
+
+
+def test_a_storage_dropped_unclosed_stops_listening_and_lets_its_connections_go(pg):
+    storage = pg.open()
+    storage.db.data_version()           # starts the listener
+    app, listener = storage.db.application_name, f"sqliteq-listen-{pg.schema}"
+
+    def listening() -> bool:
+        return any(thread.name == listener for thread in threading.enumerate())
+
+    wait_until(listening, 10, "the listener to start")
+    del storage
+    gc.collect()
+    wait_until(lambda: not listening(), 10, "the listener to end")
+    wait_until(lambda: not pg_execute("SELECT 1 FROM pg_stat_activity WHERE "
+                                      "application_name = ?", app), 10,
+               "its connections to close")
 
 
 def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python):
@@ -347,4 +441,9 @@ def test_the_cli_names_a_bad_postgres_target_in_one_line(pg, tmp_path):
     assert_error(run("--db", "postgresql://postgres@127.0.0.1:1/test", "status"),
                  "cannot connect to PostgreSQL", code=1)
     assert_error(run("--db", pg.url, "--schema", "Bad Name", "status"), "schema")
+    assert_error(run("--db", pg.url, "--schema", str(pg.schema), "status"),
+                 "no sqliteq queue at", str(pg.schema))
+    assert not pg.sql("SELECT 1 FROM pg_namespace WHERE nspname = ?", pg.schema)
+    secret = "postgresql://postgres@127.0.0.1:1/test?password=s3cret"
+    assert "s3cret" not in assert_error(run("--db", secret, "status"), code=1)
     assert_error(run("--db", str(tmp_path / "q.db"), "--schema", "x", "status"), "--schema")

@@ -246,6 +246,22 @@ def test_schema_error_is_a_sqliteq_error():
     assert issubclass(SchemaError, sqliteq.SqliteqError)
 
 
+def test_create_false_refuses_a_missing_store_and_creates_nothing(target):
+    with pytest.raises(SchemaError, match="no sqliteq queue at"):
+        target.open(create=False)
+    if target.postgres:
+        assert not target.sql("SELECT 1 FROM pg_namespace WHERE nspname = ?", target.schema)
+    else:
+        assert not os.path.exists(target.url)
+
+
+def test_create_false_opens_an_existing_store(target):
+    with target.open() as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+    with target.open(create=False) as storage:
+        assert storage.jobs.get(job_id).state == "queued"
+
+
 # ---------------------------------------------------- read-only (as a non-root user) ----
 
 AS_ROOT = os.geteuid() == 0
