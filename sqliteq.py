@@ -1387,13 +1387,19 @@ class _JobStore:
                 conn.execute(self.INSERT, job)
                 outcomes.append(EnqueueOutcome(job.id, True))
                 continue
+            outcomes.append(self._insert_unique(conn, job))
+        return outcomes
+
+    def _insert_unique(self, conn: apsw.Connection, job: _NewJob) -> EnqueueOutcome:
+        # On PostgreSQL the job holding the key may finish between the two statements
+        # (each sees the latest commits): then the key is free, and the insert goes again.
+        while True:
             conn.execute(self.INSERT_UNIQUE, job)
             if conn.changes():
-                outcomes.append(EnqueueOutcome(job.id, True))
-            else:
-                existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (job.unique_key,)).fetchall()
-                outcomes.append(EnqueueOutcome(cast(str, existing[0][0]), False))
-        return outcomes
+                return EnqueueOutcome(job.id, True)
+            existing = conn.execute(self.SELECT_ACTIVE_BY_KEY, (job.unique_key,)).fetchall()
+            if existing:
+                return EnqueueOutcome(cast(str, existing[0][0]), False)
 
     def cancel(self, conn: apsw.Connection, job_id: str, now: int) -> str:
         """Cancel a waiting job, or flag a running one (its runtime delivers the request)."""
@@ -3026,6 +3032,16 @@ class _PgJobStore(_JobStore):
                     AND f.state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR f.queue = ?1))
               AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.unique_key = jobs.unique_key
                               AND a.state IN ('queued', 'scheduled', 'running'))))"""
+    def retry_failed(self, conn: apsw.Connection, queue: str | None, now: int) -> int:
+        # A job that takes a key after the statement began (committed after its snapshot)
+        # breaks the unique index: then the statement goes again, and sees that job.
+        while True:
+            try:
+                with conn:              # (a savepoint: the failed try leaves nothing)
+                    return super().retry_failed(conn, queue, now)
+            except self._db.UNIQUE_VIOLATION:
+                continue
+
     RESCUE = """
         UPDATE jobs SET
             state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
@@ -3926,7 +3942,9 @@ class Runtime:
             if ended.cool_down_until is not None:
                 queues._cool_down(conn, ended.job.queue, ended.cool_down_until)
         claimed = []
-        for name, wanted, free_now in claim_from:
+        # In name order: runtimes that take several queues' limit locks take them in one
+        # order, so none waits for another that waits for it.
+        for name, wanted, free_now in sorted(claim_from):
             paused, limit, cooldown_until = queues._gate(conn, name)
             if paused or cooldown_until > now:
                 claimed.append(_QueueClaim(name, wanted, [],

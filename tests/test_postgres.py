@@ -345,6 +345,102 @@ def test_a_runtime_survives_its_connections_being_dropped_and_loses_no_job(pg):
         assert set(runs) == set(ids)
 
 
+# ----------------------------------------- races only PostgreSQL has ----
+# Writes run side by side here, and each statement sees what committed before it began.
+
+def test_an_enqueue_whose_unique_key_frees_up_meanwhile_inserts_the_job(pg, monkeypatch):
+    """The job holding the key finishes between the insert that found it and the read of
+    its id: the enqueue then inserts (instead of naming a job that no longer holds it)."""
+    with pg.open() as storage:
+        holder = storage.jobs.enqueue(EnqueueRequest("k", unique_key="K")).job_id
+        real, finished = sqliteq._PgTransaction.execute, []
+
+        def execute(self: Any, statement: str, params: Any = ()) -> Any:
+            cursor = real(self, statement, params)
+            if statement == sqliteq._JobStore.INSERT_UNIQUE and not finished:
+                finished.append(pg.sql("UPDATE jobs SET state = 'done', finished_at = "
+                                       "created_at WHERE id = ?", holder))
+            return cursor
+
+        monkeypatch.setattr(sqliteq._PgTransaction, "execute", execute)
+        outcome = storage.jobs.enqueue(EnqueueRequest("k", unique_key="K"))
+        assert finished and outcome.created and outcome.job_id != holder
+        assert storage.jobs.get(outcome.job_id).state == "queued"
+
+
+def test_retry_failed_leaves_failed_a_key_that_an_enqueue_takes_while_it_runs(pg):
+    import psycopg
+
+    key = 700_000 + uuid.uuid4().int % 100_000      # an advisory lock of this test's
+    with pg.open() as storage:
+        failed = storage.jobs.enqueue(EnqueueRequest("k", unique_key="K")).job_id
+        pg.sql("UPDATE jobs SET state = 'failed', finished_at = created_at WHERE id = ?",
+               failed)
+        # The first requeue of a failed job waits for the lock this test holds: its
+        # statement has read the table by then, and found the key free.
+        pg.sql("CREATE SEQUENCE first_retry")
+        pg.sql(f"""CREATE FUNCTION {pg.schema}.hold_first_retry() RETURNS trigger
+                   LANGUAGE plpgsql AS $$ BEGIN
+                       IF nextval('{pg.schema}.first_retry') = 1 THEN
+                           PERFORM pg_advisory_xact_lock({key});
+                       END IF;
+                       RETURN NEW;
+                   END $$""")
+        pg.sql(f"CREATE TRIGGER hold_first_retry BEFORE UPDATE ON jobs FOR EACH ROW WHEN "
+               f"(OLD.state = 'failed' AND NEW.state = 'queued') "
+               f"EXECUTE FUNCTION {pg.schema}.hold_first_retry()")
+        outcome: list[Any] = []
+
+        def retry_failed() -> None:
+            try:
+                outcome.append(storage.jobs.retry_failed())
+            except Exception as exc:
+                outcome.append(exc)
+
+        with psycopg.connect(PG_URL, autocommit=True) as gate:
+            gate.execute("SELECT pg_advisory_lock(%s)", (key,))
+            thread = threading.Thread(target=retry_failed)
+            thread.start()
+            wait_until(lambda: pg_execute("SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                                          " AND NOT granted AND objid = ?", key),
+                       30, "the retry to wait in its trigger")
+            taken = storage.jobs.enqueue(EnqueueRequest("k", unique_key="K"))
+            gate.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            thread.join(30)
+        assert taken.created and outcome == [0]
+        assert storage.jobs.get(failed).state == "failed"
+        assert storage.jobs.get(taken.job_id).state == "queued"
+
+
+def test_runtimes_take_limited_queues_locks_in_name_order_so_none_deadlocks(pg):
+    """A runtime that claims from limited queues b and a takes a's lock first: one that
+    took b's first could wait for a runtime holding a's and waiting for b's."""
+    import psycopg
+
+    with pg.open(busy_timeout=60) as storage:
+        for queue in ("b", "a"):
+            storage.queues.set_limit(queue, 1)
+            storage.jobs.enqueue(EnqueueRequest("k", queue_name=queue))
+        lock = "sqliteq:{}:limit:{}".format
+        with psycopg.connect(PG_URL, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock(pg.schema, "b"),))
+            rt = sqliteq.Runtime(storage, {"b": 1, "a": 1}, poll_interval=0.02)
+            rt.register("k", lambda ctx, payload: None)
+            rt.start()
+            try:
+                wait_until(lambda: pg_execute(
+                    "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
+                    "l.locktype = 'advisory' AND NOT l.granted AND a.application_name = ?",
+                    storage.db.application_name), 30, "the runtime to wait for b's lock")
+                assert not other.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                         (lock(pg.schema, "a"),)).fetchone()[0]
+                other.execute("SELECT pg_advisory_unlock(hashtext(%s))",
+                              (lock(pg.schema, "b"),))
+                wait_until(lambda: storage.jobs.counts()["done"] == 2, 30, "both jobs done")
+            finally:
+                rt.stop()
+
+
 # ------------------------------------------------------ other processes ----
 
 def test_an_enqueue_wakes_a_worker_on_another_host_by_notify_not_by_polling(pg, workers):
