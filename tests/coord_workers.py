@@ -1,6 +1,7 @@
 """Child-process entry points for tests/test_coordination.py and tests/test_cron.py.
 
-Run as ``python tests/coord_workers.py COMMAND --db PATH [options]`` (cwd = repo root):
+Run as ``python tests/coord_workers.py COMMAND --db PATH|URL [--schema S] [options]`` (cwd =
+repo root):
 
 * ``ratelimit``: threads call `RateLimiter.acquire("api")` in a loop once the go file
   exists; prints one JSON line ``{"first_attempts": [...], "grants": [...]}`` (epoch s).
@@ -9,7 +10,7 @@ Run as ``python tests/coord_workers.py COMMAND --db PATH [options]`` (cwd = repo
 * ``cron``: a `Runtime` that declares ``rt.cron("tick", EXPR, EnqueueRequest("tick"))``.
 * ``chore``: prints ``storage.processes._claim_chore(NAME, INTERVAL)`` as JSON.
 
-Handlers record what they see in the ``runs`` table of the same database file
+Handlers record what they see in the ``runs`` table of the same store
 (`create_runs_table`): one row per handler run with its wall-clock start and end
 (time.time(), seconds) and what it did. Every child exits on its own when its parent test
 process goes away, so none outlives a crashed test run.
@@ -34,24 +35,24 @@ import apsw
 # `pip install -e .`: the repository root is this file's parent's parent.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from support import Target
+
 import sqliteq
 
 RUNS_TABLE = """
 CREATE TABLE IF NOT EXISTS runs (
-    seq INTEGER PRIMARY KEY, job_id TEXT, kind TEXT, queue TEXT, attempt INTEGER,
-    pid INTEGER, started REAL, ended REAL, what TEXT)
+    seq {key}, job_id TEXT, kind TEXT, queue TEXT, attempt INTEGER,
+    pid INTEGER, started {real}, ended {real}, what TEXT)
 """
 
 
-def create_runs_table(db_path: Path | str) -> None:
-    """Create (and migrate) the sqliteq file, then the table the handlers write."""
-    sqliteq.Storage(db_path).close()
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.setbusytimeout(20_000)
-        conn.execute(RUNS_TABLE)
-    finally:
-        conn.close()
+def create_runs_table(target: Target) -> None:
+    """Create (and migrate) the sqliteq store, then the table the handlers write."""
+    target.open().close()
+    if target.postgres:
+        target.sql(RUNS_TABLE.format(key="bigserial PRIMARY KEY", real="double precision"))
+    else:
+        target.sql(RUNS_TABLE.format(key="INTEGER PRIMARY KEY", real="REAL"))
 
 
 def _watchdog(max_life: float) -> None:
@@ -65,11 +66,10 @@ def _watchdog(max_life: float) -> None:
 
 def _insert_run(ctx: sqliteq.JobCtx, started: float, ended: float | None, what: str) -> int:
     def insert(conn: apsw.Connection) -> int:
-        conn.execute("INSERT INTO runs (job_id, kind, queue, attempt, pid, started, ended,"
-                     " what) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (ctx.job_id, ctx.kind, ctx.queue, ctx.attempt, os.getpid(), started,
-                      ended, what))
-        return conn.last_insert_rowid()
+        return conn.execute("INSERT INTO runs (job_id, kind, queue, attempt, pid, started,"
+                            " ended, what) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                            (ctx.job_id, ctx.kind, ctx.queue, ctx.attempt, os.getpid(),
+                             started, ended, what)).fetchall()[0][0]
 
     return ctx.storage.db.write(insert)
 
@@ -88,12 +88,10 @@ def register_handlers(rt: sqliteq.Runtime) -> None:
         (or 15 s pass): proves that many ran at the same time when they all end waiting."""
         started = time.time()
         seq = _insert_run(ctx, started, None, "gathering")
-        conn = ctx.storage.db.connection()
         deadline = time.monotonic() + 15
         met = False
         while time.monotonic() < deadline:
-            count = conn.execute("SELECT count(*) FROM runs WHERE kind = 'gather'"
-                                 ).fetchall()[0][0]
+            count = ctx.storage.db.read("SELECT count(*) FROM runs WHERE kind = 'gather'")[0][0]
             if count >= payload["n"]:
                 met = True
                 break
@@ -107,10 +105,8 @@ def register_handlers(rt: sqliteq.Runtime) -> None:
     def throttle_once(ctx: sqliteq.JobCtx, payload: Any) -> str:
         """The first run records its time and raises Throttled; later runs succeed."""
         started = time.time()
-        conn = ctx.storage.db.connection()
-        throttled_before = conn.execute(
-            "SELECT 1 FROM runs WHERE job_id = ? AND what = 'throttled'",
-            (ctx.job_id,)).fetchall()
+        throttled_before = ctx.storage.db.read(
+            "SELECT 1 FROM runs WHERE job_id = ? AND what = 'throttled'", (ctx.job_id,))
         if not throttled_before:
             _insert_run(ctx, started, time.time(), "throttled")
             raise sqliteq.Throttled(payload["seconds"])
@@ -128,7 +124,7 @@ def register_handlers(rt: sqliteq.Runtime) -> None:
 
 
 def run_ratelimit(args: argparse.Namespace) -> int:
-    storage = sqliteq.Storage(args.db)
+    storage = sqliteq.Storage(args.db, schema=args.schema)
     limiter = sqliteq.RateLimiter(storage)
     go = Path(args.go)
     Path(args.ready).touch()
@@ -173,7 +169,7 @@ def run_ratelimit(args: argparse.Namespace) -> int:
 def run_runtime(args: argparse.Namespace, schedule: str | None = None) -> int:
     errors = _ErrorFlag()
     logging.getLogger().addHandler(errors)
-    storage = sqliteq.Storage(args.db)
+    storage = sqliteq.Storage(args.db, schema=args.schema)
     rt = sqliteq.Runtime(storage, {args.queue: args.slots}, poll_interval=args.poll,
                          heartbeat_interval=0.2, lease_timeout=10.0, shutdown_timeout=10.0)
     register_handlers(rt)
@@ -196,7 +192,7 @@ class _ErrorFlag(logging.Handler):
 
 
 def run_chore(args: argparse.Namespace) -> int:
-    with sqliteq.Storage(args.db) as storage:
+    with sqliteq.Storage(args.db, schema=args.schema) as storage:
         print(json.dumps(storage.processes._claim_chore(args.name, args.interval)))
     return 0
 
@@ -205,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("ratelimit", "runtime", "cron", "chore"))
     parser.add_argument("--db", required=True)
+    parser.add_argument("--schema", default=None)
     parser.add_argument("--go", default="")
     parser.add_argument("--ready", default="")
     parser.add_argument("--seconds", type=float, default=3.0)

@@ -92,6 +92,10 @@ class Target:
     def open(self, **options: Any) -> sqliteq.Storage:
         return sqliteq.Storage(self.url, schema=self.schema, **options)
 
+    def options(self) -> list[str]:
+        """The command-line options that name this store (the CLI's and test children's)."""
+        return ["--db", self.url, *(["--schema", self.schema] if self.schema else [])]
+
     def sql(self, statement: str, *params: Any) -> list[Any]:
         """One statement behind sqliteq's back, on a connection of its own."""
         if self.schema is not None:

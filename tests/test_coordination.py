@@ -2,7 +2,8 @@
 cool-downs, the janitor and its retention settings, and cluster chores.
 
 Cross-process behaviour runs in real child processes (`tests/coord_workers.py`) on one
-database file; the test process acts as operator through its own `Storage`. Waits poll
+store (a SQLite file, or a PostgreSQL schema: every test runs on both unless it is about
+SQLite); the test process acts as operator through its own `Storage`. Waits poll
 conditions with generous deadlines; times compared across processes are wall-clock
 `time.time()` values that the processes recorded themselves.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 from coord_workers import Children, create_runs_table
-from support import raw, wait_until
+from support import Target, raw, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -41,21 +42,14 @@ def children(tmp_path: Path) -> Iterator[Children]:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "q.db"
-    create_runs_table(path)
-    return path
+def db(target: Target) -> Target:
+    create_runs_table(target)
+    return target
 
 
-@pytest.fixture
-def storage(db: Path) -> Iterator[sqliteq.Storage]:
-    with sqliteq.Storage(db) as storage:
-        yield storage
-
-
-def runs(db: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    rows = raw(db, "SELECT job_id, kind, queue, attempt, pid, started, ended, what FROM runs"
-                   " WHERE ?1 IS NULL OR kind = ?1 ORDER BY seq", kind)
+def runs(db: Target, kind: str | None = None) -> list[dict[str, Any]]:
+    rows = db.sql("SELECT job_id, kind, queue, attempt, pid, started, ended, what FROM runs"
+                  " WHERE CAST(?1 AS TEXT) IS NULL OR kind = ?1 ORDER BY seq", kind)
     keys = ("job_id", "kind", "queue", "attempt", "pid", "started", "ended", "what")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -79,21 +73,21 @@ def wait_registered(storage: sqliteq.Storage, children: Children,
                "every child runtime to register", check=children.check_alive)
 
 
-def start_runtimes(children: Children, db: Path, queue: str, slots: int, count: int
+def start_runtimes(children: Children, db: Target, queue: str, slots: int, count: int
                    ) -> list[subprocess.Popen[bytes]]:
-    return [children.start("runtime", "--db", str(db), "--queue", queue,
+    return [children.start("runtime", *db.options(), "--queue", queue,
                            "--slots", str(slots)) for _ in range(count)]
 
 
 # ======================================================= rate limiting ====
 
-def test_rate_limit_is_shared_across_processes(db: Path, storage: sqliteq.Storage,
+def test_rate_limit_is_shared_across_processes(db: Target, storage: sqliteq.Storage,
                                                children: Children, tmp_path: Path) -> None:
     capacity, refill = 10, 20
     storage.rate_limits.configure("api", capacity=capacity, refill_per_sec=refill)
     go = tmp_path / "go"
     ready = [tmp_path / f"ready{i}" for i in range(4)]
-    procs = [children.start("ratelimit", "--db", str(db), "--go", str(go), "--ready",
+    procs = [children.start("ratelimit", *db.options(), "--go", str(go), "--ready",
                             str(flag), "--threads", "4", "--seconds", "3")
              for flag in ready]
     wait_until(lambda: all(flag.exists() for flag in ready), 30, "children to be ready",
@@ -241,7 +235,7 @@ def test_acquire_sleeps_instead_of_spinning(storage: sqliteq.Storage) -> None:
 
 # ====================================================== concurrency limit ====
 
-def test_queue_limit_holds_across_processes(db: Path, storage: sqliteq.Storage,
+def test_queue_limit_holds_across_processes(db: Target, storage: sqliteq.Storage,
                                             children: Children) -> None:
     storage.queues.set_limit("limited", 2)
     assert [q.limit for q in storage.queues.list() if q.name == "limited"] == [2]
@@ -271,7 +265,7 @@ def test_queue_limit_holds_across_processes(db: Path, storage: sqliteq.Storage,
         children.terminate(proc)
 
 
-def test_queue_limit_is_global_not_per_process(db: Path, storage: sqliteq.Storage,
+def test_queue_limit_is_global_not_per_process(db: Target, storage: sqliteq.Storage,
                                               children: Children) -> None:
     """One slot per process: every overlap is between processes, so the limit of 2 must
     hold the third process back, and nothing else does (without the limit all 3 run)."""
@@ -300,7 +294,7 @@ def test_queue_limit_is_global_not_per_process(db: Path, storage: sqliteq.Storag
 
 # ============================================================ Throttled ====
 
-def test_throttled_cools_the_queue_down_in_every_process(db: Path, storage: sqliteq.Storage,
+def test_throttled_cools_the_queue_down_in_every_process(db: Target, storage: sqliteq.Storage,
                                                          children: Children) -> None:
     procs = start_runtimes(children, db, "thr", slots=2, count=2)
     wait_registered(storage, children, procs)
@@ -336,13 +330,14 @@ def test_throttled_cools_the_queue_down_in_every_process(db: Path, storage: sqli
         children.terminate(proc)
 
 
-def test_throttled_holds_back_jobs_already_claimed_ahead(db: Path,
+@pytest.mark.sqlite_only     # (its probe is a SQLite trigger)
+def test_throttled_holds_back_jobs_already_claimed_ahead(db: Target,
                                                         storage: sqliteq.Storage) -> None:
     """A queue of fast handlers claims ahead of its free slots (prefetch). Jobs claimed in
     the same batch as the throttled one must not start during the cool-down either."""
-    raw(db, "CREATE TABLE claims (job_id TEXT, kind TEXT, at INTEGER)")
-    raw(db, "CREATE TRIGGER claimed AFTER UPDATE OF state ON jobs WHEN NEW.state = 'running'"
-            " BEGIN INSERT INTO claims VALUES (NEW.id, NEW.kind, NEW.started_at); END")
+    db.sql("CREATE TABLE claims (job_id TEXT, kind TEXT, at INTEGER)")
+    db.sql("CREATE TRIGGER claimed AFTER UPDATE OF state ON jobs WHEN NEW.state = 'running'"
+           " BEGIN INSERT INTO claims VALUES (NEW.id, NEW.kind, NEW.started_at); END")
     starts: list[float] = []
     thrown: list[float] = []
     rt = sqliteq.Runtime(storage, {"thr": 1}, poll_interval=0.02)
@@ -366,7 +361,7 @@ def test_throttled_holds_back_jobs_already_claimed_ahead(db: Path,
             storage.jobs.wait(out.job_id, timeout=20)
     # The scenario happened: fast jobs were claimed together with the throttled one.
     fast_ids = {out.job_id for out in batch[1:]}
-    claimed_early = [job_id for job_id, at in raw(db, "SELECT job_id, at FROM claims")
+    claimed_early = [job_id for job_id, at in db.sql("SELECT job_id, at FROM claims")
                      if job_id in fast_ids and at < thrown[0] * 1000 + 500]
     assert claimed_early, "no job was claimed ahead: the test would prove nothing"
     assert len(starts) == 5
@@ -404,17 +399,17 @@ def cancel(ctx: sqliteq.JobCtx, payload: Any) -> None:
 HANDLERS = {"ok": ok, "dead": dead, "cancel": cancel}
 
 
-def age(db: Path, job_id: str, seconds: float) -> None:
+def age(db: Target, job_id: str, seconds: float) -> None:
     """Pretend the job finished `seconds` ago."""
-    raw(db, "UPDATE jobs SET finished_at = ? WHERE id = ?",
-        sqliteq.now_ms() - int(seconds * 1000), job_id)
+    db.sql("UPDATE jobs SET finished_at = ? WHERE id = ?",
+           sqliteq.now_ms() - int(seconds * 1000), job_id)
 
 
 def remaining(storage: sqliteq.Storage, ids: list[str]) -> set[str]:
     return {job_id for job_id in ids if storage.jobs.get(job_id) is not None}
 
 
-def test_sweep_expired_deletes_exactly_the_expired(db: Path, storage: sqliteq.Storage) -> None:
+def test_sweep_expired_deletes_exactly_the_expired(db: Target, storage: sqliteq.Storage) -> None:
     kinds = ["ok"] * 4 + ["dead"] * 4 + ["cancel"] * 4
     ids = finished_rows(storage, HANDLERS, [EnqueueRequest(k) for k in kinds],
                         {"default": 2})
@@ -433,9 +428,9 @@ def test_sweep_expired_deletes_exactly_the_expired(db: Path, storage: sqliteq.St
     # Active rows are never touched, whatever their timestamps say.
     queued = storage.jobs.enqueue(EnqueueRequest("ok", run_at=time.time() + HOUR)).job_id
     running = storage.jobs.enqueue(EnqueueRequest("ok", run_at=time.time() + HOUR)).job_id
-    raw(db, "UPDATE jobs SET state = 'running', started_at = 0 WHERE id = ?", running)
+    db.sql("UPDATE jobs SET state = 'running', started_at = 0 WHERE id = ?", running)
     for job_id in (queued, running):
-        raw(db, "UPDATE jobs SET created_at = 0, finished_at = 0 WHERE id = ?", job_id)
+        db.sql("UPDATE jobs SET created_at = 0, finished_at = 0 WHERE id = ?", job_id)
 
     storage.queues.set_retention("default", done=3600, failed=7200)
     [queue] = [q for q in storage.queues.list() if q.name == "default"]
@@ -446,7 +441,7 @@ def test_sweep_expired_deletes_exactly_the_expired(db: Path, storage: sqliteq.St
     assert storage.jobs.sweep_expired() == 0        # idempotent
 
 
-def test_runtime_janitor_sweeps_by_itself(db: Path, storage: sqliteq.Storage) -> None:
+def test_runtime_janitor_sweeps_by_itself(db: Target, storage: sqliteq.Storage) -> None:
     storage.queues.set_retention("default", done=3600, failed=7200)
     rt = sqliteq.Runtime(storage, {"default": 2}, poll_interval=0.02, janitor_interval=0.2)
     for kind, fn in HANDLERS.items():
@@ -490,18 +485,18 @@ def test_stop_ends_a_janitor_sweep_in_progress(tmp_path: Path) -> None:
     assert raw(db, "SELECT count(*) FROM jobs") == [(0,)]
 
 
-def test_claim_chore_once_per_interval_cluster_wide(db: Path, storage: sqliteq.Storage,
+def test_claim_chore_once_per_interval_cluster_wide(db: Target, storage: sqliteq.Storage,
                                                     children: Children) -> None:
     assert storage.processes._claim_chore("x", 60) is True
     assert storage.processes._claim_chore("x", 60) is False
-    with sqliteq.Storage(db) as other:
+    with db.open() as other:
         assert other.processes._claim_chore("x", 60) is False
-    proc = children.start("chore", "--db", str(db), "--name", "x", "--interval", "60")
+    proc = children.start("chore", *db.options(), "--name", "x", "--interval", "60")
     assert json.loads(children.finish(proc)) is False
     assert storage.processes._claim_chore("y", 60) is True       # chores are independent
 
     # A race between processes for a fresh chore: exactly one wins.
-    racers = [children.start("chore", "--db", str(db), "--name", "race", "--interval", "60")
+    racers = [children.start("chore", *db.options(), "--name", "race", "--interval", "60")
               for _ in range(4)]
     results = [json.loads(children.finish(p)) for p in racers]
     results.append(storage.processes._claim_chore("race", 60))
@@ -517,7 +512,7 @@ def test_claim_chore_once_per_interval_cluster_wide(db: Path, storage: sqliteq.S
     assert storage.processes._claim_chore("short", 0.3) is False
 
 
-def test_retention_is_per_queue(db: Path, storage: sqliteq.Storage) -> None:
+def test_retention_is_per_queue(db: Target, storage: sqliteq.Storage) -> None:
     requests = [EnqueueRequest(kind, queue_name=queue)
                 for queue in ("fast", "slow") for kind in ("ok", "ok", "dead", "dead")]
     ids = finished_rows(storage, HANDLERS, requests, {"fast": 1, "slow": 1})

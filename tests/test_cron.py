@@ -1,5 +1,6 @@
 """Cron: the expression parser against croniter (property-based, across DST zones), explicit
-DST examples, invalid expressions, and schedules in a cluster of real processes.
+DST examples, invalid expressions, and schedules in a cluster of real processes (on both
+stores).
 
 The property test compares instants with croniter 7 after accounting for exactly these
 differences, each handled where it arises and commented there:
@@ -35,7 +36,7 @@ from coord_workers import Children
 from croniter import croniter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import raw, wait_until
+from support import Target, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -513,8 +514,8 @@ def test_unknown_time_zone_is_rejected() -> None:
         sqliteq.CronExpression("* * * * *", "../../etc/passwd")
 
 
-def test_runtime_cron_rejects_at_declaration(tmp_path: Path) -> None:
-    with sqliteq.Storage(tmp_path / "q.db") as storage:
+def test_runtime_cron_rejects_at_declaration(target: Target) -> None:
+    with target.open() as storage:
         rt = sqliteq.Runtime(storage, {"default": 1})
         for expression, tz in (("61 * * * *", None), ("* * * *", None),
                                ("0 0 30 2 *", None), ("* * * * *", "Nowhere/Land")):
@@ -531,9 +532,8 @@ def test_runtime_cron_rejects_at_declaration(tmp_path: Path) -> None:
 
 # ============================================================ storage.cron ====
 
-def test_cron_list_shows_schedule_and_redeclare_rules(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    with sqliteq.Storage(db) as storage:
+def test_cron_list_shows_schedule_and_redeclare_rules(target: Target) -> None:
+    with target.open() as storage:
         request = EnqueueRequest("report", {"x": 1}, queue_name="reports")
         before = datetime.now(UTC)
         storage.cron.declare("nightly", sqliteq.CronExpression("15 3 * * *", "Asia/Tokyo"),
@@ -556,7 +556,7 @@ def test_cron_list_shows_schedule_and_redeclare_rules(tmp_path: Path) -> None:
         # Re-declaring unchanged keeps the stored next tick, whatever it is: move it to a
         # recognisable value behind sqliteq's back first.
         marker = int((before + timedelta(hours=5)).timestamp()) * 1000
-        raw(db, "UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
+        target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
         storage.cron.declare("nightly", sqliteq.CronExpression("15 3 * * *", "Asia/Tokyo"),
                              request)
         [schedule] = storage.cron.list()
@@ -573,12 +573,12 @@ def test_cron_list_shows_schedule_and_redeclare_rules(tmp_path: Path) -> None:
         assert datetime.now(UTC) < schedule.next_fire_at
 
         # Another time zone or another request also count as a change.
-        raw(db, "UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
+        target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
         storage.cron.declare("nightly", sqliteq.CronExpression("45 4 * * *", "UTC"), request)
         [schedule] = storage.cron.list()
         assert schedule.timezone == "UTC"
         assert schedule.next_fire_at.astimezone(UTC).hour == 4
-        raw(db, "UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
+        target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'nightly'", marker)
         storage.cron.declare("nightly", sqliteq.CronExpression("45 4 * * *", "UTC"),
                              EnqueueRequest("report", {"x": 2}, queue_name="reports"))
         [schedule] = storage.cron.list()
@@ -586,8 +586,8 @@ def test_cron_list_shows_schedule_and_redeclare_rules(tmp_path: Path) -> None:
         assert schedule.request.payload == {"x": 2}
 
 
-def test_time_zone_of_a_schedule(tmp_path: Path) -> None:
-    with sqliteq.Storage(tmp_path / "q.db") as storage:
+def test_time_zone_of_a_schedule(target: Target) -> None:
+    with target.open() as storage:
         rt = sqliteq.Runtime(storage, {"default": 1})
         rt.cron("paris", "0 9 * * *", EnqueueRequest("morning"), tz="Europe/Paris")
         before = datetime.now(UTC)
@@ -629,18 +629,16 @@ def children(tmp_path: Path) -> Iterator[Children]:
 def tick_run_ats(storage: sqliteq.Storage) -> list[int]:
     """The ticks that ran: a tick job handed back by a stopping runtime runs later, at a new
     run_at, so only done jobs still carry their tick."""
-    rows = storage.db.connection().execute(
-        "SELECT run_at FROM jobs WHERE kind = 'tick' AND state = 'done' ORDER BY run_at"
-    ).fetchall()
+    rows = storage.db.read(
+        "SELECT run_at FROM jobs WHERE kind = 'tick' AND state = 'done' ORDER BY run_at")
     return [row[0] for row in rows]
 
 
-def test_cron_in_a_cluster_fires_each_tick_once(tmp_path: Path, children: Children) -> None:
-    db = tmp_path / "q.db"
-    sqliteq.Storage(db).close()
-    procs = [children.start("cron", "--db", str(db), "--schedule", "* * * * * *")
+def test_cron_in_a_cluster_fires_each_tick_once(target: Target, children: Children) -> None:
+    target.open().close()
+    procs = [children.start("cron", *target.options(), "--schedule", "* * * * * *")
              for _ in range(3)]
-    with sqliteq.Storage(db) as storage:
+    with target.open() as storage:
         def all_up() -> bool:
             children.check_alive()
             return {p.pid for p in procs} <= {info.pid for info in storage.processes.list()}
@@ -673,9 +671,8 @@ def test_cron_in_a_cluster_fires_each_tick_once(tmp_path: Path, children: Childr
         assert counts["failed"] == 0
 
 
-def test_no_catch_up_storm_after_downtime(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    with sqliteq.Storage(db) as storage:
+def test_no_catch_up_storm_after_downtime(target: Target) -> None:
+    with target.open() as storage:
         first = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
         first.register("tick", lambda ctx, payload: None)
         first.cron("every-second", "* * * * * *", EnqueueRequest("tick"))
@@ -689,7 +686,7 @@ def test_no_catch_up_storm_after_downtime(tmp_path: Path) -> None:
         # Downtime, cheaply: instead of sleeping past MISSED_AFTER_MS (5 s), move the
         # stored next tick 60 s into the past, as if every runtime had been down a minute.
         stale = (int(time.time()) - 60) * 1000
-        raw(db, "UPDATE cron SET next_fire_at = ? WHERE name = 'every-second'", stale)
+        target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'every-second'", stale)
 
         second = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
         second.register("tick", lambda ctx, payload: None)
@@ -715,17 +712,16 @@ def test_no_catch_up_storm_after_downtime(tmp_path: Path) -> None:
         assert len(new) <= (stopped - restarted) + 2
 
 
-def test_a_schedule_declared_elsewhere_does_not_make_the_scheduler_spin(tmp_path: Path
+def test_a_schedule_declared_elsewhere_does_not_make_the_scheduler_spin(target: Target
                                                                          ) -> None:
     """A runtime sleeps until the next tick of ITS schedules: a due schedule it does not
     declare (an older deploy's, or another kind of worker's that is down) is not its to
     fire and must not make its scheduler busy-spin."""
-    db = tmp_path / "q.db"
-    with sqliteq.Storage(db) as storage:
+    with target.open() as storage:
         # A schedule of another (currently stopped) kind of worker, due a minute ago.
         storage.cron.declare("elsewhere", sqliteq.CronExpression("* * * * *"),
                              EnqueueRequest("other"))
-        raw(db, "UPDATE cron SET next_fire_at = ?", sqliteq.now_ms() - 60_000)
+        target.sql("UPDATE cron SET next_fire_at = ?", sqliteq.now_ms() - 60_000)
         rt = sqliteq.Runtime(storage, {"default": 1})
         rt.cron("mine", "0 0 1 1 *", EnqueueRequest("yearly"))
         with rt:
@@ -751,8 +747,8 @@ def good_jobs(storage: sqliteq.Storage) -> int:
     return len(storage.jobs.list(kind="good"))
 
 
-def test_a_schedule_that_cannot_enqueue_records_its_error(tmp_path: Path) -> None:
-    with sqliteq.Storage(tmp_path / "q.db") as storage:
+def test_a_schedule_that_cannot_enqueue_records_its_error(target: Target) -> None:
+    with target.open() as storage:
         rt = sqliteq.Runtime(storage, {"default": 1}, router=PickyRouter())
         rt.register("good", lambda ctx, payload: None)
         rt.cron("a-empty", "* * * * * *", EnqueueRequest("empty"))
@@ -769,8 +765,8 @@ def test_a_schedule_that_cannot_enqueue_records_its_error(tmp_path: Path) -> Non
         assert failing.next_fire_at.timestamp() > started + 1     # its ticks still advance
 
 
-def test_a_router_error_in_one_schedule_does_not_stop_the_others(tmp_path: Path) -> None:
-    with sqliteq.Storage(tmp_path / "q.db") as storage:
+def test_a_router_error_in_one_schedule_does_not_stop_the_others(target: Target) -> None:
+    with target.open() as storage:
         rt = sqliteq.Runtime(storage, {"default": 1}, router=PickyRouter())
         rt.register("good", lambda ctx, payload: None)
         rt.cron("a-bad", "* * * * * *", EnqueueRequest("bad"))
