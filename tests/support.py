@@ -125,13 +125,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(*args: str, db: Path | None = None, cwd: Path | None = None, stdin: str | None = None,
-        env: dict[str, str] | None = None, timeout: float = 30
+def run(*args: str, db: Path | Target | None = None, cwd: Path | None = None,
+        stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 30
         ) -> subprocess.CompletedProcess[str]:
-    """`sqliteq [--db DB] ARGS...`; cwd defaults to the database's folder."""
-    command = [script(), *(["--db", str(db)] if db is not None else []), *args]
+    """`sqliteq [--db DB [--schema S]] ARGS...`; cwd defaults to the database file's
+    folder."""
+    if isinstance(db, Target):
+        where, folder = db.options(), None if db.postgres else Path(db.url).parent
+    else:
+        where, folder = ([], None) if db is None else (["--db", str(db)], db.parent)
+    command = [script(), *where, *args]
     if cwd is None:
-        cwd = db.parent if db is not None else REPO
+        cwd = folder or REPO
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           input=stdin, env=clean_env() if env is None else env, check=False)
 

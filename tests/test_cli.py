@@ -1,9 +1,10 @@
 """End-to-end tests of the `sqliteq` command line.
 
 Every test drives the REAL installed console script (or `python sqliteq.py`) in a subprocess,
-against real database files under `tmp_path`, and checks what a user sees: exit codes, stdout
-(JSON parsed with `json.loads`), one-line errors on stderr, and what ended up in the file
-(read back through a raw apsw connection, or byte for byte).
+against a real store, and checks what a user sees: exit codes, stdout (JSON parsed with
+`json.loads`), one-line errors on stderr, and what ended up in the store (read back on a
+connection of its own, or byte for byte). Tests that take `db` run on both stores (a file
+under `tmp_path`, a PostgreSQL schema); those about files run on SQLite.
 
 The worker tests run `sqliteq worker tests.cli_app:make_runtime` with cwd = the repository
 root, so the app module in tests/cli_app.py is importable.
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,7 +32,18 @@ from zoneinfo import ZoneInfo
 
 import apsw
 import pytest
-from support import REPO, assert_error, clean_env, describe, ok, run, script
+from support import (
+    PG_URL,
+    REPO,
+    Target,
+    assert_error,
+    clean_env,
+    describe,
+    ok,
+    pg_execute,
+    run,
+    script,
+)
 
 import sqliteq
 
@@ -56,16 +69,20 @@ def ok_json(*args: str, **kwargs: Any) -> Any:
     return json.loads(ok(*args, "--json", **kwargs))
 
 
-def enqueue(db: Path, *args: str) -> str:
+def enqueue(db: Path | Target, *args: str) -> str:
     """`sqliteq enqueue ARGS` and the job id it printed (its only stdout line)."""
     lines = ok("enqueue", *args, db=db).splitlines()
     assert len(lines) == 1, lines
     return lines[0]
 
 
-def snapshot(db: Path) -> dict[str, Any]:
-    """Every table's rows, the schema and the user_version, read through raw apsw."""
-    conn = apsw.Connection(str(db))
+def snapshot(db: Path | Target) -> dict[str, Any]:
+    """Every table's rows (and in a file, the schema and the user_version)."""
+    if isinstance(db, Target) and db.postgres:
+        tables = db.sql("SELECT table_name FROM information_schema.tables WHERE "
+                        "table_schema = ? ORDER BY 1", db.schema)
+        return {name: db.sql(f"SELECT * FROM {name} ORDER BY 1") for (name,) in tables}
+    conn = apsw.Connection(str(db.url if isinstance(db, Target) else db))
     try:
         conn.setbusytimeout(10_000)
         schema = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"
@@ -76,15 +93,6 @@ def snapshot(db: Path) -> dict[str, Any]:
             if kind == "table":
                 data[name] = conn.execute(f'SELECT * FROM "{name}" ORDER BY 1').fetchall()
         return data
-    finally:
-        conn.close()
-
-
-def query(db: Path, statement: str, *params: Any) -> list[Any]:
-    conn = apsw.Connection(str(db))
-    try:
-        conn.setbusytimeout(10_000)
-        return conn.execute(statement, params).fetchall()
     finally:
         conn.close()
 
@@ -122,10 +130,10 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str,
         time.sleep(0.1)
 
 
-def start_worker(db: Path | None, *args: str, env: dict[str, str] | None = None,
+def start_worker(db: Target | None, *args: str, env: dict[str, str] | None = None,
                  command: list[str] | None = None, cwd: Path = REPO) -> subprocess.Popen[str]:
     if command is None:
-        command = [script(), *(["--db", str(db)] if db is not None else []), "worker", *args]
+        command = [script(), *(db.options() if db is not None else []), "worker", *args]
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=clean_env() if env is None else env)
 
@@ -150,12 +158,12 @@ def kill_if_running(proc: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
-def stderr_once(proc: subprocess.Popen[str], db: Path, job_id: str, state: str = "done"
+def stderr_once(proc: subprocess.Popen[str], db: Target, job_id: str, state: str = "done"
                 ) -> str:
     """Wait for the worker to bring the job to `state`, stop it (it must exit 0); its
     stderr."""
     try:
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+        wait_for(lambda: db.sql("SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
                  == state, 15, f"the job to be {state}", proc)
         code, _, err, _ = stop_worker(proc)
     finally:
@@ -164,46 +172,77 @@ def stderr_once(proc: subprocess.Popen[str], db: Path, job_id: str, state: str =
     return err
 
 
-def result_once_done(proc: subprocess.Popen[str], db: Path, job_id: str) -> Any:
+def result_once_done(proc: subprocess.Popen[str], db: Target, job_id: str) -> Any:
     """Wait for the worker to finish the job and stop it; the job's result."""
     stderr_once(proc, db, job_id)
     return ok_json("job", job_id, db=db)["result"]
 
 
-def copy_db(source: Path, target: Path) -> Path:
-    for suffix in ("", "-wal"):
-        if Path(f"{source}{suffix}").exists():
-            shutil.copyfile(f"{source}{suffix}", f"{target}{suffix}")
-    return target
+def copy_store(source: Target, tmp_path: Path, schema: str) -> Target:
+    """A copy of the store: the file beside `tmp_path`, or the PostgreSQL schema `schema`."""
+    if not source.postgres:
+        target = tmp_path / "copy.db"
+        for suffix in ("", "-wal"):
+            if Path(f"{source.url}{suffix}").exists():
+                shutil.copyfile(f"{source.url}{suffix}", f"{target}{suffix}")
+        return Target(str(target), None)
+    pg_execute(f"CREATE SCHEMA {schema}")
+    for (table,) in source.sql("SELECT table_name FROM information_schema.tables WHERE "
+                               "table_schema = ?", source.schema):
+        pg_execute(f"CREATE TABLE {schema}.{table} (LIKE {source.schema}.{table} INCLUDING ALL)")
+        pg_execute(f"INSERT INTO {schema}.{table} SELECT * FROM {source.schema}.{table}")
+    return Target(PG_URL, schema)
 
 
 # ----------------------------------------------------------------- fixtures ----
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "q.db"
+def db(target: Target) -> Target:
+    return target
 
 
 @pytest.fixture
-def seeded(tmp_path: Path) -> SimpleNamespace:
-    """A database with queue "default" holding one queued job, made through the library."""
-    path = tmp_path / "seeded.db"
-    with sqliteq.Storage(path) as storage:
+def seeded(target: Target) -> SimpleNamespace:
+    """A store with queue "default" holding one queued job, made through the library."""
+    with target.open() as storage:
         queued = storage.jobs.enqueue(sqliteq.EnqueueRequest("k", {"n": 1})).job_id
-    return SimpleNamespace(db=path, queued=queued)
+    return SimpleNamespace(db=target, queued=queued)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def worked_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Target]:
+    if request.param == "sqlite":
+        yield Target(str(tmp_path_factory.mktemp("worked") / "w.db"), None)
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Target(PG_URL, schema)
+    finally:
+        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def scratch_schema() -> Iterator[str]:
+    """A PostgreSQL schema name for the test, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema
+    finally:
+        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture(scope="module")
-def worked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+def worked(worked_store: Target) -> Iterator[SimpleNamespace]:
     """One real worker run, shared by the read-only checks below (tests that change the
-    database work on a copy).
+    store work on a copy).
 
     Jobs: three `add` (default), one `boom` with --max-attempts 1 in default and one in
     "other" (both fail with a traceback), one `hold` that keeps running until `sqliteq cancel`
     stops it. The worker serves default=2,other=1 with -v; `status --json` is captured while
     it runs, then it gets SIGTERM.
     """
-    db = tmp_path_factory.mktemp("worked") / "w.db"
+    db = worked_store
     adds = [enqueue(db, "add", json.dumps({"a": n, "b": 10})) for n in range(3)]
     boom = enqueue(db, "boom", '{"n": 1}', "--max-attempts", "1")
     boom_other = enqueue(db, "boom", '{"n": 2}', "--queue", "other", "--max-attempts", "1")
@@ -221,7 +260,7 @@ def worked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
 
         during = wait_for(settled, 20, "the worker to run the jobs", proc)
         cancel_out = ok("cancel", hold, db=db)
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", hold)[0][0]
+        wait_for(lambda: db.sql("SELECT state FROM jobs WHERE id = ?", hold)[0][0]
                  == "cancelled", 10, "the running job to be cancelled", proc)
         code, out, err, stop_seconds = stop_worker(proc)
     finally:
@@ -252,7 +291,7 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
 
 # ------------------------------------------------------------------ enqueue ----
 
-def test_enqueue_prints_the_id_and_every_option_reaches_the_job(db: Path) -> None:
+def test_enqueue_prints_the_id_and_every_option_reaches_the_job(db: Target) -> None:
     job_id = enqueue(db, "email_send", '{"to": "ada@example.com"}', "--queue", "email",
                      "--priority", "7", "--delay", "30s", "--unique-key", "welcome-ada",
                      "--max-attempts", "3")
@@ -279,7 +318,7 @@ def test_enqueue_prints_the_id_and_every_option_reaches_the_job(db: Path) -> Non
     assert z_job["run_at"] == "2031-06-01T00:00:00.000Z"
 
 
-def test_enqueue_with_a_held_unique_key_says_deduplicated(db: Path) -> None:
+def test_enqueue_with_a_held_unique_key_says_deduplicated(db: Target) -> None:
     first = enqueue(db, "sync", "--unique-key", "sync-42")
     again = run("enqueue", "sync", '{"other": true}', "--unique-key", "sync-42", db=db)
     assert again.returncode == 0, describe(again)
@@ -290,14 +329,14 @@ def test_enqueue_with_a_held_unique_key_says_deduplicated(db: Path) -> None:
     fresh = ok_json("enqueue", "sync", "--unique-key", "sync-43", db=db)
     assert set(fresh) == {"job_id", "created"} and fresh["created"] is True
     assert fresh["job_id"] != first
-    assert query(db, "SELECT count(*) FROM jobs")[0][0] == 2
+    assert db.sql("SELECT count(*) FROM jobs")[0][0] == 2
     # The first job kept its own payload.
     assert ok_json("job", first, db=db)["payload"] is None
 
 
 # ------------------------------------------------------------- enqueue-bulk ----
 
-def test_enqueue_bulk_from_a_file(db: Path, tmp_path: Path) -> None:
+def test_enqueue_bulk_from_a_file(db: Target, tmp_path: Path) -> None:
     rows = [
         {"kind": "resize", "payload": {"n": 1}},
         {"kind": "resize", "payload": {"n": 2}, "queue": "images", "priority": 3},
@@ -328,13 +367,13 @@ def test_enqueue_bulk_from_a_file(db: Path, tmp_path: Path) -> None:
     assert ok_json("job", ids[4], db=db)["payload"] == [1, "two"]
 
 
-def test_enqueue_bulk_from_stdin(db: Path) -> None:
+def test_enqueue_bulk_from_stdin(db: Target) -> None:
     text = "".join(json.dumps({"kind": "ping", "payload": {"n": n}}) + "\n" for n in range(25))
     out = ok("enqueue-bulk", "-", db=db, stdin=text)
     assert out.strip() == "enqueued 25 job(s), 0 deduplicated"
     jobs = ok_json("jobs", "--limit", "100", db=db)
     assert len(jobs) == 25 and {job["kind"] for job in jobs} == {"ping"}
-    payloads = {json.loads(payload)["n"] for (payload,) in query(db, "SELECT payload FROM jobs")}
+    payloads = {json.loads(payload)["n"] for (payload,) in db.sql("SELECT payload FROM jobs")}
     assert payloads == set(range(25))
     assert ok_json("job", jobs[0]["id"], db=db)["payload"] in [{"n": n} for n in range(25)]
 
@@ -357,8 +396,8 @@ BAD_THIRD_LINES = {
     *((case, False) for case in sorted(BAD_THIRD_LINES)),
     ("invalid-json", True), ("unknown-field", True)])
 def test_enqueue_bulk_with_a_bad_line_writes_nothing(case: str, from_stdin: bool,
-                                                     db: Path, tmp_path: Path) -> None:
-    sqliteq.Storage(db).close()                         # an existing, empty database
+                                                     db: Target, tmp_path: Path) -> None:
+    db.open().close()                         # an existing, empty database
     before = snapshot(db)
     bad, names = BAD_THIRD_LINES[case]
     text = "\n".join([GOOD_LINE, GOOD_LINE, bad, GOOD_LINE]) + "\n"
@@ -373,7 +412,7 @@ def test_enqueue_bulk_with_a_bad_line_writes_nothing(case: str, from_stdin: bool
     assert error.startswith("sqliteq: error: line 3"), describe(result)
     for name in names:
         assert name in error, describe(result)
-    assert query(db, "SELECT count(*) FROM jobs")[0][0] == 0
+    assert db.sql("SELECT count(*) FROM jobs")[0][0] == 0
     assert snapshot(db) == before
 
 
@@ -385,17 +424,17 @@ def test_enqueue_bulk_with_a_bad_line_into_a_new_path_creates_no_file(tmp_path: 
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_enqueue_bulk_error_is_a_single_stderr_line(db: Path) -> None:
+def test_enqueue_bulk_error_is_a_single_stderr_line(db: Target) -> None:
     result = run("enqueue-bulk", "-", db=db,
                  stdin=f"{GOOD_LINE}\n{GOOD_LINE}\n{{bad\n")
     assert_error(result, "line 3")
 
 
-def test_enqueue_bulk_with_undecodable_bytes_is_a_clean_error(db: Path,
+def test_enqueue_bulk_with_undecodable_bytes_is_a_clean_error(db: Target,
                                                               tmp_path: Path) -> None:
     source = tmp_path / "latin1.jsonl"
     source.write_bytes(GOOD_LINE.encode() + b'\n{"kind": "caf\xe9"}\n')
-    sqliteq.Storage(db).close()
+    db.open().close()
     before = snapshot(db)
     line = assert_error(run("enqueue-bulk", str(source), db=db))
     assert "utf-8" in line.lower()
@@ -409,7 +448,7 @@ def test_worker_runs_jobs_and_exits_0_soon_after_sigterm(worked: SimpleNamespace
     assert worked.stop_seconds < 5, worked.stop_seconds
     assert "Traceback" not in worked.stdout, worked.stdout
     assert worked.cancel_out.strip() == f"asked the running job {worked.hold} to stop"
-    states = dict(query(worked.db, "SELECT id, state FROM jobs"))
+    states = dict(worked.db.sql("SELECT id, state FROM jobs"))
     assert states == {**dict.fromkeys(worked.adds, "done"), worked.boom: "failed",
                       worked.boom_other: "failed", worked.hold: "cancelled"}
     # While it ran, status showed it as the one live process; after SIGTERM it is gone.
@@ -433,14 +472,15 @@ def test_worker_verbose_logs_one_info_line_per_job(worked: SimpleNamespace) -> N
         assert f"{job_id} " in line and f" {verdict} " in line, line
 
 
-def test_worker_without_verbose_logs_no_job_lines_and_stops_on_sigint(tmp_path: Path) -> None:
-    # The database comes from $SQLITEQ_DB here, for both the enqueue and the worker.
-    db = tmp_path / "env.db"
-    env = clean_env(SQLITEQ_DB=str(db))
+def test_worker_without_verbose_logs_no_job_lines_and_stops_on_sigint(db: Target,
+                                                                     tmp_path: Path) -> None:
+    # The store comes from $SQLITEQ_DB (and $SQLITEQ_SCHEMA) here, for both the enqueue and
+    # the worker.
+    env = clean_env(SQLITEQ_DB=db.url, **({"SQLITEQ_SCHEMA": db.schema} if db.schema else {}))
     job_id = ok("enqueue", "add", '{"a": 2, "b": 3}', env=env, cwd=tmp_path).strip()
     proc = start_worker(None, APP, env=env)
     try:
-        wait_for(lambda: query(db, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+        wait_for(lambda: db.sql("SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
                  == "done", 15, "the job to be done", proc)
         code, _, err, seconds = stop_worker(proc, signal.SIGINT)
     finally:
@@ -472,7 +512,7 @@ def test_worker_finds_the_app_in_the_current_folder_without_shadowing_the_stdlib
     (folder / "shadowing_app.py").write_text(SHADOWING_APP)
     (folder / "colorsys.py").write_text("raise ImportError('the local colorsys.py shadowed "
                                         "the standard library')\n")
-    db = tmp_path / "q.db"
+    db = Target(str(tmp_path / "q.db"), None)
     job_id = enqueue(db, "where")
     result = result_once_done(start_worker(db, "shadowing_app:make_runtime", cwd=folder),
                               db, job_id)
@@ -516,7 +556,7 @@ def test_status_json_counts_while_a_worker_runs(worked: SimpleNamespace) -> None
     assert (after["running"], after["cancelled"], after["done"]) == (0, 1, 3)
 
 
-def test_status_ready_versus_scheduled_and_the_table(db: Path) -> None:
+def test_status_ready_versus_scheduled_and_the_table(db: Target) -> None:
     enqueue(db, "a")
     enqueue(db, "a")
     enqueue(db, "a", "--delay", "1h")
@@ -551,9 +591,9 @@ def test_status_of_a_finished_run_as_a_table(worked: SimpleNamespace) -> None:
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_status_watch_refreshes_in_place_until_ctrl_c(seeded: SimpleNamespace) -> None:
     master, slave = os.openpty()
-    proc = subprocess.Popen([script(), "--db", str(seeded.db), "status", "--watch"],
+    proc = subprocess.Popen([script(), *seeded.db.options(), "status", "--watch"],
                             stdout=slave, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                            cwd=seeded.db.parent)
+                            cwd=REPO)
     os.close(slave)
     output = b""
     try:
@@ -576,7 +616,7 @@ def test_status_watch_refreshes_in_place_until_ctrl_c(seeded: SimpleNamespace) -
 
 # --------------------------------------------------------------- jobs / job ----
 
-def test_jobs_filters_and_limit(db: Path) -> None:
+def test_jobs_filters_and_limit(db: Target) -> None:
     a1 = enqueue(db, "a")
     a2 = enqueue(db, "a", "--queue", "email")
     b1 = enqueue(db, "b")
@@ -651,13 +691,13 @@ def test_jobs_after_a_worker_run(worked: SimpleNamespace) -> None:
 TERMINAL_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e", "\udc80")
 
 
-def test_control_characters_in_jobs_are_printed_as_escapes(db: Path) -> None:
+def test_control_characters_in_jobs_are_printed_as_escapes(db: Target) -> None:
     kind = "evil\x1b]0;pwned\x07"
     payload = {"s": "\x1b[2J\x9b31m", "bidi": "\u202eevil", "lone": "\udc80"}
     error = "ValueError: \x1b[31mred\x1b[0m"
-    with sqliteq.Storage(db) as storage:
+    with db.open() as storage:
         job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest(kind, payload)).job_id
-    query(db, "UPDATE jobs SET state = 'failed', errors = ? WHERE id = ?",
+    db.sql("UPDATE jobs SET state = 'failed', errors = ? WHERE id = ?",
           json.dumps([{"at": "2026-12-03T00:00:00Z", "attempt": 1, "error": error,
                        "traceback": f"Traceback\n  {error}\n"}]), job_id)
     for args in (["jobs"], ["job", job_id], ["status"], ["jobs", "--json"], ["job", job_id,
@@ -670,8 +710,8 @@ def test_control_characters_in_jobs_are_printed_as_escapes(db: Path) -> None:
     assert_error(run("job", "NOPE\x1b[2J", db=db), "NOPE\\x1b[2J")
 
 
-def test_worker_logs_print_control_characters_as_escapes(db: Path) -> None:
-    with sqliteq.Storage(db) as storage:
+def test_worker_logs_print_control_characters_as_escapes(db: Target) -> None:
+    with db.open() as storage:
         job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("evil\x1b[31m",
                                                              max_attempts=1)).job_id
     err = stderr_once(start_worker(db, APP, "-v"), db, job_id, "failed")   # no handler
@@ -680,8 +720,9 @@ def test_worker_logs_print_control_characters_as_escapes(db: Path) -> None:
 
 # --------------------------------------------------- retry / cancel / purge ----
 
-def test_retry_one_job_and_all_failed_jobs(worked: SimpleNamespace, tmp_path: Path) -> None:
-    db = copy_db(worked.db, tmp_path / "retry.db")
+def test_retry_one_job_and_all_failed_jobs(worked: SimpleNamespace, tmp_path: Path,
+                                           scratch_schema: str) -> None:
+    db = copy_store(worked.db, tmp_path, scratch_schema)
 
     def states() -> dict[str, tuple[str, int]]:
         return {job["id"]: (job["state"], job["attempt"])
@@ -708,7 +749,7 @@ def test_retry_one_job_and_all_failed_jobs(worked: SimpleNamespace, tmp_path: Pa
     assert snapshot(db) == before
 
 
-def test_cancel_a_queued_job(db: Path) -> None:
+def test_cancel_a_queued_job(db: Target) -> None:
     job_id = enqueue(db, "k")
     other = enqueue(db, "k")
     assert ok("cancel", job_id, db=db).strip() == f"cancelled {job_id}"
@@ -720,8 +761,9 @@ def test_cancel_a_queued_job(db: Path) -> None:
     assert ok("cancel", job_id, db=db).strip() == f"job {job_id} had already finished"
 
 
-def test_purge_deletes_old_finished_jobs(worked: SimpleNamespace, tmp_path: Path) -> None:
-    db = copy_db(worked.db, tmp_path / "purge.db")
+def test_purge_deletes_old_finished_jobs(worked: SimpleNamespace, tmp_path: Path,
+                                         scratch_schema: str) -> None:
+    db = copy_store(worked.db, tmp_path, scratch_schema)
     assert ok("purge", "--state", "done", "--older-than", "1h", db=db).strip() \
         == "deleted 0 done job(s)"
     assert ok("purge", "--older-than", "0s", db=db).strip() == "deleted 3 done job(s)"
@@ -737,7 +779,7 @@ def test_purge_deletes_old_finished_jobs(worked: SimpleNamespace, tmp_path: Path
 
 # -------------------------------------------------- pause / resume / limit ----
 
-def test_pause_resume_and_limit_show_in_status(db: Path) -> None:
+def test_pause_resume_and_limit_show_in_status(db: Target) -> None:
     enqueue(db, "send", "--queue", "email")
     enqueue(db, "k")
 
@@ -757,14 +799,14 @@ def test_pause_resume_and_limit_show_in_status(db: Path) -> None:
     assert email()["limit"] == 2
     assert ok("limit", "email", "none", db=db).strip() == "limit of email: none"
     assert email()["limit"] is None
-    assert query(db, "SELECT name, paused, concurrency FROM queues ORDER BY name") \
+    assert db.sql("SELECT name, paused, concurrency FROM queues ORDER BY name") \
         == [("default", 0, None), ("email", 0, None)]
 
 
 # --------------------------------------------------------------------- cron ----
 
-def test_cron_lists_declared_schedules(db: Path) -> None:
-    with sqliteq.Storage(db) as storage:
+def test_cron_lists_declared_schedules(db: Target) -> None:
+    with db.open() as storage:
         rt = sqliteq.Runtime(storage, queues={"default": 1})
         rt.cron("nightly-report", "30 3 * * *",
                 sqliteq.EnqueueRequest("report", {"format": "pdf"}, queue_name="reports"),
@@ -827,11 +869,11 @@ def test_demo_runs_with_no_arguments_in_an_empty_folder(tmp_path: Path) -> None:
     assert [s["name"] for s in ok_json("cron", cwd=folder)] == ["demo-tick"]
 
 
-def test_demo_with_fewer_jobs(db: Path) -> None:
+def test_demo_with_fewer_jobs(db: Target) -> None:
     out = ok("demo", "--jobs", "500", db=db, timeout=60)
     assert "501 (1 bootstrap + 500)" in out
     assert re.search(r"retried after a failure: +1\n", out)
-    assert str(db) in out
+    assert (db.schema or db.url) in out           # the store it ran on
     retried = [job for job in ok_json("jobs", "--queue", "demo", "--limit", "1000", db=db)
                if job["last_error"]]
     assert len(retried) == 1 and retried[0]["state"] == "done"
@@ -867,16 +909,17 @@ ERROR_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: str,
-                                                            seeded: SimpleNamespace) -> None:
+                                                            seeded: SimpleNamespace,
+                                                            tmp_path: Path) -> None:
     args, names = ERROR_CASES[case]
     args = [arg.replace("{queued}", seeded.queued) for arg in args]
     names = tuple(name.replace("{queued}", seeded.queued) for name in names)
-    files = sorted(os.listdir(seeded.db.parent))
+    files = sorted(os.listdir(tmp_path))
     before = snapshot(seeded.db)
     line = assert_error(run(*args, db=seeded.db), *names)
     assert line.startswith("sqliteq: error: ")
     assert snapshot(seeded.db) == before
-    assert sorted(os.listdir(seeded.db.parent)) == files
+    assert sorted(os.listdir(tmp_path)) == files
 
 
 @pytest.mark.parametrize("args, names", [
@@ -938,19 +981,19 @@ def test_a_read_command_leaves_a_foreign_sqlite_database_unchanged(tmp_path: Pat
 
 # ------------------------------------------------ entry points and database ----
 
-def test_python_sqliteq_py_works_like_the_console_script(db: Path) -> None:
+def test_python_sqliteq_py_works_like_the_console_script(db: Target) -> None:
     helped = subprocess.run([sys.executable, "sqliteq.py", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=30, env=clean_env())
     assert helped.returncode == 0, describe(helped)
     assert "Usage:" in helped.stdout and "Example" in helped.stdout
-    enqueued = subprocess.run([sys.executable, "sqliteq.py", "--db", str(db), "enqueue", "k",
+    enqueued = subprocess.run([sys.executable, "sqliteq.py", *db.options(), "enqueue", "k",
                                '{"via": "python sqliteq.py"}'], cwd=REPO, capture_output=True,
                               text=True, timeout=30, env=clean_env())
     assert enqueued.returncode == 0, describe(enqueued)
     job_id = enqueued.stdout.strip()
     job = ok_json("job", job_id, db=db)
     assert (job["kind"], job["payload"]) == ("k", {"via": "python sqliteq.py"})
-    bad = subprocess.run([sys.executable, "sqliteq.py", "--db", str(db), "job", "NOPE"],
+    bad = subprocess.run([sys.executable, "sqliteq.py", *db.options(), "job", "NOPE"],
                          cwd=REPO, capture_output=True, text=True, timeout=30, env=clean_env())
     assert_error(bad, "NOPE")
 
@@ -963,9 +1006,9 @@ def test_python_sqliteq_py_without_click_says_so_in_one_line() -> None:
     assert_error(result, "needs click", "pip install click", code=1)
 
 
-def test_python_sqliteq_py_worker_runs_an_app(db: Path) -> None:
+def test_python_sqliteq_py_worker_runs_an_app(db: Target) -> None:
     job_id = enqueue(db, "add", '{"a": 20, "b": 22}')
-    proc = start_worker(None, command=[sys.executable, "sqliteq.py", "--db", str(db), "worker",
+    proc = start_worker(None, command=[sys.executable, "sqliteq.py", *db.options(), "worker",
                                        APP])
     assert result_once_done(proc, db, job_id) == {"sum": 42}
 

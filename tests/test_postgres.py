@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import shutil
 import signal
@@ -29,11 +28,8 @@ from support import (
     REPO,
     Target,
     assert_error,
-    clean_env,
-    ok,
     pg_execute,
     run,
-    script,
     wait_until,
 )
 
@@ -41,7 +37,6 @@ import sqliteq
 from sqliteq import EnqueueRequest, InvalidInput
 
 pytestmark = pytest.mark.timeout(240)
-APP = "tests.cli_app:make_runtime"
 
 # A worker process: `python -c WORKER URL SCHEMA SLOTS`. Handlers: "work" sleeps
 # payload["s"] seconds and returns the payload.
@@ -497,41 +492,7 @@ def test_hosts_ten_minutes_apart_agree_on_when_a_job_is_due(pg, workers):
 
 # ------------------------------------------------------------- the CLI ----
 
-def cli(pg: Target, *args: str, **kwargs: Any) -> str:
-    return ok("--db", pg.url, "--schema", str(pg.schema), *args, **kwargs)
-
-
-def test_every_admin_command_of_the_cli_works_on_a_postgres_url(pg):
-    job_id = cli(pg, "enqueue", "add", '{"a": 1, "b": 2}').split()[0]
-    assert json.loads(cli(pg, "job", job_id, "--json"))["state"] == "queued"
-    cli(pg, "enqueue-bulk", "-", stdin='{"kind": "add", "payload": {"a": 2, "b": 3}}\n'
-                                       '{"kind": "boom", "max_attempts": 1}\n')
-    status = json.loads(cli(pg, "status", "--json"))
-    assert [(q["name"], q["ready"]) for q in status["queues"]] == [("default", 3)]
-    cli(pg, "pause", "default")
-    cli(pg, "limit", "default", "2")
-    assert json.loads(cli(pg, "status", "--json"))["queues"][0]["paused"] is True
-    cli(pg, "resume", "default")
-    worker = subprocess.Popen(
-        [script(), "--db", pg.url, "--schema", str(pg.schema), "worker", APP],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: json.loads(cli(pg, "jobs", "--state", "failed", "--json")), 30,
-                   "the boom job to fail")
-        wait_until(lambda: len(json.loads(cli(pg, "jobs", "--state", "done", "--json"))) == 2,
-                   30, "both add jobs done")
-    finally:
-        worker.send_signal(signal.SIGINT)
-        worker.communicate(timeout=30)
-    assert worker.returncode == 0
-    assert json.loads(cli(pg, "job", job_id, "--json"))["result"] == {"sum": 3}
-    [failed] = json.loads(cli(pg, "jobs", "--state", "failed", "--json"))
-    cli(pg, "retry", failed["id"])
-    cli(pg, "cancel", failed["id"])
-    assert json.loads(cli(pg, "job", failed["id"], "--json"))["state"] == "cancelled"
-    cli(pg, "purge", "--state", "done", "--older-than", "0s")
-    assert json.loads(cli(pg, "jobs", "--state", "done", "--json")) == []
-
+# (Every command on both stores: tests/test_cli.py.)
 
 def test_the_cli_names_a_bad_postgres_target_in_one_line(pg, tmp_path):
     assert_error(run("--db", "postgresql://postgres@127.0.0.1:1/test", "status"),
