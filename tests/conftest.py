@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PG_URL, Target, pg_execute
+from support import PG_URL, Target, fresh_schema
 from workers import Cluster, create_test_tables
 
 import sqliteq
@@ -71,11 +70,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     if request.param == "sqlite":
         yield Target(str(tmp_path / "q.db"), None)
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
+    with fresh_schema() as schema:
         yield Target(PG_URL, schema)
-    finally:
-        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@ running the real `sqliteq` console script."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,16 @@ def pg_execute(statement: str, *params: Any, schema: str | None = None) -> list[
             conn.execute(f"SET search_path TO {schema}")
         cursor = conn.execute(sqliteq._pg_statement(statement), params or None)
         return cursor.fetchall() if cursor.description is not None else []
+
+
+@contextlib.contextmanager
+def fresh_schema() -> Iterator[str]:
+    """A schema name no test has used; the schema is dropped afterwards, if it was made."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema
+    finally:
+        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 class Target:

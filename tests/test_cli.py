@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from support import (
     assert_error,
     clean_env,
     describe,
+    fresh_schema,
     ok,
     pg_execute,
     run,
@@ -215,21 +215,15 @@ def worked_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if request.param == "sqlite":
         yield Target(str(tmp_path_factory.mktemp("worked") / "w.db"), None)
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
+    with fresh_schema() as schema:
         yield Target(PG_URL, schema)
-    finally:
-        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture
 def scratch_schema() -> Iterator[str]:
-    """A PostgreSQL schema name for the test, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
+    """A PostgreSQL schema name for the test's copy (dropped afterwards)."""
+    with fresh_schema() as schema:
         yield schema
-    finally:
-        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture(scope="module")

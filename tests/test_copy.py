@@ -7,12 +7,20 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import PG_URL, Target, assert_error, ok, pg_execute, run, wait_until
+from support import (
+    PG_URL,
+    Target,
+    assert_error,
+    fresh_schema,
+    ok,
+    pg_execute,
+    run,
+    wait_until,
+)
 
 import sqliteq
 from sqliteq import CronExpression, EnqueueRequest, InvalidInput
@@ -23,12 +31,15 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(params=["sqlite-to-postgres", "postgres-to-sqlite"])
 def ends(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Target, Target]]:
     """(source, destination): a fresh SQLite file and a fresh PostgreSQL schema."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    file, pg = Target(str(tmp_path / "q.db"), None), Target(PG_URL, schema)
-    try:
+    with fresh_schema() as schema:
+        file, pg = Target(str(tmp_path / "q.db"), None), Target(PG_URL, schema)
         yield (file, pg) if request.param == "sqlite-to-postgres" else (pg, file)
-    finally:
-        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def scratch_schema() -> Iterator[str]:
+    with fresh_schema() as schema:
+        yield schema
 
 
 def fill(storage: sqliteq.Storage, target: Target) -> dict[str, list[str]]:
@@ -206,8 +217,8 @@ def test_a_dry_run_into_a_missing_file_creates_no_file(tmp_path):
     assert not (tmp_path / "b.db").exists()
 
 
-def test_a_dry_run_into_a_missing_postgres_schema_creates_nothing(tmp_path):
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+def test_a_dry_run_into_a_missing_postgres_schema_creates_nothing(tmp_path, scratch_schema):
+    schema = scratch_schema
     with sqliteq.Storage(tmp_path / "a.db") as src:
         src.jobs.enqueue(EnqueueRequest("k"))
     url = PG_URL.replace("postgres@", "postgres:s3cret@")   # (trust auth ignores it)
@@ -217,8 +228,8 @@ def test_a_dry_run_into_a_missing_postgres_schema_creates_nothing(tmp_path):
     assert not pg_execute("SELECT 1 FROM pg_namespace WHERE nspname = ?", schema)
 
 
-def test_a_missing_postgres_source_is_refused_and_not_created(tmp_path):
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+def test_a_missing_postgres_source_is_refused_and_not_created(tmp_path, scratch_schema):
+    schema = scratch_schema
     assert_error(run("copy", PG_URL, str(tmp_path / "b.db"), "--from-schema", schema),
                  "no sqliteq queue at", schema)
     assert not pg_execute("SELECT 1 FROM pg_namespace WHERE nspname = ?", schema)

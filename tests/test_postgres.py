@@ -28,6 +28,7 @@ from support import (
     REPO,
     Target,
     assert_error,
+    fresh_schema,
     pg_execute,
     run,
     wait_until,
@@ -69,11 +70,8 @@ print(storage.jobs.enqueue(sqliteq.EnqueueRequest("work", {"s": 0})).job_id)
 
 @pytest.fixture
 def pg() -> Iterator[Target]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
+    with fresh_schema() as schema:
         yield Target(PG_URL, schema)
-    finally:
-        pg_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 class Workers:
