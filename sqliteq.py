@@ -900,8 +900,10 @@ class Database(_CommitNotices):
             raise SqliteqError("after_commit is for work run by Database.write")
         request.after_commit.append(callback)
 
-    def _write_changes(self, statement: str, params: Sequence[Any]) -> int:
-        """Run one statement in a write transaction; how many rows it changed."""
+    def _write_changes(self, statement: str, params: Sequence[Any], *,
+                       repeatable: bool = False) -> int:
+        """Run one statement in a write transaction; how many rows it changed. (`repeatable`
+        is PostgreSQL's concern: see _PostgresDatabase._write_changes.)"""
         def run(conn: apsw.Connection) -> int:
             conn.execute(statement, params)
             return conn.changes()
@@ -1278,6 +1280,8 @@ class _JobStore:
     INSERT = ("INSERT INTO jobs (id, kind, queue, payload, state, priority, run_at,"
               " max_attempts, unique_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     INSERT_UNIQUE = INSERT + " ON CONFLICT DO NOTHING"
+    # Run twice (a retry after the connection was lost), the second finds its id taken.
+    INSERT_ONCE = INSERT + " ON CONFLICT (id) DO NOTHING"
     SELECT_ACTIVE_BY_KEY = ("SELECT id FROM jobs WHERE unique_key = ?"
                             " AND state IN ('queued', 'scheduled', 'running')")
     SELECT_ONE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
@@ -1374,6 +1378,11 @@ class _JobStore:
         self._db = db
 
     # -- enqueue and administration (in the caller's transaction) --
+
+    def insert_alone(self, job: _NewJob) -> None:
+        """Insert one job without a unique key as a transaction of its own (on PostgreSQL,
+        one round trip)."""
+        self._db._write_changes(self.INSERT_ONCE, job, repeatable=True)
 
     def insert(self, conn: apsw.Connection, jobs: Sequence[_NewJob]) -> list[EnqueueOutcome]:
         """Insert jobs; a job whose unique key an active job holds is not inserted, and its
@@ -1561,7 +1570,12 @@ class Jobs:
 
     def enqueue(self, request: EnqueueRequest, router: Router | None = None) -> EnqueueOutcome:
         """Insert one job; committed when this returns (see Guarantees for durability)."""
-        return self.enqueue_bulk((request,), router)[0]
+        job = self._new_jobs([request], 0, router, {})[0]
+        if job.unique_key is not None or job.queue not in self._known_queues:
+            return self._db.write(functools.partial(self._enqueue_job_in, job))
+        self._store.insert_alone(job)   # the common case, in as few round trips as can be
+        self._announce({job.queue})
+        return EnqueueOutcome(job.id, True)
 
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest],
                      router: Router | None = None) -> list[EnqueueOutcome]:
@@ -1594,15 +1608,26 @@ class Jobs:
         outcomes: list[EnqueueOutcome] = []
         queues: set[str] = set()
         routed: dict[str, str] = {}
-        while chunk := list(itertools.islice(stream, self.INSERT_CHUNK)):
-            jobs = self._new_jobs(chunk, len(outcomes), router, routed)
-            for name in {job.queue for job in jobs} - queues:
-                queues.add(name)
-                if name not in self._known_queues:
-                    conn.execute(Queues.ENSURE, (name,))
-            outcomes += self._store.insert(conn, jobs)
         self._db.after_commit(functools.partial(self._announce, queues))
+        while chunk := list(itertools.islice(stream, self.INSERT_CHUNK)):
+            outcomes += self._insert_in(conn, self._new_jobs(chunk, len(outcomes), router,
+                                                             routed), queues)
         return outcomes
+
+    def _enqueue_job_in(self, job: _NewJob, conn: apsw.Connection) -> EnqueueOutcome:
+        queues: set[str] = set()
+        self._db.after_commit(functools.partial(self._announce, queues))
+        return self._insert_in(conn, [job], queues)[0]
+
+    def _insert_in(self, conn: apsw.Connection, jobs: list[_NewJob],
+                   queues: set[str]) -> list[EnqueueOutcome]:
+        """Insert jobs in the caller's transaction, creating the queues they name that this
+        process has not seen; `queues` (those this transaction names) gains theirs."""
+        for name in {job.queue for job in jobs} - queues:
+            queues.add(name)
+            if name not in self._known_queues:
+                conn.execute(Queues.ENSURE, (name,))
+        return self._store.insert(conn, jobs)
 
     def _new_jobs(self, requests: list[EnqueueRequest], first_index: int,
                   router: Router | None, routed: dict[str, str]) -> list[_NewJob]:
@@ -2685,6 +2710,9 @@ class _PostgresDatabase(_CommitNotices):
     # One round trip for both (a simple query, so no parameters: the channel is a checked
     # identifier, the token a ULID).
     NOTIFY_AND_COMMIT = "NOTIFY {channel}, '{token}'; COMMIT"
+    WRITE_ALONE = ("WITH written AS ({statement} RETURNING 1)"
+                   " SELECT n, CASE WHEN n > 0 THEN pg_notify('{channel}', '{token}') END"
+                   " FROM (SELECT count(*) AS n FROM written) AS counted")
 
     def __init__(self, url: str, *, schema: str = "sqliteq", busy_timeout: float = 5.0,
                  pool_size: int = 10, create: bool = True) -> None:
@@ -2715,6 +2743,7 @@ class _PostgresDatabase(_CommitNotices):
         self._token = _mint_ids(1)[0]   # this object's notifications carry it: not echoed
         self._notify_and_commit = self.NOTIFY_AND_COMMIT.format(channel=self.channel,
                                                                 token=self._token)
+        self._alone: dict[str, str] = {}     # _write_changes's statements, as sent
         self._local = threading.local()
         self._closed = False
         self._writes_committed = 0
@@ -2787,26 +2816,55 @@ class _PostgresDatabase(_CommitNotices):
 
     def write(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work(tx)` in one transaction and return once it committed (see the class)."""
+        def transaction(conn: Any) -> T:
+            self._local.tx = tx = _PgTransaction(conn, self._pipelined)
+            try:
+                result = work(cast(apsw.Connection, tx))
+            except BaseException:
+                if not conn.closed:
+                    with contextlib.suppress(Exception):
+                        conn.execute("ROLLBACK")
+                raise
+            self._local.committing = True
+            tx.commit(self._notify_and_commit)
+            return result
+
+        return self._committed(transaction)
+
+    def _write_changes(self, statement: str, params: Sequence[Any], *,
+                       repeatable: bool = False) -> int:
+        """Run one INSERT, UPDATE or DELETE as a transaction of its own and return how many
+        rows it changed: one statement in autocommit, its NOTIFY inside it (sent only if it
+        changed a row), so one round trip where `write` takes two. A `repeatable` statement
+        (a second run changes nothing the first did not) is retried even when the
+        connection was lost while it ran."""
+        alone = self._alone.get(statement)
+        if alone is None:
+            alone = self._alone[statement] = self.WRITE_ALONE.format(
+                statement=_pg_statement(statement), channel=self.channel, token=self._token)
+
+        def transaction(conn: Any) -> int:
+            self._local.committing = not repeatable     # (it commits as it runs)
+            return cast(int, conn.execute(alone, params).fetchall()[0][0])
+
+        return self._committed(transaction)
+
+    def _committed(self, transaction: Callable[[Any], T]) -> T:
+        """`transaction(conn)` on a pooled connection, retried as the class says; then what
+        follows every commit (after-commit callbacks, counts, waiters)."""
         if self._closed:
             raise SqliteqError("storage is closed")
         for delay in (*TRANSIENT_RETRY_DELAYS, None):
-            committing = False
+            self._local.committing = False
             after_commit: list[Callable[[], None]] = []
             self._local.after_commit = after_commit
             try:
                 with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
-                    try:
-                        self._local.tx = tx = _PgTransaction(conn, self._pipelined)
-                        result = work(cast(apsw.Connection, tx))
-                        committing = True
-                        tx.commit(self._notify_and_commit)
-                    except BaseException:
-                        if not committing and not conn.closed:
-                            with contextlib.suppress(Exception):
-                                conn.execute("ROLLBACK")
-                        raise
+                    result = transaction(conn)
             except self._transient as exc:
-                if committing:
+                # A server's error (it has a SQLSTATE) rolled the transaction back; a
+                # connection lost while committing leaves its outcome unknown.
+                if self._local.committing and exc.sqlstate is None:
                     raise TransientError(f"the connection to {self.path} was lost during a "
                                          f"COMMIT: the write may or may not have taken effect "
                                          f"({exc})") from None
@@ -2843,13 +2901,6 @@ class _PostgresDatabase(_CommitNotices):
         if callbacks is None:
             raise SqliteqError("after_commit is for work run by Database.write")
         callbacks.append(callback)
-
-    def _write_changes(self, statement: str, params: Sequence[Any]) -> int:
-        def run(conn: apsw.Connection) -> int:
-            conn.execute(statement, params)
-            return conn.changes()
-
-        return self.write(run)
 
     def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of one statement, run outside any transaction."""

@@ -13,10 +13,12 @@ import gc
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -336,6 +338,87 @@ def test_a_runtime_survives_its_connections_being_dropped_and_loses_no_job(pg):
         assert storage.jobs.counts() == {"queued": 0, "running": 0, "done": 2000, "failed": 0,
                                          "cancelled": 0}
         assert set(runs) == set(ids)
+
+
+class CuttingProxy:
+    """A TCP proxy to the server that can lose a reply: once told `cut_after(marker)`, the
+    first client message holding `marker` reaches the server, and its reply is dropped with
+    the connection (as a network failure would, after the server committed)."""
+
+    def __init__(self) -> None:
+        self.server = urllib.parse.urlsplit(PG_URL)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        host = f"{self.server.username}@" if self.server.username else ""
+        self.url = urllib.parse.urlunsplit(self.server._replace(
+            netloc=f"{host}127.0.0.1:{self.listener.getsockname()[1]}"))
+        self.marker: bytes | None = None
+        self.cuts = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def cut_after(self, marker: bytes) -> None:
+        with self.lock:
+            self.marker = marker
+
+    def accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection((self.server.hostname,
+                                                     self.server.port or 5432))
+                armed = threading.Event()
+                threading.Thread(target=self.pump, args=(client, upstream, armed, True),
+                                 daemon=True).start()
+                threading.Thread(target=self.pump, args=(upstream, client, armed, False),
+                                 daemon=True).start()
+
+    def pump(self, source: socket.socket, sink: socket.socket, armed: threading.Event,
+             from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not from_client and armed.is_set():
+                    # The reply to the marked message: it never arrives.
+                    with self.lock:
+                        self.cuts += 1
+                    break
+                with self.lock:
+                    if from_client and self.marker is not None and self.marker in data:
+                        self.marker = None
+                        armed.set()
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[CuttingProxy]:
+    cutting = CuttingProxy()
+    yield cutting
+    cutting.close()
+
+
+def test_a_single_enqueue_whose_reply_is_lost_is_retried_and_stored_once(pg, proxy):
+    with sqliteq.Storage(proxy.url, schema=pg.schema) as storage:
+        storage.jobs.enqueue(EnqueueRequest("work", 0))     # (its queue is now known)
+        proxy.cut_after(b"ON CONFLICT (id) DO NOTHING")
+        job_id = storage.jobs.enqueue(EnqueueRequest("work", 1)).job_id
+        assert proxy.cuts == 1
+        assert pg.sql("SELECT payload FROM jobs WHERE id = ?", job_id) == [("1",)]
+        assert storage.jobs.counts()["queued"] == 2
+
+
+def test_a_transaction_whose_commit_reply_is_lost_says_it_may_have_taken_effect(pg, proxy):
+    with sqliteq.Storage(proxy.url, schema=pg.schema) as storage:
+        proxy.cut_after(b"COMMIT")
+        with pytest.raises(sqliteq.TransientError, match="may or may not have taken effect"):
+            storage.jobs.enqueue_bulk([EnqueueRequest("work", 0), EnqueueRequest("work", 1)])
+        assert proxy.cuts == 1
+        assert storage.jobs.counts()["queued"] == 2     # it did, this time
 
 
 # ----------------------------------------- races only PostgreSQL has ----
