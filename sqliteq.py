@@ -1079,6 +1079,10 @@ class Database(_CommitNotices):
         """Make the calling transaction the only one doing `what` until it ends: a no-op
         here, since every write transaction holds SQLite's single writer lock."""
 
+    def _unannounced(self, conn: apsw.Connection) -> None:
+        """Other processes need not hear of the calling transaction's commit (a heartbeat
+        that rescued nothing): a no-op here, where every commit moves their data_version."""
+
     def _subscribe(self, callback: Callable[[], None]) -> None:
         """Call `callback` when another process commits: never, on SQLite, where runtimes
         notice other processes' commits by polling `data_version`."""
@@ -1977,6 +1981,8 @@ class Processes:
                                        interval_ms))
             rescued = self._store.rescue(conn, now, now_progress)
             conn.execute(self.DELETE_SILENT, (now_progress,))
+            if not rescued:
+                self._db._unannounced(conn)
             return rescued
 
         rescued = self._db.write(beat)
@@ -2625,7 +2631,7 @@ class _PgTransaction:
     """A PostgreSQL transaction seen through the part of apsw.Connection that sqliteq's
     statements use: execute, executemany, changes, and `with` for a savepoint."""
 
-    __slots__ = ("_conn", "_changes", "_savepoints", "_begun", "_pipelined")
+    __slots__ = ("_conn", "_changes", "_savepoints", "_begun", "_pipelined", "notify")
 
     def __init__(self, conn: Any, pipelined: bool) -> None:
         self._conn = conn
@@ -2633,6 +2639,7 @@ class _PgTransaction:
         self._savepoints = 0
         self._begun = False
         self._pipelined = pipelined     # libpq 14 and later can
+        self.notify = True              # other processes hear of the commit
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
         cursor = self._run(_pg_statement(statement), params)
@@ -2687,8 +2694,10 @@ class _PgTransaction:
         self._conn.execute(f"RELEASE SAVEPOINT {name}")
 
     def commit(self, notify_and_commit: str) -> None:
-        """Send the NOTIFY and COMMIT (BEGIN too, if the work ran no statement)."""
-        self._conn.execute(notify_and_commit if self._begun else f"BEGIN; {notify_and_commit}")
+        """Send the NOTIFY (unless told not to) and COMMIT (BEGIN too, if the work ran no
+        statement)."""
+        statement = notify_and_commit if self.notify else "COMMIT"
+        self._conn.execute(statement if self._begun else f"BEGIN; {statement}")
 
 
 class _PostgresDatabase(_CommitNotices):
@@ -2955,6 +2964,11 @@ class _PostgresDatabase(_CommitNotices):
         """Make the calling transaction the only one doing `what` until it commits."""
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))",
                      (f"sqliteq:{self.schema}:{what}",))
+
+    def _unannounced(self, conn: apsw.Connection) -> None:
+        """Commit the calling transaction without its NOTIFY: every host's heartbeat would
+        otherwise wake every other host's dispatcher and waiters, each beat."""
+        cast(_PgTransaction, conn).notify = False
 
     def _wal_size(self) -> int:
         return 0                        # the server manages its own log

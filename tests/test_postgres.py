@@ -530,6 +530,40 @@ def test_an_enqueue_wakes_a_worker_on_another_host_by_notify_not_by_polling(pg, 
         assert time.monotonic() - started < 10
 
 
+def test_heartbeats_of_idle_hosts_send_no_notify_but_a_rescue_does(pg, workers):
+    """A NOTIFY wakes every host's dispatcher: an idle cluster's beats must not send one."""
+    import psycopg
+
+    pg.open().close()                           # the tables
+    with psycopg.connect(PG_URL, autocommit=True) as listener:
+        listener.execute(f"LISTEN sqliteq_{pg.schema}")
+        workers.start(1)                        # beats every 0.25 s
+        wait_until(lambda: registered(pg) == 1, 30, "the worker to register")
+
+        def beats() -> int:
+            return pg.sql("SELECT heartbeat_at FROM processes")[0][0]
+
+        first = beats()                         # (its start-up writes notify, and may still)
+        wait_until(lambda: beats() > first, 30, "a beat")
+        list(listener.notifies(timeout=0.3))
+        seen, heard = beats(), 0
+        for _ in range(6):
+            wait_until(lambda last=seen: beats() > last, 30, "the next beat")
+            seen = beats()
+            heard += len(list(listener.notifies(timeout=0.05)))
+        assert heard == 0
+        # A beat that rescues a job does (hosts serving its queue may claim it; this worker
+        # serves only "default", so nothing else writes).
+        pg.sql("INSERT INTO processes (host_id, hostname, pid, queues, started_at,"
+               " heartbeat_at, progress_at) VALUES ('gone', 'h', 1, '{}', 0, 0, 0)")
+        pg.sql("INSERT INTO jobs (id, kind, queue, payload, state, run_at, attempt,"
+               " created_at, host, lease) VALUES ('0LOST', 'work', 'elsewhere', '{}',"
+               " 'running', 0, 1, 0, 'gone', 1)")
+        wait_until(lambda: pg.sql("SELECT state FROM jobs")[0][0] == "queued", 30,
+                   "the job to be rescued")
+        assert list(listener.notifies(timeout=5, stop_after=1))
+
+
 def test_a_worker_whose_clock_is_ten_minutes_off_neither_loses_nor_steals_jobs(pg, workers):
     if shutil.which("faketime") is None:
         pytest.skip("needs libfaketime (apt-get install faketime; .ci/run installs it)")
