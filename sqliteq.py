@@ -341,7 +341,7 @@ class EnqueueRequest(_RequestFields):
     def _make(cls, iterable: Iterable[Any]) -> EnqueueRequest:  # type: ignore[override]
         return cls._from_fields(dict(zip(cls._fields, iterable, strict=True)))
 
-    def _replace(self, **changes: Any) -> EnqueueRequest:  # type: ignore[override]
+    def _replace(self, **changes: Any) -> EnqueueRequest:
         return self._from_fields({**self._asdict(), **changes})
 
     def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:   # pickle, copy
@@ -604,7 +604,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def migrate(conn: apsw.Connection) -> None:
     """Bring the file to SCHEMA_VERSION. The caller holds a write transaction."""
-    version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    version = cast(int, conn.execute("PRAGMA user_version").fetchall()[0][0])
     if version > SCHEMA_VERSION:
         raise SchemaError(f"database schema version {version} is newer than this sqliteq "
                           f"({__version__}) understands ({SCHEMA_VERSION}); upgrade sqliteq")
@@ -812,7 +812,8 @@ class Database(_CommitNotices):
         """Refuse files that are not ours before changing anything, then set the pragmas."""
         try:
             conn.setbusytimeout(self.busy_timeout_ms)
-            version, objects = conn.execute(self.SCHEMA_PROBE).fetchall()[0]
+            version, objects = cast("tuple[int, int]",
+                                    conn.execute(self.SCHEMA_PROBE).fetchall()[0])
             if version > SCHEMA_VERSION:
                 raise SchemaError(f"database {self.path!r} has schema version {version}, newer "
                                   f"than this sqliteq ({__version__}) understands "
@@ -839,10 +840,10 @@ class Database(_CommitNotices):
         exclusive lock, and SQLite answers a conflict with BUSY at once (its busy handler
         would risk a deadlock), so retry here for up to the busy timeout."""
         deadline = time.monotonic() + self.busy_timeout_ms / 1000
-        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+        mode = cast(str, conn.execute("PRAGMA journal_mode").fetchall()[0][0])
         while mode.lower() != "wal":
             try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+                mode = cast(str, conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0])
             except (apsw.BusyError, apsw.LockedError) as exc:
                 if time.monotonic() >= deadline:
                     raise TransientError(f"could not switch {self.path!r} to WAL: another "
@@ -1061,7 +1062,7 @@ class Database(_CommitNotices):
 
     def data_version(self) -> int:
         """Changes whenever another connection (any process) commits to the file."""
-        return self.read("PRAGMA data_version")[0][0]
+        return cast(int, self.read("PRAGMA data_version")[0][0])
 
     # -- what differs between stores (see _PostgresDatabase) --
 
@@ -1703,9 +1704,10 @@ class Jobs:
                     raise InvalidInput(f"no job with id {job_id!r}")
                 if job.state in FINISHED_STATES:
                     return job
+                state = job.state
             remaining = 0.05 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout} s")
+                raise TimeoutError(f"job {job_id} still {state.value} after {timeout} s")
             self._db._wait_for_change(min(remaining, 0.05))
 
     # -- administration --
@@ -2105,7 +2107,8 @@ class RateLimits:
             if not rows:
                 raise ConfigError(f"rate-limit scope {scope!r} is not configured; call "
                                   f"storage.rate_limits.configure({scope!r}, capacity, refill)")
-            capacity, refill, available, updated_at = rows[0]
+            capacity, refill, available, updated_at = cast("tuple[float, float, float, int]",
+                                                           rows[0])
             if tokens > capacity:
                 raise InvalidInput(f"cannot take {tokens} tokens from scope {scope!r} "
                                    f"whose capacity is {capacity}")
@@ -3486,7 +3489,7 @@ class _QueueState:
 
     def drain_buffer(self) -> list[_Claimed]:
         """Take back the jobs no worker has started yet."""
-        jobs = []
+        jobs: list[_Claimed] = []
         while True:
             try:
                 job = self.buffer.get_nowait()
