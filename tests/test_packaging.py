@@ -1,0 +1,83 @@
+"""The package as users get it: a wheel built from the one file, installed in a fresh virtual
+environment, that runs a job and gives type checkers its annotations; an sdist whose tests
+can run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def venv_python(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment (no system site-packages) with only the wheel and its
+    dependencies installed."""
+    env = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=120)
+    python = env / "bin" / "python"
+    wheel = next(dist.glob("*.whl"))
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    return python
+
+
+def test_the_sdist_holds_the_tests_their_helpers_and_the_licence(dist):
+    with tarfile.open(next(dist.glob("*.tar.gz"))) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {"sqliteq.py", "LICENSE", "pyproject.toml", "tests/conftest.py", "tests/support.py",
+            "tests/workers.py", "tests/cli_app.py", "tests/coord_workers.py",
+            "tests/faults/vfs.py"} <= names
+
+
+def test_the_wheel_in_a_fresh_environment_runs_a_job_and_the_cli(venv_python, tmp_path):
+    program = textwrap.dedent("""
+        import sys, sqliteq
+        assert sqliteq.__file__.endswith("site-packages/sqliteq/__init__.py"), sqliteq.__file__
+        storage = sqliteq.Storage(sys.argv[1])
+        rt = sqliteq.Runtime(storage, {"default": 1})
+        rt.register("double", lambda ctx, payload: payload * 2)
+        with rt:
+            job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("double", 21)).job_id
+            print(storage.jobs.wait(job_id, timeout=30).result)
+    """)
+    ran = subprocess.run([str(venv_python), "-c", program, str(tmp_path / "q.db")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (ran.returncode, ran.stdout.strip()) == (0, "42"), ran.stderr
+    status = subprocess.run([str(venv_python.parent / "sqliteq"), "--db", str(tmp_path / "q.db"),
+                             "status", "--json"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+
+
+def test_mypy_reads_the_installed_types_and_flags_misuse(venv_python, tmp_path):
+    (tmp_path / "user.py").write_text(textwrap.dedent("""
+        import sqliteq
+
+        storage = sqliteq.Storage("queue.db")
+        ok: sqliteq.EnqueueOutcome = storage.jobs.enqueue(sqliteq.EnqueueRequest("email"))
+        storage.jobs.enqueu(sqliteq.EnqueueRequest("email"))
+        sqliteq.EnqueueRequest("email", priority="high")
+    """))
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+         f"--python-executable={venv_python}", "user.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [line for line in checked.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 2, checked.stdout
+    assert "user.py:6:" in errors[0] and '"Jobs" has no attribute "enqueu"' in errors[0]
+    assert "user.py:7:" in errors[1] and 'incompatible type "str"' in errors[1]
