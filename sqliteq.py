@@ -270,6 +270,13 @@ def _describe(exc: BaseException) -> str:
         return f"<{type(exc).__name__} that cannot be shown>"
 
 
+def _log_line(exc: BaseException) -> str:
+    """An error for a log line: its first line, cut at 200 characters (a message may quote a
+    payload; logs get a glimpse, the job's errors the whole)."""
+    line = (f"{type(exc).__name__}: {_describe(exc)}".splitlines() or [""])[0]
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
 def _iso_from_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
@@ -2418,6 +2425,10 @@ class CronSchedules:
     ADVANCE = ("UPDATE cron SET next_fire_at = ?3, last_error = ?4"
                " WHERE name = ?1 AND next_fire_at = ?2")
     SET_ERROR = "UPDATE cron SET last_error = ?2 WHERE name = ?1"
+    DELETE = "DELETE FROM cron WHERE name = ?"
+    DISABLE = "UPDATE cron SET enabled = 0 WHERE name = ?"
+    SELECT_EXPRESSION = "SELECT expression, timezone, enabled FROM cron WHERE name = ?"
+    ENABLE = "UPDATE cron SET enabled = 1, next_fire_at = ?2 WHERE name = ?1"
     # Ticks later than this were missed while no process ran the schedule: they collapse
     # into one run, then the schedule goes on from now (no catch-up storm).
     MISSED_AFTER_MS = 5_000
@@ -2435,6 +2446,33 @@ class CronSchedules:
         params = (name, expression.expression, expression.tz_name, _request_to_json(request),
                   first_ms)
         self._db.write(lambda conn: conn.execute(self.DECLARE, params))
+
+    def remove(self, name: str) -> bool:
+        """Delete the schedule `name`; False if there is none. (A runtime that declares it
+        declares it again when it starts.)"""
+        return bool(self._db._write_changes(self.DELETE, (name,)))
+
+    def disable(self, name: str) -> bool:
+        """Stop the schedule `name` firing, in every process, until `enable`; False if there
+        is none. It stays disabled when a runtime declares it unchanged."""
+        return bool(self._db._write_changes(self.DISABLE, (name,)))
+
+    def enable(self, name: str) -> bool:
+        """Let the schedule `name` fire again from its next tick after now (the ticks it
+        missed while disabled are not run); False if there is none."""
+        def enable(conn: apsw.Connection) -> bool:
+            rows = conn.execute(self.SELECT_EXPRESSION, (name,)).fetchall()
+            if not rows:
+                return False
+            expression, tz, enabled = cast("tuple[str, str | None, int]", rows[0])
+            if not enabled:
+                now = _datetime_from_ms(self._db.clock_ms(conn))
+                tick = self._expression(expression, tz).next_after(now)  # type: ignore[arg-type]
+                conn.execute(self.ENABLE, (name, None if tick is None
+                                           else int(tick.timestamp() * 1000)))
+            return True
+
+        return self._db.write(enable)
 
     def list(self) -> list[CronSchedule]:
         """Every stored schedule, by name."""
@@ -3822,7 +3860,8 @@ class Runtime:
                          for qs in self._queue_states.values() for slot in range(qs.slots)]
         self.storage.jobs._enqueue_listeners.append(self._on_enqueue)
         self.storage.db._subscribe(self._on_remote_commit)
-        log.info("runtime %s starting: queues %s", self.host_id, self.queues)
+        log.info("runtime %s starting on %s: slots %s", self.host_id, self.storage.path,
+                 ", ".join(f"{name}={slots}" for name, slots in self.queues.items()))
         for thread in (self._dispatcher, self._heartbeat, self._scheduler, *self._workers):
             thread.start()
 
@@ -4224,6 +4263,9 @@ class Runtime:
                 raise LookupError(f"no handler registered for kind {job.kind!r}")
             ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
                          self.host_id, job.token, job.attempt, job.kind, job.queue)
+            if job_log.isEnabledFor(logging.DEBUG):
+                job_log.debug("%s %s attempt %d starting on %s", job.id, job.kind,
+                              job.attempt, process_id)
             try:
                 payload = _decode_stored(job.payload, f"the payload of job {job.id}")
             except SqliteqError as exc:     # no attempt can do better
@@ -4255,7 +4297,7 @@ class Runtime:
                                             self._errors_with(job, exc, now)), job, "cancelled")
         if isinstance(exc, Dead) or job.attempt >= job.max_attempts:
             log.warning("job %s (%s) failed for good on attempt %d: %s", job.id, job.kind,
-                        job.attempt, type(exc).__name__)
+                        job.attempt, _log_line(exc))
             return _Ended(_Finish.failed(job.id, job.lease, now, process_id,
                                          self._errors_with(job, exc, now)), job, "failed")
         if isinstance(exc, Retry) and exc.after is not None:
@@ -4265,7 +4307,7 @@ class Runtime:
             delay = min(base * 2 ** min(job.attempt - 1, 62), cap)
             delay_ms = int(delay / 2 + random.uniform(0, delay / 2))
         log.debug("job %s (%s) attempt %d failed (%s); retrying in %.1f s", job.id, job.kind,
-                  job.attempt, type(exc).__name__, delay_ms / 1000)
+                  job.attempt, _log_line(exc), delay_ms / 1000)
         return _Ended(_Finish.retry(job.id, job.lease, now, process_id,
                                     self._errors_with(job, exc, now), now + delay_ms),
                       job, "retry")
@@ -4496,6 +4538,8 @@ def _status_text(data: dict[str, Any]) -> str:
                        [(p["host_id"], p["pid"], p["hostname"],
                          ",".join(f"{k}={v}" for k, v in p["queues"].items()),
                          p["heartbeat_at"]) for p in data["processes"]])
+    if not data["processes"]:
+        return f"{queues}\n\nno live processes"
     return f"{queues}\n\n{len(data['processes'])} live process(es)\n{processes}"
 
 
@@ -4582,11 +4626,12 @@ def _cli() -> Any:
             fail(f"unknown queue {name!r}; queues: {', '.join(names) or 'none yet'}")
         return name
 
-    def emit_json(data: Any) -> None:
-        click.echo(_printable_json(json.dumps(data, indent=2, ensure_ascii=False)))
+    def emit_json(data: Any, *, one_line: bool = False) -> None:
+        click.echo(_printable_json(json.dumps(data, indent=None if one_line else 2,
+                                              ensure_ascii=False)))
 
     json_option = click.option("--json", "as_json", is_flag=True,
-                               help="Print JSON (stable keys) instead of a table.")
+                               help="Print the outcome as JSON (stable keys).")
 
     @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--db", default="sqliteq.db", envvar="SQLITEQ_DB", show_default=True,
@@ -4644,7 +4689,11 @@ def _cli() -> Any:
             run_at = parse_instant(at_time)
         request = EnqueueRequest(kind, data, queue_name=queue, priority=priority, run_at=run_at,
                                  max_attempts=max_attempts, unique_key=unique_key)
-        out = open_storage(ctx, create=True).jobs.enqueue(request)
+        storage = open_storage(ctx, create=True)
+        if queue is not None and queue not in {q.name for q in storage.queues.list()}:
+            echo(f"sqliteq: warning: queue {queue!r} is new: no worker serves it yet",
+                 err=True)
+        out = storage.jobs.enqueue(request)
         if as_json:
             emit_json({"job_id": out.job_id, "created": out.created})
         else:
@@ -4699,9 +4748,11 @@ def _cli() -> Any:
     @cli.command()
     @click.argument("app")
     @click.option("--queues", help="Queues and slots, e.g. default=4,email=2.")
-    @click.option("-v", "--verbose", is_flag=True, help="Log one line per job.")
+    @click.option("-v", "--verbose", count=True,
+                  help="-v: a line per finished job, and tracebacks of loading errors; "
+                       "-vv: also each start and retry.")
     @click.pass_context
-    def worker(ctx: click.Context, app: str, queues: str | None, verbose: bool) -> None:
+    def worker(ctx: click.Context, app: str, queues: str | None, verbose: int) -> None:
         """Run the Runtime APP ("module:attribute") until SIGINT/SIGTERM.
 
         The attribute is a Runtime, or a function taking the Storage (opened on --db) and
@@ -4726,12 +4777,16 @@ def _cli() -> Any:
         handler.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                             handlers=[handler])
+        if verbose >= 2:
+            log.setLevel(logging.DEBUG)     # sqliteq's own, not every library's
         module_name, _, attribute = app.partition(":")
         sys.path.append(os.getcwd())    # last: a local json.py must not shadow the stdlib
         try:
             target = getattr(importlib.import_module(module_name), attribute or "runtime")
-        except (ImportError, AttributeError) as exc:
-            fail(f"cannot load {app!r}: {exc}")
+        except Exception as exc:    # the app's own import-time errors too
+            if verbose:
+                traceback.print_exc()
+            fail(f"cannot load {app!r}: {type(exc).__name__}: {exc}")
         runtime = target if isinstance(target, Runtime) else None
         if runtime is None and callable(target):
             try:
@@ -4739,6 +4794,8 @@ def _cli() -> Any:
             except SqliteqError:
                 raise
             except Exception as exc:
+                if verbose:
+                    traceback.print_exc()
                 fail(f"{app!r} raised {type(exc).__name__}: {exc}", 1)
         if not isinstance(runtime, Runtime):
             fail(f"{app!r} is neither a Runtime nor a function returning one")
@@ -4747,21 +4804,24 @@ def _cli() -> Any:
         runtime.run()
 
     @cli.command()
-    @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+    @click.option("--watch", is_flag=True,
+                  help="Refresh until Ctrl-C (with --json: one object per line).")
+    @click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0,
+                  show_default=True, help="Seconds between refreshes with --watch.")
     @json_option
     @click.pass_context
-    def status(ctx: click.Context, watch: bool, as_json: bool) -> None:
+    def status(ctx: click.Context, watch: bool, interval: float, as_json: bool) -> None:
         """Per-queue counts, throughput and lag, and the live processes.
 
         \b
         Example:
-          sqliteq status --watch
+          sqliteq status --watch --interval 5
         """
         storage = open_storage(ctx)
         while True:
             data = _status_data(storage)
             if as_json:
-                emit_json(data)
+                emit_json(data, one_line=watch)
             else:
                 if watch:
                     click.clear()
@@ -4769,7 +4829,7 @@ def _cli() -> Any:
             if not watch:
                 return
             try:
-                time.sleep(1.0)
+                time.sleep(interval)
             except KeyboardInterrupt:
                 return
 
@@ -4830,9 +4890,10 @@ def _cli() -> Any:
     @click.argument("job_id", required=False)
     @click.option("--failed", "all_failed", is_flag=True, help="Retry every failed job.")
     @click.option("--queue", help="With --failed: only this queue.")
+    @json_option
     @click.pass_context
     def retry(ctx: click.Context, job_id: str | None, all_failed: bool,
-              queue: str | None) -> None:
+              queue: str | None, as_json: bool) -> None:
         """Requeue a failed or cancelled job (attempts reset), or all failed jobs.
 
         \b
@@ -4847,7 +4908,11 @@ def _cli() -> Any:
         if job_id is None:
             if queue is not None:
                 known_queue(storage, queue)
-            echo(f"requeued {storage.jobs.retry_failed(queue)} failed job(s)")
+            count = storage.jobs.retry_failed(queue)
+            if as_json:
+                emit_json({"requeued": count, "queue": queue})
+            else:
+                echo(f"requeued {count} failed job(s)")
             return
         found = storage.jobs.get(job_id)
         if found is None:
@@ -4855,12 +4920,16 @@ def _cli() -> Any:
         if not storage.jobs.retry(job_id):
             fail(f"job {job_id} is {found.state.value}; only failed or cancelled jobs can be "
                  f"retried")
-        echo(f"requeued {job_id}")
+        if as_json:
+            emit_json({"requeued": 1, "job_id": job_id})
+        else:
+            echo(f"requeued {job_id}")
 
     @cli.command()
     @click.argument("job_id")
+    @json_option
     @click.pass_context
-    def cancel(ctx: click.Context, job_id: str) -> None:
+    def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
         """Cancel a queued job, or ask a running one to stop (any process).
 
         \b
@@ -4870,14 +4939,18 @@ def _cli() -> Any:
         outcome = open_storage(ctx).jobs.cancel(job_id)
         if outcome == "not_found":
             fail(f"unknown job id {job_id!r}")
+        if as_json:
+            emit_json({"job_id": job_id, "outcome": outcome})
+            return
         echo({"cancelled": f"cancelled {job_id}",
                     "cancel_requested": f"asked the running job {job_id} to stop",
                     "finished": f"job {job_id} had already finished"}[outcome])
 
     @cli.command()
     @click.argument("queue")
+    @json_option
     @click.pass_context
-    def pause(ctx: click.Context, queue: str) -> None:
+    def pause(ctx: click.Context, queue: str, as_json: bool) -> None:
         """Stop every process claiming from QUEUE; running jobs are asked to stop.
 
         \b
@@ -4886,12 +4959,16 @@ def _cli() -> Any:
         """
         storage = open_storage(ctx)
         storage.queues.pause(known_queue(storage, queue))
-        echo(f"paused {queue}")
+        if as_json:
+            emit_json({"queue": queue, "paused": True})
+        else:
+            echo(f"paused {queue}")
 
     @cli.command()
     @click.argument("queue")
+    @json_option
     @click.pass_context
-    def resume(ctx: click.Context, queue: str) -> None:
+    def resume(ctx: click.Context, queue: str, as_json: bool) -> None:
         """Let processes claim from QUEUE again.
 
         \b
@@ -4900,13 +4977,18 @@ def _cli() -> Any:
         """
         storage = open_storage(ctx)
         storage.queues.resume(known_queue(storage, queue))
-        echo(f"resumed {queue}")
+        if as_json:
+            emit_json({"queue": queue, "paused": False})
+        else:
+            echo(f"resumed {queue}")
 
-    @cli.command()
+    # ("-1" is a limit, wrong as it is, not an unknown option.)
+    @cli.command(context_settings={"ignore_unknown_options": True})
     @click.argument("queue")
     @click.argument("limit")
+    @json_option
     @click.pass_context
-    def limit(ctx: click.Context, queue: str, limit: str) -> None:
+    def limit(ctx: click.Context, queue: str, limit: str, as_json: bool) -> None:
         """Run at most LIMIT jobs of QUEUE at once across all processes ("none": no cap).
 
         \b
@@ -4916,16 +4998,20 @@ def _cli() -> Any:
         if limit.lower() != "none" and not limit.isdigit():
             fail(f"bad limit {limit!r}; use a whole number or 'none'")
         storage = open_storage(ctx)
-        storage.queues.set_limit(known_queue(storage, queue),
-                                 None if limit.lower() == "none" else int(limit))
-        echo(f"limit of {queue}: {limit.lower()}")
+        cap = None if limit.lower() == "none" else int(limit)
+        storage.queues.set_limit(known_queue(storage, queue), cap)
+        if as_json:
+            emit_json({"queue": queue, "limit": cap})
+        else:
+            echo(f"limit of {queue}: {'none' if cap is None else cap}")
 
     @cli.command()
     @click.option("--state", type=click.Choice([s.value for s in FINISHED_STATES]),
                   default="done", show_default=True)
     @click.option("--older-than", required=True, help="Age, e.g. 7d, 12h.")
+    @json_option
     @click.pass_context
-    def purge(ctx: click.Context, state: str, older_than: str) -> None:
+    def purge(ctx: click.Context, state: str, older_than: str, as_json: bool) -> None:
         """Delete finished jobs older than a given age.
 
         \b
@@ -4934,7 +5020,10 @@ def _cli() -> Any:
         """
         seconds = parse_duration(older_than)
         deleted = open_storage(ctx).jobs.purge(state, seconds)
-        echo(f"deleted {deleted} {state} job(s)")
+        if as_json:
+            emit_json({"state": state, "deleted": deleted})
+        else:
+            echo(f"deleted {deleted} {state} job(s)")
 
     @cli.command("copy")
     @click.argument("source")
@@ -4971,16 +5060,19 @@ def _cli() -> Any:
              f"limit(s), {report.jobs} job(s) into {shown}; kept {report.kept} row(s) it "
              f"already had")
 
-    @cli.command("cron")
+    @cli.group("cron", invoke_without_command=True)
     @json_option
     @click.pass_context
-    def cron_list(ctx: click.Context, as_json: bool) -> None:
-        """List the cron schedules.
+    def cron(ctx: click.Context, as_json: bool) -> None:
+        """List the cron schedules (or remove, disable, enable one).
 
         \b
         Example:
           sqliteq cron --json
+          sqliteq cron disable nightly-report
         """
+        if ctx.invoked_subcommand is not None:
+            return
         schedules = open_storage(ctx).cron.list()
         data = [{"name": s.name, "expression": s.expression, "timezone": s.timezone,
                  "kind": s.request.kind, "next_fire_at": _iso(s.next_fire_at),
@@ -4988,9 +5080,30 @@ def _cli() -> Any:
         if as_json:
             emit_json(data)
             return
-        echo(_table(("NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT FIRE", "LAST ERROR"),
-                          [(d["name"], d["expression"], d["timezone"] or "UTC", d["kind"],
-                            d["next_fire_at"], d["last_error"]) for d in data]))
+        echo(_table(("NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT FIRE", "ENABLED",
+                     "LAST ERROR"),
+                    [(d["name"], d["expression"], d["timezone"] or "UTC", d["kind"],
+                      d["next_fire_at"], "yes" if d["enabled"] else "no", d["last_error"])
+                     for d in data]))
+
+    def cron_change(verb: str, done: str) -> None:
+        @cron.command(verb, help=f"{verb.capitalize()} the cron schedule NAME in every "
+                                 f"process.\n\n\b\nExample:\n  sqliteq cron {verb} "
+                                 f"nightly-report")
+        @click.argument("name")
+        @json_option
+        @click.pass_context
+        def change(ctx: click.Context, name: str, as_json: bool) -> None:
+            if not getattr(open_storage(ctx).cron, verb)(name):
+                fail(f"unknown cron schedule {name!r}")
+            if as_json:
+                emit_json({"name": name, done: True})
+            else:
+                echo(f"{done} {name}")
+
+    cron_change("remove", "removed")
+    cron_change("disable", "disabled")
+    cron_change("enable", "enabled")
 
     @cli.command()
     @click.option("--jobs", "count", type=click.IntRange(1, 1_000_000), default=10_000,
@@ -5008,7 +5121,8 @@ def _cli() -> Any:
         """
         summary = _run_demo(open_storage(ctx, create=True), count,
                            lambda total: click.progressbar(length=total, label="demo",
-                                                           file=sys.stderr))
+                                                           file=sys.stderr,
+                                                           hidden=not sys.stderr.isatty()))
         width = max(map(len, summary))
         for key, value in summary.items():
             echo(f"{key + ':':{width + 2}}{value}")
@@ -5040,7 +5154,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("sqliteq: error: the sqliteq command needs click: pip install click",
               file=sys.stderr)
         raise SystemExit(1) from None
-    cli.main(args=argv, prog_name="sqliteq")
+    import click
+
+    # Not click's own report of a usage error (usage, a hint and the error: four lines):
+    # one line, as for every other error.
+    try:
+        code = cli.main(args=argv, prog_name="sqliteq", standalone_mode=False)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())      # `sqliteq` alone (click 8.2 and later)
+            raise SystemExit(2) from None
+        command = exc.ctx.command_path if exc.ctx is not None else "sqliteq"
+        print(_printable(f"sqliteq: error: {exc.format_message()} (see '{command} --help')"),
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    except click.ClickException as exc:
+        print(_printable(f"sqliteq: error: {exc.format_message()}"), file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:
+        raise SystemExit(130) from None     # Ctrl-C at a prompt or in a command
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

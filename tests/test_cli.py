@@ -466,6 +466,31 @@ def test_worker_verbose_logs_one_info_line_per_job(worked: SimpleNamespace) -> N
         assert f"{job_id} " in line and f" {verdict} " in line, line
 
 
+def test_worker_logs_name_its_slots_and_why_a_job_failed_for_good(
+        worked: SimpleNamespace) -> None:
+    assert re.search(r" INFO runtime \S+ starting on .*: slots default=2, other=1\n",
+                     worked.stderr), worked.stderr
+    (failed,) = [line for line in worked.stderr.splitlines()
+                 if worked.boom in line and "failed for good" in line]
+    assert " WARNING " in failed
+    assert "on attempt 1: ValueError: boom goes the handler ({'n': 1})" in failed
+
+
+def test_worker_vv_logs_each_job_start(tmp_path: Path) -> None:
+    db = Target(str(tmp_path / "q.db"), None)
+    job_id = enqueue(db, "add", '{"a": 1, "b": 2}')
+    proc = start_worker(db, APP, "-vv", cwd=REPO)
+    try:
+        wait_for(lambda: db.sql("SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                 == "done", 15, "the job to be done", proc)
+        code, _, err, _ = stop_worker(proc)
+    finally:
+        kill_if_running(proc)
+    assert code == 0, err
+    (start,) = [line for line in err.splitlines() if "starting on default-" in line]
+    assert " DEBUG " in start and f"{job_id} add attempt 1 starting on" in start
+
+
 def test_worker_without_verbose_logs_no_job_lines_and_stops_on_sigint(db: Target,
                                                                      tmp_path: Path) -> None:
     # The store comes from $SQLITEQ_DB (and $SQLITEQ_SCHEMA) here, for both the enqueue and
@@ -525,6 +550,17 @@ def test_worker_with_an_unloadable_app_is_a_clean_error(app: str, names: tuple[s
     assert snapshot(seeded.db) == before
 
 
+def test_worker_v_shows_the_traceback_of_an_app_that_fails_to_import(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text("import sqliteq\n1 / 0\n")
+    db = tmp_path / "q.db"
+    quiet = run("worker", "broken_app:runtime", db=db, cwd=tmp_path)
+    assert_error(quiet, "broken_app", "ZeroDivisionError")
+    loud = run("worker", "broken_app:runtime", "-v", db=db, cwd=tmp_path)
+    assert loud.returncode == 2
+    assert "Traceback" in loud.stderr and 'broken_app.py", line 2' in loud.stderr
+    assert loud.stderr.splitlines()[-1].startswith("sqliteq: error: cannot load")
+
+
 def test_worker_with_bad_queues_writes_nothing(tmp_path: Path) -> None:
     db = tmp_path / "new.db"
     assert_error(run("worker", APP, "--queues", "default=x", db=db, cwd=REPO), "default=x")
@@ -572,14 +608,14 @@ def test_status_ready_versus_scheduled_and_the_table(db: Target) -> None:
     default_row = next(line for line in lines if line.startswith("default "))
     assert default_row.split()[1:3] == ["2", "1"]
     assert any(line.startswith("later ") for line in lines)
-    assert "0 live process(es)" in table
+    assert "no live processes" in table and "HOST" not in table
 
 
 def test_status_of_a_finished_run_as_a_table(worked: SimpleNamespace) -> None:
     table = ok("status", db=worked.db)
     assert any(line.startswith("default ") for line in table.splitlines())
     assert any(line.startswith("other ") for line in table.splitlines())
-    assert "0 live process(es)" in table
+    assert "no live processes" in table and "HOST" not in table
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -828,7 +864,7 @@ def test_cron_lists_declared_schedules(db: Target) -> None:
 
     table = ok("cron", db=db).splitlines()
     assert table[0].split() == ["NAME", "EXPRESSION", "TIMEZONE", "KIND", "NEXT", "FIRE",
-                                "LAST", "ERROR"]
+                                "ENABLED", "LAST", "ERROR"]
     assert table[1].startswith("every-5-min ") and " UTC " in table[1] and " ping " in table[1]
     assert table[2].startswith("nightly-report ") and " Europe/Paris " in table[2]
     assert nightly["next_fire_at"] in table[2]
@@ -837,7 +873,24 @@ def test_cron_lists_declared_schedules(db: Target) -> None:
 def test_cron_without_schedules(seeded: SimpleNamespace) -> None:
     assert ok_json("cron", db=seeded.db) == []
     assert ok("cron", db=seeded.db).split() == ["NAME", "EXPRESSION", "TIMEZONE", "KIND",
-                                                "NEXT", "FIRE", "LAST", "ERROR"]
+                                                "NEXT", "FIRE", "ENABLED", "LAST", "ERROR"]
+
+
+def test_cron_remove_disable_and_enable_a_schedule(db: Target) -> None:
+    with db.open() as storage:
+        storage.cron.declare("nightly", sqliteq.CronExpression("30 3 * * *"),
+                             sqliteq.EnqueueRequest("report"))
+    assert ok_json("cron", "disable", "nightly", db=db) == {"name": "nightly", "disabled": True}
+    assert [s["enabled"] for s in ok_json("cron", db=db)] == [False]
+    assert " no " in ok("cron", db=db).splitlines()[1]
+    assert ok("cron", "enable", "nightly", db=db).strip() == "enabled nightly"
+    assert [s["enabled"] for s in ok_json("cron", db=db)] == [True]
+    assert ok("cron", "remove", "nightly", db=db).strip() == "removed nightly"
+    assert ok_json("cron", db=db) == []
+    before = snapshot(db)
+    for verb in ("remove", "disable", "enable"):
+        assert_error(run("cron", verb, "nightly", db=db), "unknown cron schedule", "nightly")
+    assert snapshot(db) == before
 
 
 # --------------------------------------------------------------------- demo ----
@@ -857,7 +910,7 @@ def test_demo_runs_with_no_arguments_in_an_empty_folder(tmp_path: Path) -> None:
     assert re.search(r"retried after a failure: +10\n", summary)
     for label in ("database", "jobs run", "cron ticks", "time", "throughput"):
         assert label in summary
-    assert "demo" in result.stderr                         # the progress bar's label
+    assert result.stderr == ""              # no progress bar on a stderr that is no terminal
     demo = queue_stats(ok_json("status", cwd=folder), "demo")
     assert (demo["done"], demo["failed"], demo["ready"], demo["running"]) == (10_001, 0, 0, 0)
     assert [s["name"] for s in ok_json("cron", cwd=folder)] == ["demo-tick"]
@@ -875,6 +928,63 @@ def test_demo_with_fewer_jobs(db: Target) -> None:
 
 
 # ------------------------------------------------------------------- errors ----
+
+@pytest.mark.parametrize("args, names", [
+    (["enqueue", "resize", "--priority", "abc"], ("--priority", "abc", "enqueue --help")),
+    (["limit", "email", "-1"], ("-1",)),
+    (["enqueue"], ("KIND",)),
+    (["enqueu", "x"], ("enqueu", "sqliteq --help")),
+    (["status", "--bogus"], ("--bogus",)),
+], ids=["bad-priority", "negative-limit", "missing-kind", "unknown-command", "unknown-option"])
+def test_a_usage_error_is_one_line_and_exit_2(args: list[str], names: tuple[str, ...],
+                                              tmp_path: Path) -> None:
+    line = assert_error(run(*args, db=tmp_path / "q.db"), *names)
+    assert line.startswith("sqliteq: error: ")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_every_admin_command_speaks_json(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    job_id = enqueue(db, "k")
+    assert ok_json("cancel", job_id, db=db) == {"job_id": job_id, "outcome": "cancelled"}
+    assert ok_json("retry", job_id, db=db) == {"requeued": 1, "job_id": job_id}
+    assert ok_json("retry", "--failed", db=db) == {"requeued": 0, "queue": None}
+    assert ok_json("pause", "default", db=db) == {"queue": "default", "paused": True}
+    assert ok_json("resume", "default", db=db) == {"queue": "default", "paused": False}
+    assert ok_json("limit", "default", "3", db=db) == {"queue": "default", "limit": 3}
+    assert ok_json("limit", "default", "none", db=db) == {"queue": "default", "limit": None}
+    assert ok_json("purge", "--older-than", "1d", db=db) == {"state": "done", "deleted": 0}
+
+
+def test_status_watch_json_prints_one_object_per_line_at_the_interval(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    enqueue(db, "k")
+    proc = subprocess.Popen([script(), "--db", str(db), "status", "--watch", "--json",
+                             "--interval", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        kill_if_running(proc)
+    for line in lines:
+        data = json.loads(line)
+        assert set(data) == {"queues", "processes"}
+        assert queue_stats(data, "default")["ready"] == 1
+    assert proc.returncode == 0, err
+
+
+def test_enqueue_into_a_queue_nobody_has_used_warns_in_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    first = run("enqueue", "k", "--queue", "no such", db=db)
+    assert first.returncode == 0 and len(first.stdout.splitlines()) == 1
+    assert first.stderr.splitlines() == [
+        "sqliteq: warning: queue 'no such' is new: no worker serves it yet"]
+    again = run("enqueue", "k", "--queue", "no such", db=db)
+    assert again.returncode == 0 and again.stderr == ""
+
 
 ERROR_CASES = {
     "invalid-json-payload": (["enqueue", "k", "{bad"], ("invalid JSON",)),

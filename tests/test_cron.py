@@ -671,11 +671,17 @@ def test_cron_in_a_cluster_fires_each_tick_once(target: Target, children: Childr
         assert counts["failed"] == 0
 
 
+def ticking_runtime(storage: sqliteq.Storage) -> sqliteq.Runtime:
+    """A runtime declaring the schedule "every-second" of "tick" jobs, and running them."""
+    rt = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
+    rt.register("tick", lambda ctx, payload: None)
+    rt.cron("every-second", "* * * * * *", EnqueueRequest("tick"))
+    return rt
+
+
 def test_no_catch_up_storm_after_downtime(target: Target) -> None:
     with target.open() as storage:
-        first = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
-        first.register("tick", lambda ctx, payload: None)
-        first.cron("every-second", "* * * * * *", EnqueueRequest("tick"))
+        first = ticking_runtime(storage)
         first.start()
         try:
             wait_until(lambda: len(tick_run_ats(storage)) >= 1, 10, "a first tick")
@@ -688,9 +694,7 @@ def test_no_catch_up_storm_after_downtime(target: Target) -> None:
         stale = (int(time.time()) - 60) * 1000
         target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'every-second'", stale)
 
-        second = sqliteq.Runtime(storage, {"default": 1}, poll_interval=0.02)
-        second.register("tick", lambda ctx, payload: None)
-        second.cron("every-second", "* * * * * *", EnqueueRequest("tick"))  # unchanged
+        second = ticking_runtime(storage)      # the schedule unchanged
         restarted = time.time()
         second.start()
         try:
@@ -710,6 +714,44 @@ def test_no_catch_up_storm_after_downtime(target: Target) -> None:
         assert regular == list(range(regular[0], regular[-1] + 1, 1000))
         assert regular[0] - catch_up <= 1000
         assert len(new) <= (stopped - restarted) + 2
+
+
+def test_a_disabled_schedule_stops_firing_and_enabled_again_skips_what_it_missed(
+        target: Target) -> None:
+    def ticks() -> dict[str, int]:      # every tick job, whatever its state: id -> run_at
+        return dict(storage.db.read("SELECT id, run_at FROM jobs WHERE kind = 'tick'"))
+
+    with target.open() as storage:
+        rt = ticking_runtime(storage)
+        rt.start()
+        try:
+            wait_until(lambda: len(ticks()) >= 1, 10, "a first tick")
+            assert storage.cron.disable("every-second")
+            fired = ticks()
+            # Due a minute ago, and declared again unchanged: still it stays disabled.
+            target.sql("UPDATE cron SET next_fire_at = ? WHERE name = 'every-second'",
+                       (int(time.time()) - 60) * 1000)
+            storage.cron.declare("every-second", sqliteq.CronExpression("* * * * * *"),
+                                 EnqueueRequest("tick"))
+            time.sleep(1.5)                     # (75 polls of the scheduler)
+            assert ticks() == fired
+            assert [s.enabled for s in storage.cron.list()] == [False]
+            enabled_at = time.time()
+            assert storage.cron.enable("every-second")
+            (schedule,) = storage.cron.list()
+            assert schedule.enabled and schedule.next_fire_at is not None
+            assert schedule.next_fire_at.timestamp() > enabled_at
+            wait_until(lambda: len(ticks()) > len(fired), 10, "the next tick")
+            # (Read before the stop, which hands back a claimed tick with a new run_at.)
+            new = [run_at for job_id, run_at in ticks().items() if job_id not in fired]
+        finally:
+            rt.stop()
+        # No catch-up run for the missed minute: every new job is a whole-second tick.
+        assert all(run_at % 1000 == 0 for run_at in new)
+        assert storage.cron.remove("every-second")
+        assert storage.cron.list() == []
+        assert not (storage.cron.remove("every-second") or storage.cron.disable("every-second")
+                    or storage.cron.enable("every-second"))
 
 
 def test_a_schedule_declared_elsewhere_does_not_make_the_scheduler_spin(target: Target
