@@ -5127,7 +5127,10 @@ def _cli() -> Any:
         for key, value in summary.items():
             echo(f"{key + ':':{width + 2}}{value}")
 
-    @cli.command()
+    bench_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "run.py")
+
+    # (Listed only in a source checkout: an installed package has no bench/ beside it.)
+    @cli.command(hidden=not os.path.exists(bench_script))
     @click.pass_context
     def bench(ctx: click.Context) -> None:
         """Run the benchmark suite quickly (bench/run.py --quick) and print its table.
@@ -5136,10 +5139,9 @@ def _cli() -> Any:
         Example:
           sqliteq bench
         """
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "run.py")
-        if not os.path.exists(script):
-            fail(f"no benchmark suite at {script}: it ships with the source repository")
-        raise SystemExit(subprocess.call([sys.executable, script, "--quick"]))
+        if not os.path.exists(bench_script):
+            fail(f"no benchmark suite at {bench_script}: it ships with the source repository")
+        raise SystemExit(subprocess.call([sys.executable, bench_script, "--quick"]))
 
     return cli
 

@@ -62,6 +62,9 @@ def test_the_wheel_in_a_fresh_environment_runs_a_job_and_the_cli(venv_python, tm
     status = subprocess.run([str(venv_python.parent / "sqliteq"), "--db", str(tmp_path / "q.db"),
                              "status", "--json"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
+    listed = subprocess.run([str(venv_python.parent / "sqliteq"), "--help"],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert " status " in listed and " bench " not in listed    # no bench/ beside a wheel
 
 
 def test_mypy_reads_the_installed_types_and_flags_misuse(venv_python, tmp_path):
