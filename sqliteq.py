@@ -84,7 +84,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
-from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, cast
+from typing import Any, Generic, NamedTuple, NoReturn, Protocol, TypeVar, cast, overload
 
 import apsw
 import ulid
@@ -96,7 +96,8 @@ __all__ = [
     "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
     "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
-    "Snooze", "SqliteqError", "Storage", "StorageError", "Throttled", "TransientError", "main",
+    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled", "TransientError",
+    "main",
     "now_ms", "parse_duration",
 ]
 
@@ -3443,6 +3444,56 @@ class JobCtx:
 # ---------------------------------------------------------------- Runtime ----
 
 Handler = Callable[[JobCtx, Any], Any]
+R = TypeVar("R")
+
+
+class Task(Generic[R]):
+    """A handler with its kind and its jobs' defaults, made by `@rt.task`: `.enqueue(payload)`
+    queues a job of its kind through the runtime; calling it calls the function (for tests).
+    """
+
+    def __init__(self, fn: Callable[[JobCtx, Any], R], kind: str,
+                 enqueue: Callable[[EnqueueRequest], EnqueueOutcome],
+                 enqueue_bulk: Callable[[Iterable[EnqueueRequest]], list[EnqueueOutcome]],
+                 defaults: dict[str, Any]) -> None:
+        self.fn, self.kind = fn, kind
+        self._enqueue, self._enqueue_bulk = enqueue, enqueue_bulk
+        self._defaults = defaults
+        functools.update_wrapper(self, fn)
+        self.request()                      # the defaults are checked once, now
+
+    def __call__(self, ctx: JobCtx, payload: Any) -> R:
+        return self.fn(ctx, payload)
+
+    def request(self, payload: Any = None, *, queue_name: str | None = None,
+                priority: int | None = None, run_at: datetime | float | None = None,
+                max_attempts: int | None = None, unique_key: str | None = None
+                ) -> EnqueueRequest:
+        """The EnqueueRequest for one job: the task's defaults, but for what is given."""
+        given = {"queue_name": queue_name, "priority": priority, "run_at": run_at,
+                 "max_attempts": max_attempts, "unique_key": unique_key}
+        return EnqueueRequest(self.kind, payload, **{
+            **self._defaults, **{name: value for name, value in given.items()
+                                 if value is not None}})
+
+    def enqueue(self, payload: Any = None, *, queue_name: str | None = None,
+                priority: int | None = None, run_at: datetime | float | None = None,
+                max_attempts: int | None = None, unique_key: str | None = None
+                ) -> EnqueueOutcome:
+        """Enqueue one job of this task (committed when this returns); keywords override the
+        task's defaults."""
+        return self._enqueue(self.request(
+            payload, queue_name=queue_name, priority=priority, run_at=run_at,
+            max_attempts=max_attempts, unique_key=unique_key))
+
+    def enqueue_bulk(self, payloads: Iterable[Any], *, queue_name: str | None = None,
+                     priority: int | None = None) -> list[EnqueueOutcome]:
+        """Enqueue one job per payload, in one transaction."""
+        return self._enqueue_bulk(self.request(payload, queue_name=queue_name,
+                                               priority=priority) for payload in payloads)
+
+    def __repr__(self) -> str:
+        return f"Task({self.kind!r})"
 
 
 # A queue of fast handlers claims ahead: beyond its free slots, as many jobs as its slots run
@@ -3805,6 +3856,31 @@ class Runtime:
             self.register(kind, fn)
             return fn
         return register
+
+    @overload
+    def task(self, fn: Callable[[JobCtx, Any], R], /) -> Task[R]: ...
+
+    @overload
+    def task(self, /, *, kind: str | None = None, queue: str | None = None, priority: int = 0,
+             max_attempts: int | None = None, unique_key: str | None = None
+             ) -> Callable[[Callable[[JobCtx, Any], R]], Task[R]]: ...
+
+    def task(self, fn: Callable[[JobCtx, Any], Any] | None = None, /, *,
+             kind: str | None = None, queue: str | None = None, priority: int = 0,
+             max_attempts: int | None = None, unique_key: str | None = None) -> Any:
+        """Decorator, bare (`@rt.task`) or with defaults (`@rt.task(queue="email")`):
+        registers the function as the handler of `kind` (default: its name) and returns a
+        Task, whose `.enqueue(payload, **overrides)` enqueues jobs of that kind."""
+        defaults = {"queue_name": queue, "priority": priority, "max_attempts": max_attempts,
+                    "unique_key": unique_key}
+
+        def make(fn: Callable[[JobCtx, Any], Any]) -> Task[Any]:
+            name = kind if kind is not None else cast(str, getattr(fn, "__name__", ""))
+            task = Task(fn, name, self.enqueue, self.enqueue_bulk, defaults)
+            self.register(task.kind, task)
+            return task
+
+        return make if fn is None else make(fn)
 
     def register(self, kind: str, fn: Handler) -> None:
         """Run `fn(ctx, payload)` for jobs of `kind`. A later registration replaces it."""

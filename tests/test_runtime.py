@@ -137,6 +137,42 @@ def test_worker_threads_are_named_by_their_process_id(storage, make_runtime):
         assert process_id.startswith(f"{queue}-")
 
 
+# --------------------------------------------------------- task objects ----
+
+def test_a_task_enqueues_jobs_of_its_kind_and_stays_callable(storage, make_runtime):
+    rt = make_runtime({"default": 1, "email": 1})
+
+    @rt.task
+    def double(ctx: sqliteq.JobCtx, payload: int) -> int:
+        return payload * 2
+
+    @rt.task(kind="mail.send", queue="email", priority=3, max_attempts=2)
+    def send(ctx: sqliteq.JobCtx, payload: dict) -> str:
+        return f"sent to {payload['to']}"
+
+    assert (double.kind, send.kind) == ("double", "mail.send")
+    assert double(None, 21) == 42 and double.__name__ == "double"   # the function, for tests
+    with rt:
+        first = double.enqueue(21).job_id
+        urgent = send.enqueue({"to": "ada"}, priority=-1).job_id
+        bulk = [out.job_id for out in send.enqueue_bulk({"to": n} for n in ("bo", "cy"))]
+        jobs = [storage.jobs.wait(job_id, timeout=10) for job_id in (first, urgent, *bulk)]
+    assert [job.result for job in jobs] == [42, "sent to ada", "sent to bo", "sent to cy"]
+    assert [(job.kind, job.queue, job.priority, job.max_attempts) for job in jobs] == [
+        ("double", "default", 0, sqliteq.DEFAULT_MAX_ATTEMPTS), ("mail.send", "email", -1, 2),
+        ("mail.send", "email", 3, 2), ("mail.send", "email", 3, 2)]
+
+
+def test_a_task_with_a_bad_default_is_refused_when_it_is_declared(storage, make_runtime):
+    rt = make_runtime()
+    with pytest.raises(sqliteq.InvalidInput, match="priority"):
+        @rt.task(priority="high")  # type: ignore[call-overload]
+        def bad(ctx: sqliteq.JobCtx, payload: Any) -> None:
+            return None
+    rt.register("other", lambda ctx, payload: None)
+    assert set(rt._handlers) == {"other"}        # nothing registered for "bad"
+
+
 # ------------------------------------------------------------- ordering ----
 
 def test_lower_priority_values_run_first(storage, make_runtime):
