@@ -2913,9 +2913,10 @@ class _PostgresDatabase(_CommitNotices):
                 with self._pool.connection(timeout=self.busy_timeout_ms / 1000 + 5) as conn:
                     result = transaction(conn)
             except self._transient as exc:
-                # A server's error (it has a SQLSTATE) rolled the transaction back; a
-                # connection lost while committing leaves its outcome unknown.
-                if self._local.committing and exc.sqlstate is None:
+                # A conflict the server reports rolled the transaction back; a connection
+                # lost (or ended by the server) while committing leaves the outcome unknown.
+                if self._local.committing and (exc.sqlstate is None
+                                               or exc.sqlstate[:2] in ("08", "57")):
                     raise TransientError(f"the connection to {self.path} was lost during a "
                                          f"COMMIT: the write may or may not have taken effect "
                                          f"({exc})") from None
