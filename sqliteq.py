@@ -61,7 +61,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -80,23 +82,38 @@ import time
 import traceback
 import weakref
 import zoneinfo
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
-from typing import Any, Generic, NamedTuple, NoReturn, Protocol, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    NamedTuple,
+    NoReturn,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 import apsw
 import ulid
+
+if TYPE_CHECKING:
+    import asyncio  # imported where it is used: most programs never need it
 
 __version__ = "0.1.0"
 __all__ = [
     "Cancelled", "CancellationToken", "ConfigError", "CopyReport", "CronExpression",
     "CronSchedule", "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome",
-    "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobState", "Jobs", "KindRouter", "Outcome",
+    "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobProgress", "JobState", "Jobs",
+    "KindRouter", "Outcome",
     "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
-    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled", "TransientError",
+    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled", "TimeLimitExceeded",
+    "TransientError",
     "main",
     "now_ms", "parse_duration",
 ]
@@ -140,6 +157,15 @@ class Cancelled(SqliteqError):
     """Raised by a handler to end its job as `cancelled`; raised by waits whose token fired."""
 
 
+class TimeLimitExceeded(SqliteqError, TimeoutError):
+    """Recorded as the error of an attempt that ran past its time limit (see
+    `Runtime.register`); `stack` is where its handler was when the attempt was given up."""
+
+    def __init__(self, message: str, stack: str | None = None) -> None:
+        super().__init__(message)
+        self.stack = stack
+
+
 # ---------------------------------------------------------------- Values ----
 
 class JobState(str, Enum):
@@ -159,6 +185,7 @@ FINISHED_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_ERRORS_KEPT = 20            # a job keeps the last this-many attempt errors
+MAX_PROGRESS_NOTE = 1000        # characters of a ctx.progress note
 _HOSTNAME = socket.gethostname()
 
 # ASCII output: compact, valid UTF-8 whatever the payload holds (even lone surrogates).
@@ -259,6 +286,14 @@ def _duration_seconds(value: timedelta | float | int, what: str) -> float:
     raise InvalidInput(f"{what} must be a non-negative number of seconds or a timedelta")
 
 
+def _time_limit(value: timedelta | float | int, what: str) -> float:
+    """A time limit in seconds: positive, and at most a year."""
+    seconds = _duration_seconds(value, what)
+    if not 0 < seconds <= 366 * 86400:
+        raise InvalidInput(f"{what} must be more than 0 s and at most a year, not {value!r}")
+    return seconds
+
+
 def _datetime_from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc)
 
@@ -308,6 +343,7 @@ class _RequestFields(NamedTuple):
     run_at: float | None
     max_attempts: int
     unique_key: str | None
+    timeout: float | None
 
 
 class EnqueueRequest(_RequestFields):
@@ -315,14 +351,15 @@ class EnqueueRequest(_RequestFields):
 
     `run_at` is taken as an aware `datetime` or epoch seconds and kept as epoch seconds.
     `queue_name=None` lets the router (or "default") choose. Lower `priority` runs first.
+    `timeout` (seconds) limits each attempt, overriding the handler's (see Runtime.register).
     """
 
     __slots__ = ()
 
     def __new__(cls, kind: str, payload: Any = None, *, queue_name: str | None = None,
                 priority: int = 0, run_at: datetime | float | None = None,
-                max_attempts: int | None = None, unique_key: str | None = None
-                ) -> EnqueueRequest:
+                max_attempts: int | None = None, unique_key: str | None = None,
+                timeout: timedelta | float | None = None) -> EnqueueRequest:
         _check_name(kind, "kind")
         _encode_json(payload, f"payload of {kind!r}")
         if queue_name is not None:
@@ -341,8 +378,10 @@ class EnqueueRequest(_RequestFields):
             if not isinstance(unique_key, str) or not unique_key:
                 raise InvalidInput(f"unique_key must be a non-empty string, not {unique_key!r}")
             _check_text(unique_key, "unique_key")
+        if timeout is not None:
+            timeout = _time_limit(timeout, "timeout")
         return tuple.__new__(cls, (kind, payload, queue_name, priority, run_at, max_attempts,
-                                   unique_key))
+                                   unique_key, timeout))
 
     # Every way of building one goes through __new__'s validation.
     @classmethod
@@ -360,6 +399,14 @@ class EnqueueRequest(_RequestFields):
     def _from_fields(cls, fields: dict[str, Any]) -> EnqueueRequest:
         fields = dict(fields)
         return cls(fields.pop("kind"), fields.pop("payload"), **fields)
+
+
+class JobProgress(NamedTuple):
+    """What a handler last reported by `ctx.progress`: `done` of `total` (if known)."""
+
+    done: float
+    total: float | None = None
+    note: str | None = None
 
 
 class EnqueueOutcome(NamedTuple):
@@ -391,6 +438,8 @@ class Job:
     worker: str | None
     host: str | None
     cancel_requested: bool
+    timeout: float | None = None            # seconds each attempt may run, if the job says
+    progress: JobProgress | None = None     # of the running (or last) attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,6 +654,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_running ON jobs (host, queue) WHERE state = 'running'",
         ("CREATE INDEX jobs_finished ON jobs (state, finished_at)"
          " WHERE state IN ('done', 'failed', 'cancelled')"),
+    ),
+    (
+        # A job's own time limit per attempt (NULL: its handler's), and what its running
+        # handler last reported by ctx.progress (JSON).
+        "ALTER TABLE jobs ADD COLUMN timeout_ms INTEGER",
+        "ALTER TABLE jobs ADD COLUMN progress TEXT",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1227,6 +1282,14 @@ class _Finish(NamedTuple):
         return cls(_Verdict.REQUEUE, job_id, lease, at, worker, errors=errors, run_at=run_at)
 
 
+class _ProgressReport(NamedTuple):
+    """The latest `ctx.progress` of a running job, waiting to ride in the next commit."""
+
+    job_id: str
+    lease: int
+    progress: str               # JobProgress as JSON
+
+
 class _NewJob(NamedTuple):
     """A validated, serialised job, ready to insert."""
 
@@ -1240,6 +1303,7 @@ class _NewJob(NamedTuple):
     max_attempts: int
     unique_key: str | None
     created_at: int
+    timeout_ms: int | None
 
 
 class _ClaimedRow(NamedTuple):
@@ -1253,6 +1317,7 @@ class _ClaimedRow(NamedTuple):
     errors: str | None
     priority: int
     run_at: int
+    timeout_ms: int | None      # the job's own time limit, if it has one
 
 
 # The states a job is stored in; `scheduled` is a queued job whose run_at has not come.
@@ -1262,19 +1327,24 @@ _STORED_STATES = {**{state.value: state for state in JobState}, "scheduled": Job
 # something else) is then one clear error about one job, not a failed query.
 _JOB_COLUMNS = ("id, kind, queue, CAST(payload AS BLOB), state, priority, run_at, attempt,"
                 " max_attempts, unique_key, CAST(result AS BLOB), CAST(errors AS BLOB),"
-                " created_at, started_at, finished_at, worker, host, cancel_requested")
+                " created_at, started_at, finished_at, worker, host, cancel_requested,"
+                " timeout_ms, CAST(progress AS BLOB)")
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
     (id_, kind, queue, payload, state, priority, run_at, attempt, max_attempts, unique_key,
-     result, errors, created_at, started_at, finished_at, worker, host, cancel) = row
+     result, errors, created_at, started_at, finished_at, worker, host, cancel, timeout_ms,
+     progress) = row
     return Job(id_, kind, queue, _decode_stored(payload, f"the payload of job {id_}"),
                _STORED_STATES[state], priority,
                _datetime_from_ms(run_at), attempt, max_attempts, unique_key,  # type: ignore[arg-type]
                None if result is None else _decode_stored(result, f"the result of job {id_}"),
                [] if errors is None else _decode_stored(errors, f"the errors of job {id_}"),
                _datetime_from_ms(created_at), _datetime_from_ms(started_at),  # type: ignore[arg-type]
-               _datetime_from_ms(finished_at), worker, host, bool(cancel))
+               _datetime_from_ms(finished_at), worker, host, bool(cancel),
+               None if timeout_ms is None else timeout_ms / 1000,
+               None if progress is None else JobProgress(
+                   *_decode_stored(progress, f"the progress of job {id_}")))
 
 
 class _JobStore:
@@ -1291,7 +1361,8 @@ class _JobStore:
     """
 
     INSERT = ("INSERT INTO jobs (id, kind, queue, payload, state, priority, run_at,"
-              " max_attempts, unique_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+              " max_attempts, unique_key, created_at, timeout_ms)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     INSERT_UNIQUE = INSERT + " ON CONFLICT DO NOTHING"
     # Run twice (a retry after the connection was lost), the second finds its id taken.
     INSERT_ONCE = INSERT + " ON CONFLICT (id) DO NOTHING"
@@ -1340,11 +1411,11 @@ class _JobStore:
                    " WHERE queue = ?1 AND state = 'scheduled' AND run_at <= ?2")
     CLAIM = """
         UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
-                        worker = NULL, started_at = ?3, cancel_requested = 0
+                        worker = NULL, started_at = ?3, cancel_requested = 0, progress = NULL
         WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued'
                      ORDER BY priority, run_at, id LIMIT ?5)
         RETURNING id, CAST(kind AS BLOB), CAST(payload AS BLOB), attempt, max_attempts,
-                  CAST(errors AS BLOB), priority, run_at"""
+                  CAST(errors AS BLOB), priority, run_at, timeout_ms"""
     COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'running' AND queue = ?"
     READY_EXISTS = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'queued')"
                     " OR EXISTS (SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'scheduled'"
@@ -1356,6 +1427,8 @@ class _JobStore:
                    " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     FINISH_WITH_ERRORS = ("UPDATE jobs SET state = ?3, errors = ?4, worker = ?5,"
                           " finished_at = ?6 WHERE id = ?1 AND lease = ?2 AND state = 'running'")
+    SET_PROGRESS = ("UPDATE jobs SET progress = ?3"
+                    " WHERE id = ?1 AND lease = ?2 AND state = 'running'")
     # A cancel request that arrives while a job is being put back ends it instead.
     REQUEUE = ("UPDATE jobs SET"
                " state = CASE WHEN cancel_requested = 1 THEN 'cancelled'"
@@ -1503,13 +1576,13 @@ class _JobStore:
               now: int) -> list[_ClaimedRow]:
         """Move up to `limit` due jobs of `queue` to running, in claim order."""
         conn.execute(self.PROMOTE_DUE, (queue, now))
-        rows = cast("list[tuple[str, bytes, bytes, int, int, bytes | None, int, int]]",
+        rows = cast("list[tuple[str, bytes, bytes, int, int, bytes | None, int, int, int | None]]",
                     conn.execute(self.CLAIM, (lease, host, now, queue, limit)).fetchall())
         claimed = [_ClaimedRow(job_id, _text_from_blob(kind), payload, attempt, max_attempts,
                                None if errors is None else _text_from_blob(errors), priority,
-                               run_at)
-                   for job_id, kind, payload, attempt, max_attempts, errors, priority, run_at
-                   in rows]
+                               run_at, timeout_ms)
+                   for job_id, kind, payload, attempt, max_attempts, errors, priority, run_at,
+                   timeout_ms in rows]
         claimed.sort(key=lambda row: (row.priority, row.run_at, row.id))   # RETURNING's order
         return claimed                                                     # is not the claim's
 
@@ -1547,6 +1620,11 @@ class _JobStore:
                                   (self.REQUEUE, requeued)):
             if params:
                 conn.executemany(statement, params)
+
+    def report_progress(self, conn: apsw.Connection, reports: Iterable[_ProgressReport]
+                        ) -> None:
+        """Store what running handlers last reported (fenced by their claims' leases)."""
+        conn.executemany(self.SET_PROGRESS, reports)
 
     def release_orphans(self, conn: apsw.Connection, claims: Iterable[tuple[str, int]],
                         now: int) -> None:
@@ -1653,7 +1731,7 @@ class Jobs:
             if type(req) is not EnqueueRequest:
                 raise InvalidInput(f"request {index}: expected an EnqueueRequest, "
                                    f"got {type(req).__name__}")
-            kind, payload, queue, priority, run_at, max_attempts, unique_key = req
+            kind, payload, queue, priority, run_at, max_attempts, unique_key, timeout = req
             payload_json = _encode_json(payload, f"request {index}: payload of {kind!r}")
             if queue is None:
                 queue = routed.get(kind)
@@ -1664,7 +1742,8 @@ class Jobs:
             due = now if run_at is None else min(round(run_at * 1000), _LATEST_MS)
             jobs.append(_NewJob(job_id, kind, queue, payload_json,
                                 "queued" if due <= now else "scheduled", priority, due,
-                                max_attempts, unique_key, now))
+                                max_attempts, unique_key, now,
+                                None if timeout is None else max(1, round(timeout * 1000))))
         return jobs
 
     def _announce(self, queues: set[str]) -> None:
@@ -1672,6 +1751,20 @@ class Jobs:
         self._known_queues |= queues
         for listener in tuple(self._enqueue_listeners):    # a runtime may stop meanwhile
             listener(queues)
+
+    # -- for asyncio callers: the same, with the write in a thread --
+
+    async def aenqueue(self, request: EnqueueRequest, router: Router | None = None
+                       ) -> EnqueueOutcome:
+        """`enqueue`, awaitable: the write runs in a thread, the event loop stays free."""
+        import asyncio
+        return await asyncio.to_thread(self.enqueue, request, router)
+
+    async def aenqueue_bulk(self, requests: Iterable[EnqueueRequest],
+                            router: Router | None = None) -> list[EnqueueOutcome]:
+        """`enqueue_bulk`, awaitable."""
+        import asyncio
+        return await asyncio.to_thread(self.enqueue_bulk, requests, router)
 
     # -- reading --
 
@@ -1699,6 +1792,16 @@ class Jobs:
         polling `PRAGMA data_version` every 50 ms, on PostgreSQL by their NOTIFY: waiting
         costs next to nothing. Raises TimeoutError.
         """
+        pauses = self._watch(job_id, timeout)
+        try:
+            while True:
+                self._db._wait_for_change(next(pauses))
+        except StopIteration as finished:
+            return cast(Job, finished.value)
+
+    def _watch(self, job_id: str, timeout: float | None) -> Generator[float, None, Job]:
+        """The waiting of `wait`, as a generator: it yields how long to pause before it looks
+        again, and returns the finished job."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen_version, reread_at = None, 0.0
         unseen_poll = self._db.UNSEEN_WRITES_POLL
@@ -1716,7 +1819,21 @@ class Jobs:
             remaining = 0.05 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} still {state.value} after {timeout} s")
-            self._db._wait_for_change(min(remaining, 0.05))
+            yield min(remaining, 0.05)
+
+    # -- for asyncio callers: waiting without a thread --
+
+    async def await_job(self, job_id: str, timeout: float | None = None) -> Job:
+        """`wait`, awaitable: the job once done, failed or cancelled. It holds no thread
+        while it waits; it reads the job (by id, a fraction of a millisecond) when something
+        was committed, at most every 50 ms."""
+        import asyncio
+        pauses = self._watch(job_id, timeout)
+        try:
+            while True:
+                await asyncio.sleep(next(pauses))
+        except StopIteration as finished:
+            return cast(Job, finished.value)
 
     # -- administration --
 
@@ -1968,10 +2085,11 @@ class Processes:
         self._store = store
 
     def _heartbeat(self, host_id: str, queues: Mapping[str, int], lease_timeout: float,
-                  interval: float) -> int:
+                   interval: float, reports: Sequence[_ProgressReport] = ()) -> int:
         """Record that `host_id` is alive and beats every `interval` seconds (it is to be
-        deemed dead after `lease_timeout` seconds of progress without a beat), and rescue
-        the jobs of dead hosts. Returns how many jobs were rescued. Idempotent."""
+        deemed dead after `lease_timeout` seconds of progress without a beat), store its
+        handlers' progress `reports`, and rescue the jobs of dead hosts. Returns how many
+        jobs were rescued. Idempotent."""
         lease_ms, interval_ms = int(lease_timeout * 1000), int(interval * 1000)
 
         def beat(conn: apsw.Connection) -> int:
@@ -1989,6 +2107,8 @@ class Processes:
             conn.execute(self.UPSERT, (host_id, _HOSTNAME, os.getpid(),
                                        _json_encode(dict(queues)), now, lease_ms, now_progress,
                                        interval_ms))
+            if reports:
+                self._store.report_progress(conn, reports)
             rescued = self._store.rescue(conn, now, now_progress)
             conn.execute(self.DELETE_SILENT, (now_progress,))
             if not rescued:
@@ -2025,16 +2145,18 @@ class Processes:
 # ----------------------------------------------------------- Cancellation ----
 
 class CancellationToken:
-    """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled" or
-    "lost" (another process rescued the job). Handlers poll `cancelled` or `wait` on it."""
+    """Tells a running handler to stop. `reason` is "paused", "shutdown", "cancelled",
+    "timeout" (its time limit passed) or "lost" (another process rescued the job). Handlers
+    poll `cancelled` or `wait` on it; an async handler's task is cancelled."""
 
-    __slots__ = ("_event", "_lock", "reason")
+    __slots__ = ("_callbacks", "_event", "_lock", "reason")
 
     def __init__(self) -> None:
         # The Event is made by the first wait(): most tokens are never waited on, and one
         # is minted per claimed job.
         self._lock = threading.Lock()
         self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], None]] = []
         self.reason: str | None = None
 
     @property
@@ -2045,11 +2167,23 @@ class CancellationToken:
     def cancel(self, reason: str) -> None:
         """Fire the token; the first reason sticks."""
         with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            event = self._event
+            if self.reason is not None:
+                return
+            self.reason = reason
+            event, callbacks, self._callbacks = self._event, self._callbacks, []
         if event is not None:
             event.set()
+        for callback in callbacks:
+            callback()
+
+    def _on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the cancelling thread) when the token fires; at once if
+        it has."""
+        with self._lock:
+            if self.reason is None:
+                self._callbacks.append(callback)
+                return
+        callback()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep until the token fires (True) or `timeout` seconds pass (False)."""
@@ -2638,6 +2772,9 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_run_at bigint NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE jobs ADD COLUMN timeout_ms bigint, ADD COLUMN progress text",
+    ),
 )
 
 _PG_PARAMETER = re.compile(r"\?(\d*)")
@@ -3103,7 +3240,7 @@ class _PostgresDatabase(_CommitNotices):
 # Parts of the jobs table's rows that SQLite reads as bytes (see _JOB_COLUMNS) are text here.
 _PG_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max_attempts,"
                    " unique_key, result, errors, created_at, started_at, finished_at, worker,"
-                   " host, cancel_requested")
+                   " host, cancel_requested, timeout_ms, progress")
 
 
 class _PgJobStore(_JobStore):
@@ -3123,10 +3260,11 @@ class _PgJobStore(_JobStore):
     # Claims running at once skip each other's rows instead of waiting for them.
     CLAIM = """
         UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
-                        worker = NULL, started_at = ?3, cancel_requested = 0
+                        worker = NULL, started_at = ?3, cancel_requested = 0, progress = NULL
         WHERE id IN (SELECT id FROM jobs WHERE queue = ?4 AND state = 'queued'
                      ORDER BY priority, run_at, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
-        RETURNING id, kind, payload, attempt, max_attempts, errors, priority, run_at"""
+        RETURNING id, kind, payload, attempt, max_attempts, errors, priority, run_at,
+                  timeout_ms"""
     # SQLite's UPDATE OR IGNORE skips the rows that would break a unique key; here the
     # statement leaves out, per key, all but the newest failed job, and any key an active
     # job holds.
@@ -3214,7 +3352,7 @@ _COPIED_TABLES = (
     _CopiedTable("rate_limits", "scope", "capacity, refill_per_sec, tokens, updated_at"),
     # Unfinished jobs, with their ids, attempts, errors and pending cancel requests.
     _CopiedTable("jobs", "id", "kind, queue, payload, state, priority, run_at, attempt,"
-                 " max_attempts, unique_key, errors, created_at, cancel_requested",
+                 " max_attempts, unique_key, errors, created_at, cancel_requested, timeout_ms",
                  "state IN ('queued', 'scheduled')"),
 )
 
@@ -3409,15 +3547,55 @@ class PrefixRouter:
 
 # -------------------------------------------------------- Handler context ----
 
+class _ProgressReports:
+    """The latest `ctx.progress` of each running job of a runtime, until one of the
+    runtime's commits (a dispatcher round or a heartbeat) stores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[tuple[str, int], str] = {}
+
+    def report(self, job_id: str, lease: int, progress: str) -> None:
+        with self._lock:
+            self._latest[job_id, lease] = progress
+
+    def take(self) -> list[_ProgressReport]:
+        with self._lock:
+            latest, self._latest = self._latest, {}
+        return [_ProgressReport(job_id, lease, progress)
+                for (job_id, lease), progress in latest.items()]
+
+    def restore(self, reports: Iterable[_ProgressReport]) -> None:
+        """The commit that carried `reports` failed: keep them, unless newer ones came."""
+        with self._lock:
+            for job_id, lease, progress in reports:
+                self._latest.setdefault((job_id, lease), progress)
+
+
+def _progress_json(done: float, total: float | None, note: str | None) -> str:
+    for value, what in ((done, "done"), (total, "total")):
+        if (value is not None or what == "done") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0):
+            raise InvalidInput(f"progress {what} must be a finite number >= 0, not {value!r}")
+    if note is not None:
+        if not isinstance(note, str) or len(note) > MAX_PROGRESS_NOTE:
+            raise InvalidInput(f"a progress note must be a string of at most "
+                               f"{MAX_PROGRESS_NOTE} characters")
+        _check_text(note, "progress note")
+    return _json_encode([done, total, note])
+
+
 class JobCtx:
     """What a handler knows about the job it runs, and how it enqueues follow-up work."""
 
     __slots__ = ("storage", "router", "rate_limit", "job_id", "process_id", "host_id", "cancel",
-                 "attempt", "kind", "queue")
+                 "attempt", "kind", "queue", "_lease", "_reports")
 
     def __init__(self, storage: Storage, router: Router, rate_limit: RateLimiter, job_id: str,
                  process_id: str, host_id: str, cancel: CancellationToken, attempt: int,
-                 kind: str, queue: str) -> None:
+                 kind: str, queue: str, *, _lease: int = 0,
+                 _reports: _ProgressReports | None = None) -> None:
         self.storage = storage
         self.router = router
         self.rate_limit = rate_limit
@@ -3428,6 +3606,16 @@ class JobCtx:
         self.attempt = attempt
         self.kind = kind
         self.queue = queue
+        self._lease, self._reports = _lease, _reports
+
+    def progress(self, done: float, total: float | None = None, note: str | None = None
+                 ) -> None:
+        """Report how far the job has come (`done` of `total`, with an optional note). Cheap
+        enough to call per item: only the latest report is kept, and it is stored by the
+        runtime's next commit (within a heartbeat interval); `jobs.get` shows it."""
+        progress = _progress_json(done, total, note)
+        if self._reports is not None:       # None: a context made by hand, in a test
+            self._reports.report(self.job_id, self._lease, progress)
 
     def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
         """Enqueue a follow-up job through the runtime's router (lock contention is retried
@@ -3437,6 +3625,14 @@ class JobCtx:
     def enqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
         """Enqueue many follow-up jobs in one transaction (one writer-lock hold)."""
         return self.storage.jobs.enqueue_bulk(requests, self.router)
+
+    async def aenqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
+        """`enqueue` for async handlers: the write runs in a thread."""
+        return await self.storage.jobs.aenqueue(request, self.router)
+
+    async def aenqueue_bulk(self, requests: Iterable[EnqueueRequest]) -> list[EnqueueOutcome]:
+        """`enqueue_bulk` for async handlers: the write runs in a thread."""
+        return await self.storage.jobs.aenqueue_bulk(requests, self.router)
 
     def __repr__(self) -> str:
         return f"JobCtx(job_id={self.job_id!r}, kind={self.kind!r}, attempt={self.attempt})"
@@ -3468,30 +3664,48 @@ class Task(Generic[R]):
 
     def request(self, payload: Any = None, *, queue_name: str | None = None,
                 priority: int | None = None, run_at: datetime | float | None = None,
-                max_attempts: int | None = None, unique_key: str | None = None
-                ) -> EnqueueRequest:
-        """The EnqueueRequest for one job: the task's defaults, but for what is given."""
+                max_attempts: int | None = None, unique_key: str | None = None,
+                timeout: timedelta | float | None = None) -> EnqueueRequest:
+        """The EnqueueRequest for one job: the task's defaults, but for what is given. (A
+        `timeout` given here is the job's own; the task's is its handler's.)"""
         given = {"queue_name": queue_name, "priority": priority, "run_at": run_at,
-                 "max_attempts": max_attempts, "unique_key": unique_key}
+                 "max_attempts": max_attempts, "unique_key": unique_key, "timeout": timeout}
         return EnqueueRequest(self.kind, payload, **{
             **self._defaults, **{name: value for name, value in given.items()
                                  if value is not None}})
 
     def enqueue(self, payload: Any = None, *, queue_name: str | None = None,
                 priority: int | None = None, run_at: datetime | float | None = None,
-                max_attempts: int | None = None, unique_key: str | None = None
-                ) -> EnqueueOutcome:
+                max_attempts: int | None = None, unique_key: str | None = None,
+                timeout: timedelta | float | None = None) -> EnqueueOutcome:
         """Enqueue one job of this task (committed when this returns); keywords override the
         task's defaults."""
         return self._enqueue(self.request(
             payload, queue_name=queue_name, priority=priority, run_at=run_at,
-            max_attempts=max_attempts, unique_key=unique_key))
+            max_attempts=max_attempts, unique_key=unique_key, timeout=timeout))
 
     def enqueue_bulk(self, payloads: Iterable[Any], *, queue_name: str | None = None,
                      priority: int | None = None) -> list[EnqueueOutcome]:
         """Enqueue one job per payload, in one transaction."""
         return self._enqueue_bulk(self.request(payload, queue_name=queue_name,
                                                priority=priority) for payload in payloads)
+
+    async def aenqueue(self, payload: Any = None, *, queue_name: str | None = None,
+                       priority: int | None = None, run_at: datetime | float | None = None,
+                       max_attempts: int | None = None, unique_key: str | None = None,
+                       timeout: timedelta | float | None = None) -> EnqueueOutcome:
+        """`enqueue`, awaitable: the write runs in a thread."""
+        import asyncio
+        return await asyncio.to_thread(self._enqueue, self.request(
+            payload, queue_name=queue_name, priority=priority, run_at=run_at,
+            max_attempts=max_attempts, unique_key=unique_key, timeout=timeout))
+
+    async def aenqueue_bulk(self, payloads: Iterable[Any], *, queue_name: str | None = None,
+                            priority: int | None = None) -> list[EnqueueOutcome]:
+        """`enqueue_bulk`, awaitable."""
+        import asyncio
+        return await asyncio.to_thread(self.enqueue_bulk, payloads, queue_name=queue_name,
+                                       priority=priority)
 
     def __repr__(self) -> str:
         return f"Task({self.kind!r})"
@@ -3522,6 +3736,7 @@ class _Claimed(NamedTuple):
     lease: int
     queue: str
     token: CancellationToken
+    timeout_ms: int | None              # the job's own time limit, if it has one
 
 
 class _Ended(NamedTuple):
@@ -3624,6 +3839,129 @@ class _LoopErrors:
             log.warning("%s works again after %d failed rounds in %.1f s", self.loop,
                         self.streak, time.monotonic() - self.since)
             self.streak = 0
+
+
+class _Attempt(NamedTuple):
+    """A handler running under a time limit, as its worker registered it."""
+
+    thread_id: int              # the worker thread's, to show where it is stuck
+    process_id: str
+    slot: int
+    limit: float                # seconds
+
+
+class _Watchdog:
+    """Enforces time limits from a thread of its own, started by the first limited attempt.
+    When an attempt has run for its limit, its token fires with reason "timeout"; if it
+    still runs `grace` seconds later, `expire(job)` gives it up."""
+
+    def __init__(self, grace: float, expire: Callable[[_Claimed], None], name: str) -> None:
+        self._grace, self._expire, self._name = grace, expire, name
+        self._cond = threading.Condition(threading.Lock())
+        # (when, tie-breaker, job, whether the token has fired), earliest first
+        self._deadlines: list[tuple[float, int, _Claimed, bool]] = []
+        self._armed: set[tuple[str, int]] = set()     # (job id, lease) still running
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, job: _Claimed, seconds: float) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name=self._name)
+                self._thread.start()
+            self._armed.add((job.id, job.lease))
+            heapq.heappush(self._deadlines,
+                           (time.monotonic() + seconds, next(self._order), job, False))
+            if self._deadlines[0][2] is job:
+                self._cond.notify()
+
+    def disarm(self, job: _Claimed) -> None:
+        with self._cond:
+            self._armed.discard((job.id, job.lease))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    if self._deadlines:
+                        delay = self._deadlines[0][0] - time.monotonic()
+                        if delay <= 0:
+                            when, _, job, fired = heapq.heappop(self._deadlines)
+                            if (job.id, job.lease) in self._armed:
+                                break
+                            continue
+                    self._cond.wait(delay if self._deadlines else None)
+                if not fired:
+                    heapq.heappush(self._deadlines,
+                                   (when + self._grace, next(self._order), job, True))
+                else:
+                    self._armed.discard((job.id, job.lease))
+            if not fired:
+                job.token.cancel("timeout")
+            else:
+                self._expire(job)
+
+
+class _EventLoop:
+    """The runtime's asyncio event loop, in a thread of its own, started by the first async
+    handler. Each async job still holds its worker thread (blocked on the result), so a
+    queue runs at most its slots at once, and outcomes, retries and fencing are a sync
+    handler's."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self, awaitable: Any, token: CancellationToken) -> Any:
+        """Await `awaitable` on the loop and return its result; when `token` fires, its
+        task is cancelled (and this raises once the task has ended)."""
+        import asyncio
+
+        async def as_task() -> Any:
+            task, loop = asyncio.current_task(), asyncio.get_running_loop()
+            assert task is not None
+
+            def cancel_task() -> None:      # called from the thread that fires the token
+                loop.call_soon_threadsafe(task.cancel)
+
+            token._on_cancel(cancel_task)
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(as_task(), self._started()).result()
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        import asyncio
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                                name=self._name)
+                self._thread.start()
+            return self._loop
+
+    def close(self) -> None:
+        """Stop the loop (once no handler runs on it: see Runtime.stop)."""
+        import asyncio
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        if not asyncio.all_tasks(loop):     # else a handler outlived stop(): leave it be
+            loop.close()
 
 
 class _Clock:
@@ -3745,8 +4083,13 @@ class _Dispatcher:
             if finished or claim_from or orphans:
                 lease = random.getrandbits(62)
                 wakes = {qs.name: qs.wakes for qs in rt._queue_states.values()}
-                claimed = self._db.write(functools.partial(rt._commit, finished, claim_from,
-                                                           lease, orphans, now))
+                reports = rt._progress.take()
+                try:
+                    claimed = self._db.write(functools.partial(
+                        rt._commit, finished, claim_from, lease, orphans, reports, now))
+                except Exception:
+                    rt._progress.restore(reports)
+                    raise
                 self._own_writes += 1
                 rt._hand_out(claimed, lease, wakes)
                 rt._note_requeues(finished)
@@ -3794,12 +4137,17 @@ class Runtime:
     Database errors make a loop back off and retry (see `_LoopErrors`). When the file cannot
     be used at all, or a thread of the runtime dies, the runtime stops itself rather than
     look alive while it claims nothing: `error` tells why, and `run()` raises it.
+
+    An attempt that runs past its time limit has its token fired (reason "timeout"); one
+    still running `timeout_grace` seconds later is failed (retried per policy) and its slot
+    goes to a new worker thread (see `register`).
     """
 
     def __init__(self, storage: Storage, queues: Mapping[str, int] | None = None,
                  router: Router | None = None, *, poll_interval: float = 0.05,
                  heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
-                 shutdown_timeout: float = 30.0, janitor_interval: float = 60.0) -> None:
+                 shutdown_timeout: float = 30.0, janitor_interval: float = 60.0,
+                 timeout_grace: float = 5.0) -> None:
         self._started = False
         self.storage = storage
         self.router: Router = router if router is not None else DefaultRouter()
@@ -3812,10 +4160,12 @@ class Runtime:
         self.lease_timeout = _duration_seconds(lease_timeout, "lease_timeout")
         self.shutdown_timeout = _duration_seconds(shutdown_timeout, "shutdown_timeout")
         self.janitor_interval = _duration_seconds(janitor_interval, "janitor_interval")
+        self.timeout_grace = _duration_seconds(timeout_grace, "timeout_grace")
         if self.lease_timeout <= self.heartbeat_interval:
             raise ConfigError("lease_timeout must be longer than heartbeat_interval")
         self.host_id: str = ""          # a ULID minted by start()
         self._handlers: dict[str, Handler] = {}
+        self._timeouts: dict[str, float] = {}     # kind -> its handler's time limit
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
@@ -3834,6 +4184,12 @@ class Runtime:
         self.error: SqliteqError | None = None   # why the runtime stopped itself, if it did
         self._wal_warned = False
         self._clock = _Clock(storage.db)    # tests replace it before start() to move time
+        # Attempts under a time limit, until their worker hands in the end (or the watchdog
+        # gives them up): whoever removes the entry, under _wake, ends the attempt.
+        self._limited: dict[tuple[str, int], _Attempt] = {}
+        self._watchdog = _Watchdog(self.timeout_grace, self._give_up, "sqliteq-watchdog")
+        self._event_loop = _EventLoop("sqliteq-asyncio")
+        self._progress = _ProgressReports()
 
     # -- registration and enqueueing --
 
@@ -3851,10 +4207,11 @@ class Runtime:
         self.queues = queues
         self._queue_states = {name: _QueueState(name, n) for name, n in queues.items()}
 
-    def handler(self, kind: str) -> Callable[[Handler], Handler]:
+    def handler(self, kind: str, *, timeout: timedelta | float | None = None
+                ) -> Callable[[Handler], Handler]:
         """Decorator: `@rt.handler("email_send")` registers the function for that kind."""
         def register(fn: Handler) -> Handler:
-            self.register(kind, fn)
+            self.register(kind, fn, timeout=timeout)
             return fn
         return register
 
@@ -3863,32 +4220,51 @@ class Runtime:
 
     @overload
     def task(self, /, *, kind: str | None = None, queue: str | None = None, priority: int = 0,
-             max_attempts: int | None = None, unique_key: str | None = None
+             max_attempts: int | None = None, unique_key: str | None = None,
+             timeout: timedelta | float | None = None
              ) -> Callable[[Callable[[JobCtx, Any], R]], Task[R]]: ...
 
     def task(self, fn: Callable[[JobCtx, Any], Any] | None = None, /, *,
              kind: str | None = None, queue: str | None = None, priority: int = 0,
-             max_attempts: int | None = None, unique_key: str | None = None) -> Any:
+             max_attempts: int | None = None, unique_key: str | None = None,
+             timeout: timedelta | float | None = None) -> Any:
         """Decorator, bare (`@rt.task`) or with defaults (`@rt.task(queue="email")`):
-        registers the function as the handler of `kind` (default: its name) and returns a
-        Task, whose `.enqueue(payload, **overrides)` enqueues jobs of that kind."""
+        registers the function as the handler of `kind` (default: its name), with its time
+        limit, and returns a Task, whose `.enqueue(payload, **overrides)` enqueues jobs of
+        that kind. An `async def` function runs on the runtime's event loop."""
         defaults = {"queue_name": queue, "priority": priority, "max_attempts": max_attempts,
                     "unique_key": unique_key}
 
         def make(fn: Callable[[JobCtx, Any], Any]) -> Task[Any]:
             name = kind if kind is not None else cast(str, getattr(fn, "__name__", ""))
             task = Task(fn, name, self.enqueue, self.enqueue_bulk, defaults)
-            self.register(task.kind, task)
+            self.register(task.kind, task, timeout=timeout)
             return task
 
         return make if fn is None else make(fn)
 
-    def register(self, kind: str, fn: Handler) -> None:
-        """Run `fn(ctx, payload)` for jobs of `kind`. A later registration replaces it."""
+    def register(self, kind: str, fn: Handler, *, timeout: timedelta | float | None = None
+                 ) -> None:
+        """Run `fn(ctx, payload)` for jobs of `kind`; if it returns an awaitable (an `async
+        def` handler), await it on the runtime's event loop. A later registration replaces
+        it.
+
+        `timeout` (seconds) limits each attempt, unless the job has its own
+        (`EnqueueRequest(timeout=...)`). When it passes, the token fires with reason
+        "timeout" (an async handler's task is cancelled) and the attempt fails with
+        TimeLimitExceeded, retried per policy. A handler still running `timeout_grace`
+        seconds later is given up: its attempt fails the same way and a new worker thread
+        takes its slot. Python cannot kill a thread: the old one runs on until its handler
+        returns, and what it returns is dropped."""
         _check_name(kind, "kind")
         if not callable(fn):
             raise ConfigError(f"handler for {kind!r} is not callable")
+        limit = None if timeout is None else _time_limit(timeout, f"timeout of {kind!r}")
         self._handlers[kind] = fn
+        if limit is None:
+            self._timeouts.pop(kind, None)
+        else:
+            self._timeouts[kind] = limit
 
     def cron(self, name: str, expression: str, request: EnqueueRequest,
              tz: str | None = None) -> None:
@@ -3984,6 +4360,8 @@ class Runtime:
         if still_running:
             log.warning("runtime %s: %d handler(s) still running after stop; close the "
                         "storage only once they return", self.host_id, still_running)
+        self._watchdog.close()
+        self._event_loop.close()
         self._stopped.set()
         self._heartbeat.join()
         self._scheduler.join()          # no sweep can start after this
@@ -4111,16 +4489,18 @@ class Runtime:
         return [(qs.name, qs.claimable(), max(0, qs.slots - qs.held)) for qs in wanted]
 
     def _commit(self, finished: list[_Ended], claim_from: list[tuple[str, int, int]],
-                lease: int, orphans: list[tuple[str, int]], now: int, conn: apsw.Connection
-                ) -> list[_QueueClaim]:
-        """One transaction: apply finished jobs, release orphaned claims, then claim (as
-        of `now`, ms). Re-runnable on busy retries."""
+                lease: int, orphans: list[tuple[str, int]], reports: list[_ProgressReport],
+                now: int, conn: apsw.Connection) -> list[_QueueClaim]:
+        """One transaction: store progress reports, apply finished jobs, release orphaned
+        claims, then claim (as of `now`, ms). Re-runnable on busy retries."""
         store, queues = self.storage._store, self.storage.queues
         # Read again with the writer lock held: a job enqueued while the round waited for
         # it is never claimed "before" it was created.
         now = max(now, self._clock.now_ms())
         if orphans:
             store.release_orphans(conn, orphans, now)
+        if reports:                     # before the finishes: a job's last report counts
+            store.report_progress(conn, reports)
         store.finish(conn, [ended.finish for ended in finished])
         for ended in finished:
             if ended.cool_down_until is not None:
@@ -4155,7 +4535,7 @@ class Runtime:
             qs.held += len(rows)
             for row in rows:
                 job = _Claimed(row.id, row.kind, row.payload, row.attempt, row.max_attempts,
-                               row.errors, lease, name, CancellationToken())
+                               row.errors, lease, name, CancellationToken(), row.timeout_ms)
                 self._held[row.id] = job
                 qs.buffer.put(job)
 
@@ -4181,7 +4561,7 @@ class Runtime:
                  for job in self._held.values()]
         try:
             self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, [],
-                                                    self._clock.now_ms()))
+                                                    [], self._clock.now_ms()))
         except Exception:
             self._unsettle(finished)        # held again: the next round commits them
             raise
@@ -4243,15 +4623,18 @@ class Runtime:
                              max_pause=self.heartbeat_interval)
         pause = self.heartbeat_interval
         while not self._stopped.wait(pause):
+            reports = self._progress.take()
             try:
                 self.storage.processes._heartbeat(self.host_id, self.queues,
-                                                 self.lease_timeout, self.heartbeat_interval)
+                                                 self.lease_timeout, self.heartbeat_interval,
+                                                 reports)
                 if self._held:
                     self._sync_running()
                 self._watch_wal()
                 errors.succeeded()
                 pause = self.heartbeat_interval
             except Exception as exc:
+                self._progress.restore(reports)
                 pause = errors.failed(exc)
 
     def _watch_wal(self) -> None:
@@ -4312,6 +4695,12 @@ class Runtime:
             job = qs.buffer.get()
             if job is None:
                 return
+            limit = self._time_limit(job)
+            if limit is not None:
+                with self._wake:
+                    self._limited[job.id, job.lease] = _Attempt(threading.get_ident(),
+                                                                process_id, slot, limit)
+                self._watchdog.arm(job, limit)
             try:
                 ended = self._execute(job, process_id)
             except BaseException as exc:    # e.g. an exception whose str() raises
@@ -4319,13 +4708,53 @@ class Runtime:
                           job.kind, type(exc).__name__)
                 ended = _Ended(_Finish.failed(job.id, job.lease, self._clock.now_ms(), process_id,
                                               job.errors), job, "failed")
+            if limit is not None:
+                self._watchdog.disarm(job)
+            with self._wake:
+                if limit is not None and self._limited.pop((job.id, job.lease), None) is None:
+                    given_up = True         # the watchdog ended the attempt, and took the slot
+                else:
+                    given_up = False
+                    self._finished.append(ended)
+                    if len(self._finished) == 1:    # else the dispatcher was woken already
+                        self._wake.notify()
+            if given_up:
+                log.warning("job %s (%s): its handler returned %.1f s after its attempt was "
+                            "given up; what it returned is dropped", job.id, job.kind,
+                            ended.seconds - (limit or 0) - self.timeout_grace)
+                return
             if job_log.isEnabledFor(logging.INFO):
                 job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, ended.outcome,
                              process_id, ended.seconds * 1000)
-            with self._wake:
-                self._finished.append(ended)
-                if len(self._finished) == 1:    # else the dispatcher was woken already
-                    self._wake.notify()
+
+    def _time_limit(self, job: _Claimed) -> float | None:
+        """Seconds the job's attempt may run: its own limit, else its handler's."""
+        return self._timeouts.get(job.kind) if job.timeout_ms is None else job.timeout_ms / 1000
+
+    def _give_up(self, job: _Claimed) -> None:
+        """The watchdog's verdict on a handler still running after its limit and the
+        grace: fail the attempt (retried per policy), and start a worker for its slot."""
+        with self._wake:
+            attempt = self._limited.pop((job.id, job.lease), None)
+        if attempt is None:
+            return                      # its worker handed the end in meanwhile
+        frame = sys._current_frames().get(attempt.thread_id)
+        stack = None if frame is None else "".join(traceback.format_stack(frame))
+        ended = self._verdict(job, TimeLimitExceeded(
+            f"the handler ran past its {attempt.limit:g} s time limit and {self.timeout_grace:g} s"
+            f" of grace; its thread was left running", stack), attempt.process_id)
+        log.warning("job %s (%s): attempt %d given up after its %g s time limit; a new "
+                    "worker takes its slot", job.id, job.kind, job.attempt, attempt.limit)
+        qs = self._queue_states[job.queue]
+        with self._wake:
+            self._finished.append(ended)
+            self._wake.notify()
+            if self._stopping:          # stop() hands every slot its end-of-work marker
+                return
+            worker = threading.Thread(target=self._work_loop, args=(qs, attempt.slot),
+                                      daemon=True, name=f"{qs.name}-{attempt.slot}-{self.host_id}")
+            self._workers.append(worker)
+        worker.start()
 
     def _execute(self, job: _Claimed, process_id: str) -> _Ended:
         """Run the handler and turn whatever happens into a finish. Never raises."""
@@ -4339,7 +4768,8 @@ class Runtime:
             if fn is None:
                 raise LookupError(f"no handler registered for kind {job.kind!r}")
             ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
-                         self.host_id, job.token, job.attempt, job.kind, job.queue)
+                         self.host_id, job.token, job.attempt, job.kind, job.queue,
+                         _lease=job.lease, _reports=self._progress)
             if job_log.isEnabledFor(logging.DEBUG):
                 job_log.debug("%s %s attempt %d starting on %s", job.id, job.kind,
                               job.attempt, process_id)
@@ -4347,7 +4777,10 @@ class Runtime:
                 payload = _decode_stored(job.payload, f"the payload of job {job.id}")
             except SqliteqError as exc:     # no attempt can do better
                 raise Dead(str(exc)) from None
-            result = _encode_json(fn(ctx, payload), f"the result of job {job.id}")
+            value = fn(ctx, payload)
+            if inspect.isawaitable(value):
+                value = self._event_loop.run(value, job.token)
+            result = _encode_json(value, f"the result of job {job.id}")
             return _Ended(_Finish.done(job.id, job.lease, self._clock.now_ms(), process_id,
                                        result), job, "done", time.perf_counter() - started)
         except BaseException as exc:    # nothing a handler does may kill a worker thread
@@ -4369,6 +4802,10 @@ class Runtime:
                 cool_down_until=until)
         if token.cancelled and token.reason in ("paused", "shutdown"):
             return self._requeue(job, now, process_id, f"requeued ({token.reason})")
+        if token.reason == "timeout" and not isinstance(exc, (Outcome, TimeLimitExceeded)):
+            timed_out = TimeLimitExceeded(
+                f"the handler ran past its {self._time_limit(job) or 0:g} s time limit")
+            timed_out.__cause__, exc = exc, timed_out      # the traceback shows where it was
         if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
             return _Ended(_Finish.cancelled(job.id, job.lease, now, process_id,
                                             self._errors_with(job, exc, now)), job, "cancelled")
@@ -4398,9 +4835,10 @@ class Runtime:
     @staticmethod
     def _errors_with(job: _Claimed, exc: BaseException, now: int) -> str:
         errors = [] if job.errors is None else _json_decode(job.errors)
+        trace = exc.stack if isinstance(exc, TimeLimitExceeded) else None
         errors.append({"at": _iso_from_ms(now), "attempt": job.attempt,
                        "error": f"{type(exc).__name__}: {_describe(exc)}",
-                       "traceback": "".join(traceback.format_exception(
+                       "traceback": trace or "".join(traceback.format_exception(
                            type(exc), exc, exc.__traceback__))})
         return _json_encode(errors[-MAX_ERRORS_KEPT:])
 
@@ -4506,7 +4944,7 @@ def _request_from_line(fields: Any) -> EnqueueRequest:
         raise InvalidInput("expected a JSON object")
     fields = dict(fields)
     unknown = set(fields) - {"kind", "payload", "queue", "priority", "delay", "run_at",
-                             "unique_key", "max_attempts"}
+                             "unique_key", "max_attempts", "timeout"}
     if unknown:
         raise InvalidInput(f"unknown field(s) {', '.join(sorted(unknown))}")
     if "kind" not in fields:
@@ -4521,10 +4959,12 @@ def _request_from_line(fields: Any) -> EnqueueRequest:
     elif "run_at" in fields:
         value = fields["run_at"]
         run_at = parse_instant(value) if isinstance(value, str) else value
+    timeout = fields.get("timeout")
     return EnqueueRequest(fields["kind"], fields.get("payload"), queue_name=fields.get("queue"),
                           priority=fields.get("priority", 0), run_at=run_at,
                           max_attempts=fields.get("max_attempts"),
-                          unique_key=fields.get("unique_key"))
+                          unique_key=fields.get("unique_key"),
+                          timeout=parse_duration(timeout) if isinstance(timeout, str) else timeout)
 
 
 def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
@@ -4535,7 +4975,8 @@ def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
         "unique_key": job.unique_key, "run_at": _iso(job.run_at),
         "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at), "worker": job.worker, "host": job.host,
-        "cancel_requested": job.cancel_requested,
+        "cancel_requested": job.cancel_requested, "timeout": job.timeout,
+        "progress": None if job.progress is None else job.progress._asdict(),
         "last_error": job.errors[-1]["error"] if job.errors else None,
     }
     if full:
@@ -4564,6 +5005,15 @@ def _printable(text: str) -> str:
 def _printable_json(text: str) -> str:
     """JSON text with the characters above as \\u escapes too (the same JSON values)."""
     return _JSON_UNESCAPED_CONTROLS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def _progress_text(progress: JobProgress) -> str:
+    """`3/10 (30 %) resizing b.png`"""
+    done, total, note = progress
+    text = f"{done:g}" if total is None else f"{done:g}/{total:g}"
+    if total:
+        text += f" ({100 * done / total:.0f} %)"
+    return _printable(f"{text} {note}" if note else text)
 
 
 def _cell(value: Any) -> str:
@@ -4739,11 +5189,13 @@ def _cli() -> Any:
     @click.option("--at", "at_time", help="Run at this ISO 8601 time, e.g. 2026-12-01T09:00Z.")
     @click.option("--unique-key", help="At most one queued-or-running job with this key.")
     @click.option("--max-attempts", type=int, help="Attempts before the job fails (default 5).")
+    @click.option("--timeout", help="Time limit of each attempt, e.g. 90s (default: the "
+                                    "handler's).")
     @json_option
     @click.pass_context
     def enqueue(ctx: click.Context, kind: str, payload: str | None, queue: str | None,
                 priority: int, delay: str | None, at_time: str | None, unique_key: str | None,
-                max_attempts: int | None, as_json: bool) -> None:
+                max_attempts: int | None, timeout: str | None, as_json: bool) -> None:
         """Enqueue one job and print its id.
 
         \b
@@ -4765,7 +5217,8 @@ def _cli() -> Any:
         elif at_time is not None:
             run_at = parse_instant(at_time)
         request = EnqueueRequest(kind, data, queue_name=queue, priority=priority, run_at=run_at,
-                                 max_attempts=max_attempts, unique_key=unique_key)
+                                 max_attempts=max_attempts, unique_key=unique_key,
+                                 timeout=None if timeout is None else parse_duration(timeout))
         storage = open_storage(ctx, create=True)
         if queue is not None and queue not in {q.name for q in storage.queues.list()}:
             echo(f"sqliteq: warning: queue {queue!r} is new: no worker serves it yet",
@@ -4895,20 +5348,21 @@ def _cli() -> Any:
           sqliteq status --watch --interval 5
         """
         storage = open_storage(ctx)
-        while True:
-            data = _status_data(storage)
-            if as_json:
-                emit_json(data, one_line=watch)
-            else:
-                if watch:
-                    click.clear()
-                echo(_status_text(data))
-            if not watch:
-                return
-            try:
+        try:                            # Ctrl-C ends a watch, during a refresh too
+            while True:
+                data = _status_data(storage)
+                if as_json:
+                    emit_json(data, one_line=watch)
+                else:
+                    if watch:
+                        click.clear()
+                    echo(_status_text(data))
+                if not watch:
+                    return
                 time.sleep(interval)
-            except KeyboardInterrupt:
-                return
+        except KeyboardInterrupt:
+            if not watch:
+                raise
 
     @cli.command()
     @click.option("--state", type=click.Choice([s.value for s in JobState]))
@@ -4954,6 +5408,8 @@ def _cli() -> Any:
             emit_json(data)
             return
         for key, value in data.items():
+            if key == "progress" and found.progress is not None:
+                value = _progress_text(found.progress)
             if key not in ("payload", "result", "errors", "last_error"):
                 echo(f"{key + ':':18}{'-' if value is None else value}")
         for key in ("payload", "result"):

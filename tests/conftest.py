@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PG_URL, Target, fresh_schema
+from support import FAST, PG_URL, Target, fresh_schema
 from workers import Cluster, create_test_tables
 
 import sqliteq
@@ -112,3 +112,20 @@ def run_python(child_env: dict[str, str]) -> Callable[..., subprocess.CompletedP
                               text=True, timeout=timeout, env=child_env, check=False)
 
     return run
+
+
+@pytest.fixture
+def make_runtime(storage: sqliteq.Storage) -> Iterator[Callable[..., sqliteq.Runtime]]:
+    """Build runtimes on the test's storage (fast intervals unless overridden); every one is
+    stopped at teardown even when the test fails half-way."""
+    made: list[sqliteq.Runtime] = []
+
+    def make(queues: dict[str, int] | None = None, router: sqliteq.Router | None = None,
+             **options: Any) -> sqliteq.Runtime:
+        rt = sqliteq.Runtime(storage, queues or {"default": 1}, router, **{**FAST, **options})
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.stop(timeout=5)

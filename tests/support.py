@@ -21,6 +21,9 @@ import sqliteq
 
 REPO = Path(sqliteq.__file__).resolve().parent
 
+# Short runtime intervals keep the suite fast; lease_timeout must exceed heartbeat_interval.
+FAST = {"poll_interval": 0.02, "heartbeat_interval": 0.1, "lease_timeout": 5.0}
+
 # `python -c HOLD_WRITER_LOCK DB SECONDS|until-told`: a process that takes the file's writer
 # lock, prints "locked", and holds it that long (or until a line on stdin).
 HOLD_WRITER_LOCK = """

@@ -59,7 +59,8 @@ def fill(storage: sqliteq.Storage, target: Target) -> dict[str, list[str]]:
     unique = [jobs.enqueue(EnqueueRequest("send", None, queue_name="mail",
                                           unique_key="welcome:7")).job_id]
     # One job that failed an attempt already (what a retry leaves behind).
-    retried = jobs.enqueue(EnqueueRequest("send", {"to": "x"}, max_attempts=4)).job_id
+    retried = jobs.enqueue(EnqueueRequest("send", {"to": "x"}, max_attempts=4,
+                                          timeout=90)).job_id
     target.sql("UPDATE jobs SET attempt = 1, errors = ? WHERE id = ?",
                json.dumps([{"at": "2026-01-01T00:00:00.000Z", "attempt": 1,
                             "error": "boom", "traceback": None}]), retried)

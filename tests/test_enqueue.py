@@ -152,7 +152,7 @@ def test_requests_can_be_copied_and_pickled():
 
 def test_requests_cannot_skip_validation(storage):
     with pytest.raises(InvalidInput):
-        bad = EnqueueRequest._make(["", None, None, "high", None, 0, None])
+        bad = EnqueueRequest._make(["", None, None, "high", None, 0, None, None])
         storage.jobs.enqueue(bad)
     assert total(storage) == 0
 

@@ -254,7 +254,22 @@ def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python)
                               stderr=subprocess.PIPE, text=True) for _ in range(8)]
     errors = [proc.communicate(timeout=60)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, errors
-    assert pg.sql("SELECT version FROM sqliteq_version") == [(1,)]
+    assert pg.sql("SELECT version FROM sqliteq_version") == [(len(sqliteq._PG_MIGRATIONS),)]
+
+
+def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
+    """A schema as the first PostgreSQL release wrote it (step 1: no time limit or progress
+    columns) gains them when opened, its jobs intact."""
+    with pg.open() as storage:
+        job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
+    pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")
+    pg.sql("UPDATE sqliteq_version SET version = 1")
+    with pg.open() as storage:
+        job = storage.jobs.get(job_id)
+        assert (job.payload, job.timeout, job.progress) == ({"n": 1}, None, None)
+        assert storage.jobs.get(storage.jobs.enqueue(
+            EnqueueRequest("k", timeout=5)).job_id).timeout == 5.0
+    assert pg.sql("SELECT version FROM sqliteq_version") == [(len(sqliteq._PG_MIGRATIONS),)]
 
 
 # --------------------------------------------------------- connections ----

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,13 @@ from typing import Any
 import apsw
 import pytest
 import ulid
-from support import wait_until
+from support import FAST, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
 
 REPO = Path(sqliteq.__file__).resolve().parent
 
-# Short intervals keep the suite fast; lease_timeout must exceed heartbeat_interval.
-FAST = {"poll_interval": 0.02, "heartbeat_interval": 0.1, "lease_timeout": 5.0}
 
 
 # ------------------------------------------------------------- helpers ----
@@ -51,23 +49,6 @@ def state_of(storage: sqliteq.Storage, job_id: str) -> str:
     job = storage.jobs.get(job_id)
     assert job is not None
     return job.state.value
-
-
-@pytest.fixture
-def make_runtime(storage: sqliteq.Storage) -> Iterator[Callable[..., sqliteq.Runtime]]:
-    """Build runtimes on the test's storage (fast intervals unless overridden); every one is
-    stopped at teardown even when the test fails half-way."""
-    made: list[sqliteq.Runtime] = []
-
-    def make(queues: dict[str, int] | None = None, router: sqliteq.Router | None = None,
-             **options: Any) -> sqliteq.Runtime:
-        rt = sqliteq.Runtime(storage, queues or {"default": 1}, router, **{**FAST, **options})
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        rt.stop(timeout=5)
 
 
 def fast_backoff(storage: sqliteq.Storage, queue: str = "default") -> None:

@@ -552,6 +552,7 @@ def test_a_file_of_schema_4_moves_to_storage_v2_keeping_every_job(db_path):
             "A-ready": "queued", "B-later": "queued", "C-running": "running",
             "D-done": "done", "E-failed": "failed"}
         assert jobs["D-done"].result == "r" and jobs["A-ready"].payload == {"n": 1}
+        assert (jobs["A-ready"].timeout, jobs["C-running"].progress) == (None, None)   # step 6
         # Unique keys still bind active jobs, scheduled ones included; finished ones do not.
         assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="key-b")) == (
             sqliteq.EnqueueOutcome("B-later", False))
