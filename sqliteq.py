@@ -2156,7 +2156,7 @@ class CancellationToken:
         # is minted per claimed job.
         self._lock = threading.Lock()
         self._event: threading.Event | None = None
-        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks: list[Callable[[], None]] | None = None    # made by _on_cancel
         self.reason: str | None = None
 
     @property
@@ -2170,10 +2170,10 @@ class CancellationToken:
             if self.reason is not None:
                 return
             self.reason = reason
-            event, callbacks, self._callbacks = self._event, self._callbacks, []
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
         if event is not None:
             event.set()
-        for callback in callbacks:
+        for callback in callbacks or ():
             callback()
 
     def _on_cancel(self, callback: Callable[[], None]) -> None:
@@ -2181,7 +2181,7 @@ class CancellationToken:
         it has."""
         with self._lock:
             if self.reason is None:
-                self._callbacks.append(callback)
+                self._callbacks = [*(self._callbacks or ()), callback]
                 return
         callback()
 
@@ -3560,6 +3560,8 @@ class _ProgressReports:
             self._latest[job_id, lease] = progress
 
     def take(self) -> list[_ProgressReport]:
+        if not self._latest:            # (a report coming in now rides the next commit)
+            return []
         with self._lock:
             latest, self._latest = self._latest, {}
         return [_ProgressReport(job_id, lease, progress)
@@ -3839,6 +3841,14 @@ class _LoopErrors:
             log.warning("%s works again after %d failed rounds in %.1f s", self.loop,
                         self.streak, time.monotonic() - self.since)
             self.streak = 0
+
+
+class _Registered(NamedTuple):
+    """A kind's handler, as registered."""
+
+    fn: Handler
+    timeout: float | None       # seconds each attempt may run, unless its job says
+    is_async: bool              # an `async def`: awaited on the runtime's event loop
 
 
 class _Attempt(NamedTuple):
@@ -4164,8 +4174,7 @@ class Runtime:
         if self.lease_timeout <= self.heartbeat_interval:
             raise ConfigError("lease_timeout must be longer than heartbeat_interval")
         self.host_id: str = ""          # a ULID minted by start()
-        self._handlers: dict[str, Handler] = {}
-        self._timeouts: dict[str, float] = {}     # kind -> its handler's time limit
+        self._handlers: dict[str, _Registered] = {}
         self._schedules: dict[str, tuple[CronExpression, EnqueueRequest]] = {}
         self._held: dict[str, _Claimed] = {}    # job id -> claim, until its finish commits
         self._last_sync = 0.0                   # when queue settings were last read
@@ -4245,9 +4254,8 @@ class Runtime:
 
     def register(self, kind: str, fn: Handler, *, timeout: timedelta | float | None = None
                  ) -> None:
-        """Run `fn(ctx, payload)` for jobs of `kind`; if it returns an awaitable (an `async
-        def` handler), await it on the runtime's event loop. A later registration replaces
-        it.
+        """Run `fn(ctx, payload)` for jobs of `kind`; an `async def` handler (or a Task of
+        one) is awaited on the runtime's event loop. A later registration replaces it.
 
         `timeout` (seconds) limits each attempt, unless the job has its own
         (`EnqueueRequest(timeout=...)`). When it passes, the token fires with reason
@@ -4260,11 +4268,9 @@ class Runtime:
         if not callable(fn):
             raise ConfigError(f"handler for {kind!r} is not callable")
         limit = None if timeout is None else _time_limit(timeout, f"timeout of {kind!r}")
-        self._handlers[kind] = fn
-        if limit is None:
-            self._timeouts.pop(kind, None)
-        else:
-            self._timeouts[kind] = limit
+        plain = inspect.unwrap(fn)      # a Task's function, say
+        self._handlers[kind] = _Registered(fn, limit, inspect.iscoroutinefunction(plain) or
+                                           inspect.iscoroutinefunction(type(plain).__call__))
 
     def cron(self, name: str, expression: str, request: EnqueueRequest,
              tz: str | None = None) -> None:
@@ -4695,14 +4701,15 @@ class Runtime:
             job = qs.buffer.get()
             if job is None:
                 return
-            limit = self._time_limit(job)
+            handler = self._handlers.get(job.kind)
+            limit = self._time_limit(job, handler)
             if limit is not None:
                 with self._wake:
                     self._limited[job.id, job.lease] = _Attempt(threading.get_ident(),
                                                                 process_id, slot, limit)
                 self._watchdog.arm(job, limit)
             try:
-                ended = self._execute(job, process_id)
+                ended = self._execute(job, handler, process_id)
             except BaseException as exc:    # e.g. an exception whose str() raises
                 log.error("job %s (%s): the verdict failed (%s); failing the job", job.id,
                           job.kind, type(exc).__name__)
@@ -4727,9 +4734,11 @@ class Runtime:
                 job_log.info("%s %s %s on %s in %.1f ms", job.id, job.kind, ended.outcome,
                              process_id, ended.seconds * 1000)
 
-    def _time_limit(self, job: _Claimed) -> float | None:
+    def _time_limit(self, job: _Claimed, handler: _Registered | None) -> float | None:
         """Seconds the job's attempt may run: its own limit, else its handler's."""
-        return self._timeouts.get(job.kind) if job.timeout_ms is None else job.timeout_ms / 1000
+        if job.timeout_ms is not None:
+            return job.timeout_ms / 1000
+        return None if handler is None else handler.timeout
 
     def _give_up(self, job: _Claimed) -> None:
         """The watchdog's verdict on a handler still running after its limit and the
@@ -4756,7 +4765,7 @@ class Runtime:
             self._workers.append(worker)
         worker.start()
 
-    def _execute(self, job: _Claimed, process_id: str) -> _Ended:
+    def _execute(self, job: _Claimed, handler: _Registered | None, process_id: str) -> _Ended:
         """Run the handler and turn whatever happens into a finish. Never raises."""
         started = time.perf_counter()
         cooldown_until = self._queue_states[job.queue].cooldown_until
@@ -4764,8 +4773,7 @@ class Runtime:
             return self._requeue(job, cooldown_until, process_id, "requeued (cool-down)")
         try:
             job.token.raise_if_cancelled()      # e.g. paused while it waited in the buffer
-            fn = self._handlers.get(job.kind)
-            if fn is None:
+            if handler is None:
                 raise LookupError(f"no handler registered for kind {job.kind!r}")
             ctx = JobCtx(self.storage, self.router, self.rate_limit, job.id, process_id,
                          self.host_id, job.token, job.attempt, job.kind, job.queue,
@@ -4777,8 +4785,8 @@ class Runtime:
                 payload = _decode_stored(job.payload, f"the payload of job {job.id}")
             except SqliteqError as exc:     # no attempt can do better
                 raise Dead(str(exc)) from None
-            value = fn(ctx, payload)
-            if inspect.isawaitable(value):
+            value = handler.fn(ctx, payload)
+            if handler.is_async:
                 value = self._event_loop.run(value, job.token)
             result = _encode_json(value, f"the result of job {job.id}")
             return _Ended(_Finish.done(job.id, job.lease, self._clock.now_ms(), process_id,
@@ -4804,7 +4812,8 @@ class Runtime:
             return self._requeue(job, now, process_id, f"requeued ({token.reason})")
         if token.reason == "timeout" and not isinstance(exc, (Outcome, TimeLimitExceeded)):
             timed_out = TimeLimitExceeded(
-                f"the handler ran past its {self._time_limit(job) or 0:g} s time limit")
+                f"the handler ran past its "
+                f"{self._time_limit(job, self._handlers.get(job.kind)) or 0:g} s time limit")
             timed_out.__cause__, exc = exc, timed_out      # the traceback shows where it was
         if isinstance(exc, Cancelled) or (token.cancelled and token.reason == "cancelled"):
             return _Ended(_Finish.cancelled(job.id, job.lease, now, process_id,

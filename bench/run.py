@@ -1387,18 +1387,22 @@ def draw_chart(cells: dict[str, dict[str, Cell]], systems: list[System], path: s
 
 
 def machine_info() -> dict[str, Any]:
-    import huey
-    import litequeue
-    import persistqueue
-    return {
+    """The machine and the versions of what was measured (peers only if installed: a run of
+    `--systems raw-apsw,sqliteq` needs none of them)."""
+    from importlib import metadata
+
+    info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
         "cpus": os.cpu_count(), "sqlite (apsw)": apsw.sqlite_lib_version(),
         "apsw": apsw.apsw_version(), "sqlite (sqlite3 module)": sqlite3.sqlite_version,
-        "sqliteq": sqliteq.__version__, "huey": huey.__version__,
-        "persist-queue": persistqueue.__version__, "litequeue": litequeue.__version__,
-        "loadavg at start": os.getloadavg(),
+        "sqliteq": sqliteq.__version__,
     }
+    for package in ("huey", "persist-queue", "litequeue"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[package] = metadata.version(package)
+    info["loadavg at start"] = os.getloadavg()
+    return info
 
 
 # ------------------------------------------------------------------ main ----

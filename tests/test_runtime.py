@@ -600,7 +600,8 @@ def test_a_retry_an_hour_later_is_claimed_again_when_the_clock_passes_the_hour(s
     job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
     dispatcher.step(clock.now)
     (job,) = buffered(rt)
-    rt._finished.append(rt._execute(job, "default-0-test"))     # what a worker hands in
+    # What a worker hands in:
+    rt._finished.append(rt._execute(job, rt._handlers[job.kind], "default-0-test"))
     dispatcher.step(clock.now)
     assert storage.jobs.get(job_id).run_at.timestamp() * 1000 == clock.now + 3_600_000
     clock.now += 3_600_000 - 1
@@ -618,7 +619,7 @@ def test_a_round_commits_finishes_and_new_claims_in_one_transaction(storage):
         [EnqueueRequest("k", 1), EnqueueRequest("k", 2)]))
     dispatcher.step(clock.now)
     (job,) = buffered(rt)                   # one slot: one claim
-    rt._finished.append(rt._execute(job, "default-0-test"))
+    rt._finished.append(rt._execute(job, rt._handlers[job.kind], "default-0-test"))
     commits = storage.db._writes_committed
     dispatcher.step(clock.now)
     assert storage.db._writes_committed == commits + 1
