@@ -109,13 +109,10 @@ __all__ = [
     "Cancelled", "CancellationToken", "ConfigError", "CopyReport", "CronExpression",
     "CronSchedule", "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome",
     "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobProgress", "JobState", "Jobs",
-    "KindRouter", "Outcome",
-    "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
+    "KindRouter", "Outcome", "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
     "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
-    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled", "TimeLimitExceeded",
-    "TransientError",
-    "main",
-    "now_ms", "parse_duration",
+    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled",
+    "TimeLimitExceeded", "TransientError", "main", "now_ms", "parse_duration",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -3868,7 +3865,7 @@ class _Watchdog:
     def __init__(self, grace: float, expire: Callable[[_Claimed], None], name: str) -> None:
         self._grace, self._expire, self._name = grace, expire, name
         self._cond = threading.Condition(threading.Lock())
-        # (when, tie-breaker, job, whether the token has fired), earliest first
+        # (when, tie-breaker, job, whether it is the end of the grace), earliest first
         self._deadlines: list[tuple[float, int, _Claimed, bool]] = []
         self._armed: set[tuple[str, int]] = set()     # (job id, lease) still running
         self._order = itertools.count()
@@ -3898,28 +3895,39 @@ class _Watchdog:
             self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    if self._deadlines:
-                        delay = self._deadlines[0][0] - time.monotonic()
-                        if delay <= 0:
-                            when, _, job, fired = heapq.heappop(self._deadlines)
-                            if (job.id, job.lease) in self._armed:
-                                break
-                            continue
-                    self._cond.wait(delay if self._deadlines else None)
-                if not fired:
+        while (due := self._next_due()) is not None:
+            job, grace_over = due
+            try:
+                if grace_over:
+                    self._expire(job)
+                else:
+                    job.token.cancel("timeout")
+            except Exception:       # one job's trouble must not end every time limit
+                log.exception("job %s (%s): enforcing its time limit failed", job.id, job.kind)
+
+    def _next_due(self) -> tuple[_Claimed, bool] | None:
+        """Sleep until an armed attempt reaches a deadline: its limit (then its grace is
+        armed) or the end of its grace (True). None once closed."""
+        with self._cond:
+            while not self._closed:
+                if not self._deadlines:
+                    self._cond.wait()
+                    continue
+                when, _, job, grace_over = self._deadlines[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._deadlines)
+                if (job.id, job.lease) not in self._armed:
+                    continue                    # it ended in time
+                if grace_over:
+                    self._armed.discard((job.id, job.lease))
+                else:
                     heapq.heappush(self._deadlines,
                                    (when + self._grace, next(self._order), job, True))
-                else:
-                    self._armed.discard((job.id, job.lease))
-            if not fired:
-                job.token.cancel("timeout")
-            else:
-                self._expire(job)
+                return job, grace_over
+            return None
 
 
 class _EventLoop:
