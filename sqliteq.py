@@ -3969,17 +3969,18 @@ class _EventLoop:
                 self._thread.start()
             return self._loop
 
-    def close(self) -> None:
-        """Stop the loop (once no handler runs on it: see Runtime.stop)."""
+    def close(self, timeout: float) -> None:
+        """Stop the loop, waiting up to `timeout` seconds: a handler that blocks the loop
+        (a sync call inside an `async def`) must not hang stop()."""
         import asyncio
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None or thread is None:
             return
         loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        if not asyncio.all_tasks(loop):     # else a handler outlived stop(): leave it be
-            loop.close()
+        thread.join(timeout)
+        if not thread.is_alive() and not asyncio.all_tasks(loop):
+            loop.close()                # else a handler outlived stop(): leave it be
 
 
 class _Clock:
@@ -4375,7 +4376,7 @@ class Runtime:
             log.warning("runtime %s: %d handler(s) still running after stop; close the "
                         "storage only once they return", self.host_id, still_running)
         self._watchdog.close()
-        self._event_loop.close()
+        self._event_loop.close(WORKER_EXIT_TIMEOUT)
         self._stopped.set()
         self._heartbeat.join()
         self._scheduler.join()          # no sweep can start after this

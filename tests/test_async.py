@@ -184,3 +184,25 @@ def test_coroutines_enqueue_and_await_jobs_without_blocking_their_loop(storage, 
         outcome = asyncio.run(main())
     assert outcome["children"] == [20, 30, 40, 50]
     assert outcome["ticks"] > 1
+
+
+def test_stop_returns_even_when_an_async_handler_blocks_the_event_loop(storage, make_runtime):
+    rt = make_runtime()
+    started, release = threading.Event(), threading.Event()
+
+    @rt.task
+    async def blocks(ctx: sqliteq.JobCtx, payload: None) -> None:
+        started.set()
+        release.wait(60)                # a sync call inside async def: the loop is stuck
+
+    rt.start()
+    job_id = blocks.enqueue().job_id
+    assert started.wait(30)
+    stopper = threading.Thread(target=rt.stop, kwargs={"timeout": 0.5})
+    stopper.start()
+    stopper.join(30)
+    stopped = not stopper.is_alive()
+    release.set()
+    assert stopped, "stop() hung on the blocked event loop"
+    job = storage.jobs.get(job_id)
+    assert (job.state, job.attempt) == (sqliteq.JobState.QUEUED, 0)    # refunded
