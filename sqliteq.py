@@ -59,6 +59,7 @@ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SO
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import heapq
@@ -68,6 +69,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue as queue_module
 import random
@@ -109,10 +111,11 @@ __all__ = [
     "Cancelled", "CancellationToken", "ConfigError", "CopyReport", "CronExpression",
     "CronSchedule", "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome",
     "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobProgress", "JobState", "Jobs",
-    "KindRouter", "Outcome", "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats",
-    "Queues", "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError",
-    "Snooze", "SqliteqError", "Storage", "StorageError", "Task", "Throttled",
-    "TimeLimitExceeded", "TransientError", "main", "now_ms", "parse_duration",
+    "KindRouter", "Metrics", "MetricsPoint", "MetricsTotal", "Outcome", "PrefixRouter",
+    "ProcessInfo", "Processes", "Queue", "QueueStats", "Queues", "RateLimiter", "RateLimits",
+    "Retry", "Router", "Runtime", "SchemaError", "Snooze", "SqliteqError", "Storage",
+    "StorageError", "Task", "Throttled", "TimeLimitExceeded", "Timings", "TransientError",
+    "main", "now_ms", "parse_duration",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -657,6 +660,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # handler last reported by ctx.progress (JSON).
         "ALTER TABLE jobs ADD COLUMN timeout_ms INTEGER",
         "ALTER TABLE jobs ADD COLUMN progress TEXT",
+    ),
+    (
+        # Per-minute rollups (see Metrics): durations in microseconds, histograms as JSON
+        # objects of bucket -> count.
+        """CREATE TABLE metrics (
+            minute         INTEGER NOT NULL,
+            queue          TEXT NOT NULL,
+            kind           TEXT NOT NULL,
+            done           INTEGER NOT NULL,
+            failed         INTEGER NOT NULL,
+            retried        INTEGER NOT NULL,
+            cancelled      INTEGER NOT NULL,
+            run_count      INTEGER NOT NULL,
+            run_sum_us     INTEGER NOT NULL,
+            run_max_us     INTEGER NOT NULL,
+            run_histogram  TEXT NOT NULL,
+            wait_count     INTEGER NOT NULL,
+            wait_sum_us    INTEGER NOT NULL,
+            wait_max_us    INTEGER NOT NULL,
+            wait_histogram TEXT NOT NULL,
+            PRIMARY KEY (minute, queue, kind)
+        ) WITHOUT ROWID""",
+        # Lifetime sums, never swept: what counters (Prometheus's) are made of.
+        """CREATE TABLE metrics_totals (
+            queue       TEXT NOT NULL,
+            kind        TEXT NOT NULL,
+            done        INTEGER NOT NULL,
+            failed      INTEGER NOT NULL,
+            retried     INTEGER NOT NULL,
+            cancelled   INTEGER NOT NULL,
+            run_count   INTEGER NOT NULL,
+            run_sum_us  INTEGER NOT NULL,
+            wait_count  INTEGER NOT NULL,
+            wait_sum_us INTEGER NOT NULL,
+            PRIMARY KEY (queue, kind)
+        ) WITHOUT ROWID""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2315,6 +2354,322 @@ class RateLimiter:
         self._rate_limits.drain(scope)
 
 
+
+# --------------------------------------------------------------- Metrics ----
+
+METRICS_FLUSH_INTERVAL = 1.0    # seconds a runtime's rollups wait before riding in a commit
+_MINUTE_MS = 60_000
+
+
+class Timings(NamedTuple):
+    """Durations of the jobs of one minute (or step), in seconds. The quantiles are read
+    off a log-scale histogram (within 4.4 %); None when no job was measured."""
+
+    jobs: int                   # how many were measured
+    total: float
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class MetricsPoint(NamedTuple):
+    """What the runtimes recorded in one step of a metrics series (see Metrics.series)."""
+
+    start: datetime             # the step's first minute
+    done: int                   # attempts that ended each way
+    failed: int                 # (for good; an attempt that will be retried is `retried`)
+    retried: int
+    cancelled: int
+    run: Timings                # how long their handlers ran
+    wait: Timings               # from a job's run_at (when it was due) to its claim
+
+
+class _Durations:
+    """Count, sum, max and histogram of durations in microseconds. Bucket b > 0 holds
+    durations d with floor(8 log2 d) = b - 1 (eight per doubling: a bucket's middle is
+    within 4.4 % of all it holds); bucket 0 those under 1 us. Merges by addition, so the
+    rollups of many processes combine exactly.
+
+    A runtime appends seconds to `samples` (one list append per job, on the dispatcher's
+    hot path); they are folded in once per flush, sorted, a bisection per bucket."""
+
+    __slots__ = ("count", "total", "max", "histogram", "samples")
+
+    def __init__(self) -> None:
+        self.count = self.total = self.max = 0
+        self.histogram: dict[int, int] = {}
+        self.samples: list[float] = []
+
+    def _fold(self) -> None:
+        if not self.samples:
+            return
+        micros = sorted(map(operator.mul, self.samples, itertools.repeat(1e6)))
+        self.samples = []
+        start = bisect.bisect_left(micros, 1.0)
+        buckets = {0: start} if start else {}
+        while start < len(micros):
+            bucket = int(math.log2(micros[start]) * 8) + 1
+            end = max(start + 1, bisect.bisect_left(micros, 2 ** (bucket / 8), start))
+            buckets[bucket] = end - start
+            start = end
+        self.merge(len(micros), round(max(0.0, math.fsum(micros))), round(max(0.0, micros[-1])),
+                   buckets)
+
+    def merge(self, count: int, total: int, most: int, histogram: Mapping[int, int]) -> None:
+        self.count += count
+        self.total += total
+        self.max = max(self.max, most)
+        for bucket, n in histogram.items():
+            self.histogram[bucket] = self.histogram.get(bucket, 0) + n
+
+    def merge_from(self, other: _Durations) -> None:
+        self.samples += other.samples
+        if other.count:
+            self.merge(other.count, other.total, other.max, other.histogram)
+
+    def _quantile(self, q: float) -> float:
+        """Seconds: the geometric middle of the bucket holding the q-th duration."""
+        rank, seen = max(1, math.ceil(q * self.count)), 0
+        for bucket in sorted(self.histogram):
+            seen += self.histogram[bucket]
+            if seen >= rank:
+                middle = 0.0 if bucket == 0 else 2 ** ((bucket - 0.5) / 8)
+                return min(middle, self.max) / 1_000_000
+        return self.max / 1_000_000
+
+    def timings(self) -> Timings:
+        self._fold()
+        if not self.count:
+            return Timings(0, 0.0, None, None, None, None)
+        return Timings(self.count, self.total / 1_000_000, self._quantile(0.5),
+                       self._quantile(0.95), self._quantile(0.99), self.max / 1_000_000)
+
+    def columns(self) -> tuple[int, int, int, str]:
+        self._fold()
+        return self.count, self.total, self.max, _json_encode(
+            {str(bucket): n for bucket, n in sorted(self.histogram.items())})
+
+
+class _Rollup:
+    """One minute of one queue and kind, as recorded by one process (or a step of a
+    series, merged from stored minutes). `ended` counts attempts by verdict."""
+
+    __slots__ = ("ended", "run", "wait")
+
+    def __init__(self) -> None:
+        self.ended = dict.fromkeys(_Verdict, 0)     # (REQUEUE stays 0: not an end)
+        self.run, self.wait = _Durations(), _Durations()
+
+    def merge(self, other: _Rollup) -> None:
+        for verdict, n in other.ended.items():
+            self.ended[verdict] += n
+        self.run.merge_from(other.run)
+        self.wait.merge_from(other.wait)
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """Attempts done, failed, retried and cancelled."""
+        ended = self.ended
+        return (ended[_Verdict.DONE], ended[_Verdict.FAILED], ended[_Verdict.RETRY],
+                ended[_Verdict.CANCELLED])
+
+    def columns(self) -> tuple[Any, ...]:
+        return (*self.counts(), *self.run.columns(), *self.wait.columns())
+
+    @classmethod
+    def from_columns(cls, columns: Sequence[Any]) -> _Rollup:
+        rollup = cls()
+        for verdict, n in zip((_Verdict.DONE, _Verdict.FAILED, _Verdict.RETRY,
+                               _Verdict.CANCELLED), columns[:4], strict=True):
+            rollup.ended[verdict] = n
+        for durations, (count, total, most, histogram) in (
+                (rollup.run, columns[4:8]), (rollup.wait, columns[8:12])):
+            durations.merge(count, total, most, {int(bucket): n for bucket, n in
+                                                 _json_decode(histogram).items()})
+        return rollup
+
+    def point(self, start: int) -> MetricsPoint:
+        return MetricsPoint(cast(datetime, _datetime_from_ms(start)), *self.counts(),
+                            self.run.timings(), self.wait.timings())
+
+
+class MetricsTotal(NamedTuple):
+    """What the runtimes ever recorded for one queue and kind (see Metrics.totals)."""
+
+    queue: str
+    kind: str
+    done: int
+    failed: int
+    retried: int
+    cancelled: int
+    run_jobs: int
+    run_seconds: float          # summed over run_jobs
+    wait_jobs: int
+    wait_seconds: float
+
+
+_RollupKey = tuple[int, str, str]     # (minute in ms, queue, kind)
+
+
+class _MetricsBuffer:
+    """Rollups a runtime recorded since its last flush. Only the dispatcher thread uses
+    it: it records the attempts each commit ends, and every METRICS_FLUSH_INTERVAL (or
+    when stopping) adds the buffer to the stored minutes inside its next commit."""
+
+    def __init__(self) -> None:
+        self.rollups: dict[_RollupKey, _Rollup] = {}
+        self.since: float | None = None     # monotonic time of the oldest unflushed record
+
+    def rollup(self, key: _RollupKey, now: float) -> _Rollup:
+        rollup = self.rollups.get(key)
+        if rollup is None:
+            rollup = self.rollups[key] = _Rollup()
+            if self.since is None:
+                self.since = now
+        return rollup
+
+    def due(self, now: float) -> bool:
+        return self.since is not None and now - self.since >= METRICS_FLUSH_INTERVAL
+
+    def merge(self, rollups: Mapping[_RollupKey, _Rollup], now: float) -> None:
+        """Add copies of `rollups` to the buffer's."""
+        for key, rollup in rollups.items():
+            self.rollup(key, now).merge(rollup)
+
+    def clear(self) -> None:
+        self.rollups, self.since = {}, None
+
+
+def _sqlite_merged_histogram(column: str) -> str:
+    """SQL: the bucket-wise sum of the stored histogram and the one being added."""
+    return f"""(SELECT json_group_object(key, n) FROM (
+                SELECT key, sum(value) AS n FROM (
+                    SELECT key, value FROM json_each(metrics.{column}) UNION ALL
+                    SELECT key, value FROM json_each(excluded.{column})) GROUP BY key))"""
+
+
+def _metrics_upsert(greatest: str, merged_histogram: Callable[[str], str]) -> str:
+    """The statement that adds one rollup to its stored minute, in a dialect: its n-ary
+    max function, and how it merges two histograms."""
+    return f"""
+        INSERT INTO metrics (minute, queue, kind, done, failed, retried, cancelled,
+                             run_count, run_sum_us, run_max_us, run_histogram,
+                             wait_count, wait_sum_us, wait_max_us, wait_histogram)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (minute, queue, kind) DO UPDATE SET
+            done = metrics.done + excluded.done, failed = metrics.failed + excluded.failed,
+            retried = metrics.retried + excluded.retried,
+            cancelled = metrics.cancelled + excluded.cancelled,
+            run_count = metrics.run_count + excluded.run_count,
+            run_sum_us = metrics.run_sum_us + excluded.run_sum_us,
+            run_max_us = {greatest}(metrics.run_max_us, excluded.run_max_us),
+            run_histogram = {merged_histogram("run_histogram")},
+            wait_count = metrics.wait_count + excluded.wait_count,
+            wait_sum_us = metrics.wait_sum_us + excluded.wait_sum_us,
+            wait_max_us = {greatest}(metrics.wait_max_us, excluded.wait_max_us),
+            wait_histogram = {merged_histogram("wait_histogram")}"""
+
+
+class Metrics:
+    """Per-minute rollups of what the runtimes did, per queue and kind: `storage.metrics`.
+
+    Each runtime records the attempts it ends (how each ended, how long its handler ran
+    and how long its job waited from run_at to the claim), unless it runs with
+    `metrics=False`, and adds them to the stored minutes about once a second, inside a
+    commit it makes anyway. Rows of several processes for the same minute merge by
+    addition, histograms included, so a series is exact over any number of them. A
+    crashed process loses at most its last second. The janitor deletes minutes older
+    than the runtime's `metrics_retention` (default 7 days).
+    """
+
+    # The merge runs in the statement: two processes flushing the same minute at once
+    # (PostgreSQL writes side by side) add up, neither overwrites the other.
+    UPSERT = _metrics_upsert("max", _sqlite_merged_histogram)
+    SELECT_RANGE = """
+        SELECT minute, done, failed, retried, cancelled,
+               run_count, run_sum_us, run_max_us, run_histogram,
+               wait_count, wait_sum_us, wait_max_us, wait_histogram
+        FROM metrics
+        WHERE minute >= ?1 AND minute < ?2 AND (CAST(?3 AS TEXT) IS NULL OR queue = ?3)
+              AND (CAST(?4 AS TEXT) IS NULL OR kind = ?4)
+        ORDER BY minute"""
+    DELETE_BEFORE = "DELETE FROM metrics WHERE minute < ?"
+    ADD_TO_TOTALS = """
+        INSERT INTO metrics_totals (queue, kind, done, failed, retried, cancelled,
+                                    run_count, run_sum_us, wait_count, wait_sum_us)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (queue, kind) DO UPDATE SET
+            done = metrics_totals.done + excluded.done,
+            failed = metrics_totals.failed + excluded.failed,
+            retried = metrics_totals.retried + excluded.retried,
+            cancelled = metrics_totals.cancelled + excluded.cancelled,
+            run_count = metrics_totals.run_count + excluded.run_count,
+            run_sum_us = metrics_totals.run_sum_us + excluded.run_sum_us,
+            wait_count = metrics_totals.wait_count + excluded.wait_count,
+            wait_sum_us = metrics_totals.wait_sum_us + excluded.wait_sum_us"""
+    SELECT_TOTALS = """
+        SELECT queue, kind, done, failed, retried, cancelled, run_count, run_sum_us,
+               wait_count, wait_sum_us
+        FROM metrics_totals ORDER BY queue, kind"""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def series(self, queue: str | None = None, kind: str | None = None,
+               since: datetime | float | None = None, until: datetime | float | None = None,
+               step: timedelta | float = 60) -> list[MetricsPoint]:
+        """What the runtimes recorded from `since` (default: an hour ago) to `until`
+        (default: now), merged over the queues and kinds that match (None: all), one
+        point per `step` (seconds, a whole number of minutes) that saw any job, oldest
+        first. Quantiles of a point are of all its jobs, not averages of minutes."""
+        step_ms = round(_duration_seconds(step, "step") * 1000)
+        if step_ms < _MINUTE_MS or step_ms % _MINUTE_MS:
+            raise InvalidInput(f"step must be a whole number of minutes, not {step!r}")
+        for value, what in ((queue, "queue"), (kind, "kind")):
+            if value is not None:
+                _check_name(value, what)
+        now = self._db.clock_ms()
+        until_ms = now if until is None else int(_epoch_seconds(until, "until") * 1000)
+        since_ms = (until_ms - 3_600_000 if since is None
+                    else int(_epoch_seconds(since, "since") * 1000))
+        points: dict[int, _Rollup] = {}
+        for minute, *columns in self._db.read(
+                self.SELECT_RANGE, (since_ms - since_ms % _MINUTE_MS, until_ms, queue, kind)):
+            start = minute - minute % step_ms
+            points.setdefault(start, _Rollup()).merge(_Rollup.from_columns(columns))
+        return [point.point(start) for start, point in sorted(points.items())]
+
+    def totals(self) -> list[MetricsTotal]:
+        """Per queue and kind, by name: everything the runtimes ever recorded (the
+        janitor never deletes these sums; they are what counters are made of)."""
+        return [MetricsTotal(queue, kind, done, failed, retried, cancelled, run_count,
+                             run_sum / 1_000_000, wait_count, wait_sum / 1_000_000)
+                for (queue, kind, done, failed, retried, cancelled, run_count, run_sum,
+                     wait_count, wait_sum) in self._db.read(self.SELECT_TOTALS)]
+
+    def _add(self, conn: apsw.Connection, rollups: Mapping[_RollupKey, _Rollup]) -> None:
+        """Merge a runtime's rollups into the stored minutes and the totals, in key order
+        (writers that lock several rows lock them in one order)."""
+        conn.executemany(self.UPSERT, [(*key, *rollup.columns())
+                                       for key, rollup in sorted(rollups.items())])
+        totals: dict[tuple[str, str], _Rollup] = {}
+        for (_, queue, kind), rollup in rollups.items():
+            totals.setdefault((queue, kind), _Rollup()).merge(rollup)
+        conn.executemany(self.ADD_TO_TOTALS, [
+            (queue, kind, *total.counts(), total.run.count, total.run.total, total.wait.count,
+             total.wait.total) for (queue, kind), total in sorted(totals.items())])
+
+    def _sweep(self, retention: float) -> int:
+        """Delete the minutes older than `retention` seconds; returns how many rows."""
+        cutoff = self._db.clock_ms() - int(retention * 1000)
+
+        def delete(conn: apsw.Connection) -> int:
+            conn.execute(self.DELETE_BEFORE, (cutoff,))
+            return conn.changes()
+
+        return self._db.write(delete)
+
+
 # ------------------------------------------------------- Cron expressions ----
 
 _CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
@@ -2771,6 +3126,39 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         "ALTER TABLE jobs ADD COLUMN timeout_ms bigint, ADD COLUMN progress text",
+    ),
+    (
+        """CREATE TABLE metrics (
+            minute         bigint NOT NULL,
+            queue          text COLLATE "C" NOT NULL,
+            kind           text COLLATE "C" NOT NULL,
+            done           bigint NOT NULL,
+            failed         bigint NOT NULL,
+            retried        bigint NOT NULL,
+            cancelled      bigint NOT NULL,
+            run_count      bigint NOT NULL,
+            run_sum_us     bigint NOT NULL,
+            run_max_us     bigint NOT NULL,
+            run_histogram  text NOT NULL,
+            wait_count     bigint NOT NULL,
+            wait_sum_us    bigint NOT NULL,
+            wait_max_us    bigint NOT NULL,
+            wait_histogram text NOT NULL,
+            PRIMARY KEY (minute, queue, kind)
+        )""",
+        """CREATE TABLE metrics_totals (
+            queue       text COLLATE "C" NOT NULL,
+            kind        text COLLATE "C" NOT NULL,
+            done        bigint NOT NULL,
+            failed      bigint NOT NULL,
+            retried     bigint NOT NULL,
+            cancelled   bigint NOT NULL,
+            run_count   bigint NOT NULL,
+            run_sum_us  bigint NOT NULL,
+            wait_count  bigint NOT NULL,
+            wait_sum_us bigint NOT NULL,
+            PRIMARY KEY (queue, kind)
+        )""",
     ),
 )
 
@@ -3316,6 +3704,20 @@ class _PgRateLimits(RateLimits):
                              * rate_limits.refill_per_sec)"""
 
 
+def _pg_merged_histogram(column: str) -> str:
+    return f"""coalesce((SELECT jsonb_object_agg(key, n)::text FROM (
+                SELECT key, sum(value::bigint) AS n FROM (
+                    SELECT key, value FROM jsonb_each_text(metrics.{column}::jsonb) UNION ALL
+                    SELECT key, value FROM jsonb_each_text(excluded.{column}::jsonb)) AS b
+                GROUP BY key) AS m), '{{}}')"""
+
+
+class _PgMetrics(Metrics):
+    """Metrics on PostgreSQL: the same merge, in its functions."""
+
+    UPSERT = _metrics_upsert("greatest", _pg_merged_histogram)
+
+
 # ------------------------------------------------- Copying between stores ----
 
 class _CopiedTable(NamedTuple):
@@ -3435,6 +3837,7 @@ class Storage:
                 busy_timeout=busy_timeout, pool_size=pool_size, create=create))
             self._store: _JobStore = _PgJobStore(self.db)
             self.rate_limits: RateLimits = _PgRateLimits(self.db)
+            self.metrics: Metrics = _PgMetrics(self.db)
         else:
             if schema is not None:
                 raise InvalidInput("schema names a PostgreSQL schema: give a postgresql:// "
@@ -3445,6 +3848,7 @@ class Storage:
             self.db = Database(path, durable=durable, busy_timeout=busy_timeout, vfs=vfs)
             self._store = _JobStore(self.db)
             self.rate_limits = RateLimits(self.db)
+            self.metrics = Metrics(self.db)
         self.path = self.db.path
         self.jobs = Jobs(self.db, self._store)
         self.queues = Queues(self.db, self._store)
@@ -3736,6 +4140,7 @@ class _Claimed(NamedTuple):
     queue: str
     token: CancellationToken
     timeout_ms: int | None              # the job's own time limit, if it has one
+    waited: float                       # seconds from its run_at to its claim
 
 
 class _Ended(NamedTuple):
@@ -4059,6 +4464,7 @@ class _Dispatcher:
         rt = self._rt
         return bool(rt._finished or rt._abandon or rt._remote_commit
                     or (rt._stopping and not self._stop_seen)
+                    or (rt._metrics is not None and rt._metrics.due(rt._clock.monotonic()))
                     or (not rt._stopping and any(
                         qs.maybe_ready and not qs.paused and qs.claimable() > 0
                         for qs in rt._queue_states.values())))
@@ -4071,6 +4477,9 @@ class _Dispatcher:
             timeout = min(timeout, (min(due) - rt._clock.now_ms()) / 1000)
         if self._sync_due:
             timeout = min(timeout, self._sync_due - rt._clock.monotonic())
+        if rt._metrics is not None and rt._metrics.since is not None:
+            timeout = min(timeout, rt._metrics.since + METRICS_FLUSH_INTERVAL
+                          - rt._clock.monotonic())
         return max(0.0, timeout)
 
     def step(self, now: int) -> bool:
@@ -4099,18 +4508,23 @@ class _Dispatcher:
                     job.token.cancel("shutdown")
             self._mark_due(now)
             claim_from = [] if stopping else rt._queues_to_claim(bool(finished), now)
-            if finished or claim_from or orphans:
+            flush = rt._metrics is not None and bool(rt._metrics.rollups) and (
+                stopping or rt._metrics.due(rt._clock.monotonic()))
+            if finished or claim_from or orphans or flush:
                 lease = random.getrandbits(62)
                 wakes = {qs.name: qs.wakes for qs in rt._queue_states.values()}
                 reports = rt._progress.take()
+                metrics = rt._metrics_of(finished, flush)
                 try:
                     claimed = self._db.write(functools.partial(
-                        rt._commit, finished, claim_from, lease, orphans, reports, now))
-                except Exception:
+                        rt._commit, finished, claim_from, lease, orphans, reports, now,
+                        metrics.rollups if flush else {}))
+                except Exception:       # (`metrics` is a copy: the buffer stays as it was)
                     rt._progress.restore(reports)
                     raise
                 self._own_writes += 1
-                rt._hand_out(claimed, lease, wakes)
+                rt._metrics_committed(metrics, flush)
+                rt._hand_out(claimed, lease, wakes, now)
                 rt._note_requeues(finished)
                 finished = []               # committed: nothing to hold again below
             if abandon:
@@ -4160,13 +4574,17 @@ class Runtime:
     An attempt that runs past its time limit has its token fired (reason "timeout"); one
     still running `timeout_grace` seconds later is failed (retried per policy) and its slot
     goes to a new worker thread (see `register`).
+
+    With `metrics` on (the default), it records per-minute rollups of the attempts it ends
+    (see `Metrics`); its janitor sweeps delete minutes older than `metrics_retention`.
     """
 
     def __init__(self, storage: Storage, queues: Mapping[str, int] | None = None,
                  router: Router | None = None, *, poll_interval: float = 0.05,
                  heartbeat_interval: float = 1.0, lease_timeout: float = 30.0,
                  shutdown_timeout: float = 30.0, janitor_interval: float = 60.0,
-                 timeout_grace: float = 5.0) -> None:
+                 timeout_grace: float = 5.0, metrics: bool = True,
+                 metrics_retention: timedelta | float = timedelta(days=7)) -> None:
         self._started = False
         self.storage = storage
         self.router: Router = router if router is not None else DefaultRouter()
@@ -4180,6 +4598,7 @@ class Runtime:
         self.shutdown_timeout = _duration_seconds(shutdown_timeout, "shutdown_timeout")
         self.janitor_interval = _duration_seconds(janitor_interval, "janitor_interval")
         self.timeout_grace = _duration_seconds(timeout_grace, "timeout_grace")
+        self.metrics_retention = _duration_seconds(metrics_retention, "metrics_retention")
         if self.lease_timeout <= self.heartbeat_interval:
             raise ConfigError("lease_timeout must be longer than heartbeat_interval")
         self.host_id: str = ""          # a ULID minted by start()
@@ -4208,6 +4627,7 @@ class Runtime:
         self._watchdog = _Watchdog(self.timeout_grace, self._give_up, "sqliteq-watchdog")
         self._event_loop = _EventLoop("sqliteq-asyncio")
         self._progress = _ProgressReports()
+        self._metrics = _MetricsBuffer() if metrics else None
 
     # -- registration and enqueueing --
 
@@ -4505,9 +4925,11 @@ class Runtime:
 
     def _commit(self, finished: list[_Ended], claim_from: list[tuple[str, int, int]],
                 lease: int, orphans: list[tuple[str, int]], reports: list[_ProgressReport],
-                now: int, conn: apsw.Connection) -> list[_QueueClaim]:
+                now: int, rollups: Mapping[_RollupKey, _Rollup], conn: apsw.Connection
+                ) -> list[_QueueClaim]:
         """One transaction: store progress reports, apply finished jobs, release orphaned
-        claims, then claim (as of `now`, ms). Re-runnable on busy retries."""
+        claims, claim (as of `now`, ms), then add metrics rollups (last: on PostgreSQL,
+        their rows stay locked only until the commit). Re-runnable on busy retries."""
         store, queues = self.storage._store, self.storage.queues
         # Read again with the writer lock held: a job enqueued while the round waited for
         # it is never claimed "before" it was created.
@@ -4536,9 +4958,46 @@ class Runtime:
                     if wanted > 0 else [])
             next_due = store.next_due(name, conn) if len(rows) < wanted else None
             claimed.append(_QueueClaim(name, wanted, rows, next_due))
+        if rollups:
+            self.storage.metrics._add(conn, rollups)
         return claimed
 
-    def _hand_out(self, claimed: list[_QueueClaim], lease: int, wakes: dict[str, int]) -> None:
+    def _metrics_of(self, finished: list[_Ended], flush: bool) -> _MetricsBuffer:
+        """The rollups of the attempts a commit is about to end (requeues are not ends),
+        in the minute each ended; with everything recorded since the last flush when
+        `flush`. (Per job: this loop is on the dispatcher's hot path.)"""
+        metrics = _MetricsBuffer()
+        if self._metrics is None:
+            return metrics
+        monotonic, requeue = self._clock.monotonic(), _Verdict.REQUEUE
+        last_key, rollup = None, _Rollup()
+        for ended in finished:
+            finish, job = ended.finish, ended.job
+            if finish.verdict is requeue:
+                continue
+            key = (finish.at - finish.at % _MINUTE_MS, job.queue, job.kind)
+            if key != last_key:
+                last_key, rollup = key, metrics.rollup(key, monotonic)
+            rollup.ended[finish.verdict] += 1
+            if ended.seconds:           # 0: the handler never ran, or was given up
+                rollup.run.samples.append(ended.seconds)
+            rollup.wait.samples.append(job.waited)
+        if flush:
+            metrics.merge(self._metrics.rollups, monotonic)
+        return metrics
+
+    def _metrics_committed(self, metrics: _MetricsBuffer, flushed: bool) -> None:
+        """The commit of `metrics` succeeded: forget what it flushed, or keep its rollups
+        for the next flush."""
+        if self._metrics is None:
+            return
+        if flushed:
+            self._metrics.clear()
+        else:
+            self._metrics.merge(metrics.rollups, self._clock.monotonic())
+
+    def _hand_out(self, claimed: list[_QueueClaim], lease: int, wakes: dict[str, int],
+                  now: int) -> None:
         for name, wanted, rows, due in claimed:
             qs = self._queue_states[name]
             qs.claim_wakes = wakes[name]
@@ -4550,7 +5009,8 @@ class Runtime:
             qs.held += len(rows)
             for row in rows:
                 job = _Claimed(row.id, row.kind, row.payload, row.attempt, row.max_attempts,
-                               row.errors, lease, name, CancellationToken(), row.timeout_ms)
+                               row.errors, lease, name, CancellationToken(), row.timeout_ms,
+                               (now - row.run_at) / 1000)
                 self._held[row.id] = job
                 qs.buffer.put(job)
 
@@ -4574,9 +5034,10 @@ class Runtime:
         self._settle(finished)
         stuck = [self._requeue(job, self._clock.now_ms(), None, "requeued (shutdown timeout)")
                  for job in self._held.values()]
+        metrics = self._metrics_of(finished, True)
         try:
             self.storage.db.write(functools.partial(self._commit, finished + stuck, [], 0, [],
-                                                    [], self._clock.now_ms()))
+                                                    [], self._clock.now_ms(), metrics.rollups))
         except Exception:
             self._unsettle(finished)        # held again: the next round commits them
             raise
@@ -4697,6 +5158,7 @@ class Runtime:
     def _sweep(self) -> None:
         try:
             self.storage.jobs.sweep_expired(self._stopped)
+            self.storage.metrics._sweep(self.metrics_retention)
         except SqliteqError as exc:         # the message says it all
             log.error("janitor sweep failed (%s); the next pass retries", exc)
         except Exception:

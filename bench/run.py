@@ -3,6 +3,7 @@
     python bench/run.py                    # full: warm-up + 5 repetitions (long: builds 5M rows)
     python bench/run.py --quick            # about a minute or two: smaller N, 3 repetitions
     python bench/run.py --only drain,bulk --runs 3 --out /tmp/r.json --chart /tmp/r.png
+    python bench/run.py --systems raw-psycopg,sqliteq-pg,procrastinate,pgqueuer  # PostgreSQL
 
 Every repetition runs every selected scenario for every system in turn (A B C D E, A B C D E,
 ...), each measurement on a fresh database file in a temporary folder (`--db-dir`). A warm-up
@@ -13,9 +14,13 @@ skip it. Reported figures are medians. Output: a markdown table on stdout, JSON 
 bar chart of the throughput scenarios (`--chart`); progress lines on stderr.
 
 Each system is one adapter class below (RawApsw, Sqliteq, Huey, HueyRedis, PersistQueue,
-LiteQueueSystem) with a method per scenario; its `notes` (synchronous/fsync setting, thread
-model) are printed with the results. SCENARIOS is the registry; TARGETS are sqliteq's goals.
-Child-process work lives in bench/_child.py.
+LiteQueueSystem; on PostgreSQL RawPsycopg, SqliteqPg, Procrastinate, PgQueuer) with a method
+per scenario; its `notes` (synchronous/fsync setting, thread model) are printed with the
+results. The PostgreSQL systems run on `--pg-url` (default $SQLITEQ_BENCH_PG or the local
+test server), each measurement in a fresh schema dropped afterwards; they are skipped when
+the server or their package is missing. SCENARIOS is the registry; TARGETS are sqliteq's
+goals, on SQLite against raw-apsw and on PostgreSQL against raw-psycopg. Child-process work
+lives in bench/_child.py.
 """
 
 from __future__ import annotations
@@ -50,7 +55,20 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:       # benchmark the sqliteq.py next to this folder
     sys.path.insert(0, str(ROOT))
 
-from _child import SLOTS, Countdown, enqueue_noops, huey_consumer, make_huey  # noqa: E402
+from _child import (  # noqa: E402
+    PGQUEUER_BATCH,
+    PROCRASTINATE_WORKER,
+    SLOTS,
+    Countdown,
+    Raw,
+    enqueue_noops,
+    huey_consumer,
+    make_huey,
+    pg_conninfo,
+    pgqueuer_manager,
+    pgqueuer_queries,
+    procrastinate_app,
+)
 
 import sqliteq  # noqa: E402
 
@@ -222,10 +240,13 @@ class Child:
             raise RuntimeError(f"child {self.proc.args[2:]} exited with {self.proc.returncode}")
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def ask(self, line: str) -> dict[str, Any]:
+    def send(self, line: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, line: str) -> dict[str, Any]:
+        self.send(line)
         return self.read()
 
     def close(self, timeout: float = 60) -> None:
@@ -276,6 +297,43 @@ def peak_rss_in_child(system: str, path: str, n: int, fsync: str) -> Metrics:
     with Child("rss", system, path, str(n), fsync) as child:
         out = child.read()
     return {key: out[key] for key in ("peak_rss_mb", "baseline_mb", "ru_maxrss_mb")}
+
+
+def drain_in_children(system: str, db: list[str], n: int, done: Callable[[], int],
+                      processes: int = 2) -> Metrics:
+    """Jobs/s of `processes` bench/_child.py drain workers (4 slots each) on n queued jobs:
+    timed from "go" until `done()` (polled every 5 ms) reaches n."""
+    with contextlib.ExitStack() as stack:
+        children = [stack.enter_context(Child("drain-worker", system, *db))
+                    for _ in range(processes)]
+        for child in children:
+            child.read()                                # {"ready": true}
+        started = time.perf_counter()
+        for child in children:
+            child.send("go")
+        deadline = started + 600
+        while (finished := done()) < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{finished} of {n} jobs done after 600 s")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+    return {"jobs_per_s": n / elapsed}
+
+
+def stamped_latency(system: str, db: list[str], samples: int,
+                    enqueue: Callable[[], object]) -> Metrics:
+    """Enqueue -> start across processes: a bench/_child.py stamp worker prints time.time()
+    as each handler begins; we subtract time.time() taken before the enqueue (one machine,
+    one wall clock). A random pause before each send avoids locking onto a poll phase."""
+    delays = []
+    with Child("stamp-worker", system, *db) as child:
+        child.read()                                    # {"ready": true}
+        for _ in range(samples):
+            time.sleep(random.uniform(0, XPROC_POLL_INTERVAL))
+            sent = time.time()
+            enqueue()
+            delays.append(child.read()["started"] - sent)
+    return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
 
 
 class ClaimTables:
@@ -385,6 +443,9 @@ class System:
     def drain(self, path: str, n: int) -> Metrics:
         raise NotApplicable
 
+    def drain_2proc(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
     def latency_inproc(self, path: str, samples: int) -> Metrics:
         raise NotApplicable
 
@@ -398,6 +459,9 @@ class System:
         raise NotApplicable
 
     def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def metrics_cost(self, path: str, n: int) -> Metrics:
         raise NotApplicable
 
 
@@ -580,8 +644,15 @@ class Sqliteq(System):
              " enqueue_bulk, Runtime(queues={'default': 4}) = 4 worker threads fed by one"
              " dispatcher (group commit). enqueue-8t: 8 threads share one Storage.")
 
+    def open(self, location: str) -> sqliteq.Storage:
+        return sqliteq.Storage(location)
+
+    def child_db(self, location: str) -> list[str]:
+        """How bench/_child.py names this location (see its docstring)."""
+        return [location]
+
     def enqueue_1t(self, path: str, n: int) -> Metrics:
-        with sqliteq.Storage(path) as storage:
+        with self.open(path) as storage:
             enqueue, request = storage.jobs.enqueue, sqliteq.EnqueueRequest
             started = time.perf_counter()
             for i in range(n):
@@ -590,7 +661,7 @@ class Sqliteq(System):
         return {"jobs_per_s": n / elapsed}
 
     def enqueue_8t(self, path: str, n: int) -> Metrics:
-        with sqliteq.Storage(path) as storage:
+        with self.open(path) as storage:
             def setup(index: int) -> Callable[[], None]:
                 storage.jobs.counts()           # open this thread's connection, untimed
 
@@ -606,7 +677,7 @@ class Sqliteq(System):
         return {"jobs_per_s": n / elapsed}
 
     def bulk(self, path: str, n: int) -> Metrics:
-        with sqliteq.Storage(path) as storage:
+        with self.open(path) as storage:
             started = time.perf_counter()
             storage.jobs.enqueue_bulk([sqliteq.EnqueueRequest("noop", {"i": i})
                                        for i in range(n)])
@@ -614,41 +685,54 @@ class Sqliteq(System):
         return {"jobs_per_s": n / elapsed}
 
     def drain(self, path: str, n: int) -> Metrics:
-        last = fill_sqliteq(path, n)
-        with sqliteq.Storage(path) as storage:
-            rt = sqliteq.Runtime(storage, queues={"default": SLOTS})
-            rt.register("noop", lambda ctx, payload: None)
-            started = time.perf_counter()
-            with rt:
-                storage.jobs.wait(last, timeout=600)
-                while (done := storage.jobs.counts()["done"]) < n:
-                    time.sleep(0.002)
-                elapsed = time.perf_counter() - started
+        with self.open(path) as storage:
+            return {"jobs_per_s": self.drained(storage, n, metrics=True)}
+
+    @staticmethod
+    def drained(storage: sqliteq.Storage, n: int, *, metrics: bool) -> float:
+        """jobs/s of a Runtime that drains `n` new no-op jobs (the table may hold done ones)."""
+        done_before = storage.jobs.counts()["done"]
+        last = enqueue_noops(storage, n)
+        rt = sqliteq.Runtime(storage, queues={"default": SLOTS}, metrics=metrics)
+        rt.register("noop", lambda ctx, payload: None)
+        started = time.perf_counter()
+        with rt:
+            storage.jobs.wait(last, timeout=600)
+            while (done := storage.jobs.counts()["done"] - done_before) < n:
+                time.sleep(0.002)
+            elapsed = time.perf_counter() - started
         if done != n:
             raise RuntimeError(f"{done} jobs done, expected {n}")
-        return {"jobs_per_s": n / elapsed}
+        return n / elapsed
+
+    metrics_first = False
+
+    def metrics_cost(self, path: str, n: int) -> Metrics:
+        """Drain n jobs with metrics on and n with them off, on one store; which goes first
+        alternates from one repetition to the next (the second finds n done rows)."""
+        self.metrics_first = not self.metrics_first
+        with self.open(path) as storage:
+            rates = {on: self.drained(storage, n, metrics=on)
+                     for on in ((True, False) if self.metrics_first else (False, True))}
+        return {"ratio": rates[True] / rates[False], "jobs_per_s": rates[True],
+                "off_jobs_per_s": rates[False]}
+
+    def drain_2proc(self, path: str, n: int) -> Metrics:
+        with self.open(path) as storage:
+            enqueue_noops(storage, n)
+            return drain_in_children(self.name, self.child_db(path), n,
+                                     lambda: storage.jobs.counts()["done"])
 
     def latency_inproc(self, path: str, samples: int) -> Metrics:
-        with sqliteq.Storage(path) as storage:
+        with self.open(path) as storage:
             delays = sqliteq_probe_latency(storage, samples, LATENCY_GAP_SECONDS)
         return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
 
     def latency_xproc(self, path: str, samples: int) -> Metrics:
-        """The child's handler returns time.time() at its start; we subtract the send time.
-        Both are this machine's wall clock."""
-        create_sqliteq_file(path)
-        delays = []
-        with Child("xproc-worker", path) as child, sqliteq.Storage(path) as storage:
-            child.read()                                # {"ready": true}
-            for _ in range(samples):
-                time.sleep(random.uniform(0, XPROC_POLL_INTERVAL))     # a random poll phase
-                sent = time.time()
-                job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest("stamp")).job_id
-                job = storage.jobs.wait(job_id, timeout=10)
-                if job.state != "done":
-                    raise RuntimeError(f"xproc job ended {job.state}: {job.errors}")
-                delays.append(job.result - sent)
-        return {"p50_ms": p50(delays) * 1000, "p99_ms": p99(delays) * 1000}
+        with self.open(path) as storage:
+            return stamped_latency(
+                self.name, self.child_db(path), samples,
+                lambda: storage.jobs.enqueue(sqliteq.EnqueueRequest("stamp")))
 
     def idle_cpu(self, path: str, ctx: Context) -> Metrics:
         return idle_cpu_in_child(self.name, path, ctx.sizes.idle_seconds, ctx.huey_fsync)
@@ -951,6 +1035,269 @@ class LiteQueueSystem(System):
         return {"jobs_per_s": n / elapsed}
 
 
+# ---------------------------------------------------- PostgreSQL systems ----
+
+PG_URL = os.environ.get("SQLITEQ_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class PostgresSystem(System):
+    """A queue on the PostgreSQL server at `url`. Every measurement gets a schema of its own,
+    created by `fresh` and dropped by `cleanup`; the location a scenario receives is that
+    schema's name."""
+
+    requires: tuple[str, ...] = ()      # modules the system needs besides psycopg
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def unavailable(self) -> str | None:
+        import importlib.util
+        missing = [m for m in ("psycopg", *self.requires) if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
+        import psycopg
+        try:
+            psycopg.connect(self.url, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            return f"no PostgreSQL server at {self.url}: {str(exc).strip().splitlines()[0]}"
+        return None
+
+    def fresh(self, path: Path) -> str:
+        schema = f"bench_{uuid.uuid4().hex[:12]}"
+        self.admin(f"CREATE SCHEMA {schema}")
+        return schema
+
+    def cleanup(self, location: str) -> None:
+        self.admin(f"DROP SCHEMA IF EXISTS {location} CASCADE")
+
+    def admin(self, statement: str) -> None:
+        import psycopg
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def connect(self, schema: str) -> Any:
+        import psycopg
+        return psycopg.connect(pg_conninfo(self.url, schema), autocommit=True)
+
+    @contextlib.contextmanager
+    def counter(self, schema: str, query: str) -> Iterator[Callable[[], int]]:
+        """A function returning the first column of `query`, on a connection of its own."""
+        with self.connect(schema) as conn:
+            yield lambda: int(conn.execute(query).fetchone()[0])
+
+
+class SqliteqPg(PostgresSystem, Sqliteq):
+    name = "sqliteq-pg"
+    notes = ("sqliteq on PostgreSQL: Storage(url, schema=...) (psycopg 3, a pool), the same"
+             " calls as sqliteq; single enqueue is one autocommit statement with its NOTIFY,"
+             " bulk is one COPY; Runtime(queues={'default': 4}); worker processes poll every"
+             " 1 s, so faster starts are LISTEN/NOTIFY wake-ups.")
+
+    def open(self, location: str) -> sqliteq.Storage:
+        return sqliteq.Storage(self.url, schema=location)
+
+    def child_db(self, location: str) -> list[str]:
+        return [self.url, location]
+
+    def enqueue_8t(self, path: str, n: int) -> Metrics:
+        raise NotApplicable
+
+    def idle_cpu(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def claim_latency(self, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+    def peak_rss(self, path: str, ctx: Context) -> Metrics:
+        raise NotApplicable
+
+
+class RawPsycopg(PostgresSystem):
+    name = "raw-psycopg"
+    notes = ("the limit on PostgreSQL: psycopg 3, one table (bigserial id, payload, state,"
+             " run_at), one partial index ordering the claim; autocommit INSERTs, one COPY for"
+             " bulk; drain: 4 threads, a connection each, claiming 10 rows a statement with"
+             " FOR UPDATE SKIP LOCKED and finishing them with one UPDATE.")
+
+    def created(self, schema: str) -> Any:
+        conn = self.connect(schema)
+        conn.execute(Raw.SCHEMA)
+        return conn
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        with self.created(path) as conn:
+            started = time.perf_counter()
+            for i in range(n):
+                conn.execute(Raw.INSERT, (json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS),
+                                          now_ms()))
+            return {"jobs_per_s": n / (time.perf_counter() - started)}
+
+    def copy_in(self, conn: Any, n: int) -> None:
+        now = now_ms()
+        with conn.cursor().copy(Raw.COPY) as copy:
+            for i in range(n):
+                copy.write_row((json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS), now))
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        with self.created(path) as conn:
+            started = time.perf_counter()
+            self.copy_in(conn, n)
+            return {"jobs_per_s": n / (time.perf_counter() - started)}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        with self.created(path) as conn:
+            self.copy_in(conn, n)
+        stop = threading.Event()
+        threads = [threading.Thread(target=Raw.work, args=(pg_conninfo(self.url, path), stop))
+                   for _ in range(SLOTS)]
+        with self.counter(path, Raw.DONE) as done:
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            while done() < n:
+                time.sleep(0.002)
+            elapsed = time.perf_counter() - started
+        stop.set()
+        for thread in threads:
+            thread.join()
+        return {"jobs_per_s": n / elapsed}
+
+    def drain_2proc(self, path: str, n: int) -> Metrics:
+        with self.created(path) as conn:
+            self.copy_in(conn, n)
+        with self.counter(path, Raw.DONE) as done:
+            return drain_in_children(self.name, [self.url, path], n, done)
+
+
+class Procrastinate(PostgresSystem):
+    name = "procrastinate"
+    requires = ("procrastinate",)
+    notes = ("procrastinate's App on a PsycopgConnector; async tasks (a sync task runs in a"
+             " thread, slower); defer / batch_defer; a worker of concurrency 4 with"
+             " LISTEN/NOTIFY (its default), fetch polling 50 ms (its default: 5 s); done = status"
+             " 'succeeded'.")
+    DONE = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
+
+    @contextlib.contextmanager
+    def app(self, schema: str) -> Iterator[tuple[Any, Any, Any]]:
+        app, noop, stamp = procrastinate_app(pg_conninfo(self.url, schema))
+        with app.open():
+            app.schema_manager.apply_schema()
+            yield app, noop, stamp
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        with self.app(path) as (_, noop, _):
+            started = time.perf_counter()
+            for i in range(n):
+                noop.defer(i=i)
+            return {"jobs_per_s": n / (time.perf_counter() - started)}
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        with self.app(path) as (_, noop, _):
+            started = time.perf_counter()
+            noop.batch_defer(*({"i": i} for i in range(n)))
+            return {"jobs_per_s": n / (time.perf_counter() - started)}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        """Its worker with wait=False: it returns once the queue is empty."""
+        import asyncio
+        with self.app(path) as (_, noop, _):
+            noop.batch_defer(*({"i": i} for i in range(n)))
+
+        async def run() -> float:
+            app, _, _ = procrastinate_app(pg_conninfo(self.url, path))
+            async with app.open_async():
+                started = time.perf_counter()
+                await app.run_worker_async(**{**PROCRASTINATE_WORKER, "wait": False})
+                return time.perf_counter() - started
+        seconds = asyncio.run(run())
+        with self.counter(path, self.DONE) as done:
+            if done() != n:
+                raise RuntimeError(f"{done()} of {n} jobs done")
+        return {"jobs_per_s": n / seconds}
+
+    def drain_2proc(self, path: str, n: int) -> Metrics:
+        with self.app(path) as (_, noop, _):
+            noop.batch_defer(*({"i": i} for i in range(n)))
+        with self.counter(path, self.DONE) as done:
+            return drain_in_children(self.name, [self.url, path], n, done)
+
+    def latency_xproc(self, path: str, samples: int) -> Metrics:
+        with self.app(path) as (_, _, stamp):
+            return stamped_latency(self.name, [self.url, path], samples, stamp.defer)
+
+
+class PgQueuer(PostgresSystem):
+    name = "pgqueuer"
+    requires = ("pgqueuer", "asyncpg")
+    notes = ("PgQueuer on an asyncpg connection (its first driver); Queries.enqueue (lists"
+             f" for bulk); a QueueManager, batch size {PGQUEUER_BATCH}, no bound on concurrent"
+             " tasks (its default: it refuses a bound below twice the batch), LISTEN/NOTIFY; a"
+             " finished job leaves its table, so done = n - rows left.")
+
+    def timed(self, schema: str, body: Callable[[Any], Any], install: bool = True) -> float:
+        """Seconds `await body(queries)` takes (on a fresh install in `schema`)."""
+        import asyncio
+
+        async def go() -> float:
+            conn, queries = await pgqueuer_queries(self.url, schema)
+            try:
+                if install:
+                    await queries.install()
+                started = time.perf_counter()
+                await body(queries)
+                return time.perf_counter() - started
+            finally:
+                await conn.close()
+        return asyncio.run(go())
+
+    @staticmethod
+    def payload(i: int) -> bytes:
+        return json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS).encode()
+
+    def enqueue_1t(self, path: str, n: int) -> Metrics:
+        async def body(queries: Any) -> None:
+            for i in range(n):
+                await queries.enqueue("noop", self.payload(i))
+        return {"jobs_per_s": n / self.timed(path, body)}
+
+    def bulk(self, path: str, n: int) -> Metrics:
+        async def body(queries: Any) -> None:
+            await queries.enqueue(["noop"] * n, [self.payload(i) for i in range(n)], [0] * n)
+        return {"jobs_per_s": n / self.timed(path, body)}
+
+    def drain(self, path: str, n: int) -> Metrics:
+        from pgqueuer.types import QueueExecutionMode
+        self.bulk(path, n)
+
+        async def body(queries: Any) -> None:
+            manager = pgqueuer_manager(queries)
+            await manager.run(batch_size=PGQUEUER_BATCH, mode=QueueExecutionMode.drain)
+        return {"jobs_per_s": n / self.timed(path, body, install=False)}
+
+    def drain_2proc(self, path: str, n: int) -> Metrics:
+        self.bulk(path, n)
+        with self.counter(path, "SELECT count(*) FROM pgqueuer") as left:
+            return drain_in_children(self.name, [self.url, path], n, lambda: n - left())
+
+    def latency_xproc(self, path: str, samples: int) -> Metrics:
+        import asyncio
+
+        async def go() -> Metrics:
+            conn, queries = await pgqueuer_queries(self.url, path)
+            await queries.install()
+            loop = asyncio.get_running_loop()
+
+            def enqueue() -> None:
+                asyncio.run_coroutine_threadsafe(queries.enqueue("stamp", None), loop).result()
+            try:
+                return await asyncio.to_thread(stamped_latency, self.name, [self.url, path],
+                                               samples, enqueue)
+            finally:
+                await conn.close()
+        return asyncio.run(go())
+
+
 # ------------------------------------------------------------- scenarios ----
 
 @dataclass(frozen=True)
@@ -1000,6 +1347,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("drain", "drain no-op jobs, 4 slots",
              lambda sys_, path, ctx: sys_.drain(path, ctx.sizes.drain),
              jobs_per_s, throughput=True),
+    Scenario("metrics-cost", "drain no-op jobs, metrics on vs off",
+             lambda sys_, path, ctx: sys_.metrics_cost(path, ctx.sizes.drain),
+             lambda sizes: [Row("ratio", "jobs/s on / off", "x"),
+                            Row("jobs_per_s", "jobs/s, metrics on", "jobs/s"),
+                            Row("off_jobs_per_s", "jobs/s, metrics off", "jobs/s")]),
+    Scenario("drain-2proc", "drain no-op jobs, 2 worker processes of 4 slots",
+             lambda sys_, path, ctx: sys_.drain_2proc(path, ctx.sizes.drain),
+             jobs_per_s, throughput=True, in_child=True),
     Scenario("latency-inproc", "enqueue->start, in-process",
              lambda sys_, path, ctx: sys_.latency_inproc(path, ctx.sizes.latency_inproc),
              latency_rows),
@@ -1063,6 +1418,8 @@ sys.stdin.readline()
 def wal_per_enqueue(system: System, location: str, ctx: Context) -> Metrics:
     """WAL bytes one single-enqueue commit appends. A reader holding a snapshot keeps any
     checkpoint from recycling the WAL, so it grows by exactly what the commits write."""
+    if isinstance(system, PostgresSystem):
+        raise NotApplicable
     system.enqueue_1t(location, 1)          # creates the file(s) and the schema, untimed
     files = []
     for name in sqlite_files(location):
@@ -1101,6 +1458,8 @@ def scenario_sizes(name: str, sizes: Sizes) -> str:
         "enqueue-8t": f"N={sizes.enqueue_8t:,} over {THREADS_8T} threads",
         "bulk": f"N={sizes.bulk:,} in one call",
         "drain": f"N={sizes.drain:,} pre-enqueued",
+        "metrics-cost": f"N={sizes.drain:,} pre-enqueued, twice",
+        "drain-2proc": f"N={sizes.drain:,} pre-enqueued",
         "latency-inproc": f"{sizes.latency_inproc} jobs, one at a time",
         "latency-xproc": f"{sizes.latency_xproc} jobs, one at a time",
         "idle-cpu": f"{sizes.idle_seconds:g} s window",
@@ -1119,15 +1478,24 @@ SCENARIO_NOTES = {
     "enqueue-1t": "one transaction per job; the timer covers building each request or row.",
     "enqueue-8t": "8 threads released together; raw counts busy errors (none expected).",
     "bulk": "the timer covers building the requests/rows and the one transaction.",
+    "metrics-cost": ("drain as above, once with Runtime(metrics=True) (the default: per-minute"
+                     " rollups ride in the dispatcher's commits) and once with metrics=False, on"
+                     " one store, in alternating order; the ratio is the median of each"
+                     " repetition's on/off."),
     "drain": ("pre-enqueue not timed; the timer runs from starting the worker until every job ran"
               " (sqliteq: jobs.wait on the last job, then counts() confirms all done)."),
     "latency-inproc": ("perf_counter before enqueue -> perf_counter at handler start; a random"
                        f" 0-{LATENCY_GAP_SECONDS * 1000:.0f} ms pause before each probe, and the"
                        " previous probe finished first, so the worker is idle."),
-    "latency-xproc": ("a child process runs the Runtime (poll_interval 50 ms); the handler"
-                      " returns time.time() at its start, the parent subtracts time.time() taken"
-                      " before enqueue. Both clocks are this machine's wall clock. A random"
-                      " 0-50 ms pause before each send avoids locking onto the poll phase."),
+    "drain-2proc": ("two child processes, each a worker of 4 slots, started together on one"
+                    " queue of pre-enqueued jobs; timed from their start until the parent sees"
+                    " every job done (it polls every 5 ms). Not timed: starting the children."),
+    "latency-xproc": ("a child process runs the worker (sqliteq on SQLite: poll_interval 50 ms,"
+                      " its default; on PostgreSQL: poll 1 s, PgQueuer its default, procrastinate"
+                      " 50 ms, all woken by LISTEN/NOTIFY); its handler prints time.time() as it"
+                      " begins, the parent subtracts time.time() taken before the enqueue. One"
+                      " machine, one wall clock. A random 0-50 ms pause before each send avoids"
+                      " locking onto a poll phase."),
     "idle-cpu": (f"child process started and idle; after {IDLE_SETTLE_SECONDS} s it reports"
                  " time.process_time() at the start and end of the window."),
     "claim-latency": ("the tables of done rows (ids sorting before new jobs) are built once per"
@@ -1153,6 +1521,9 @@ Medians = dict[str, dict[str, dict[str, float]]]   # scenario -> system -> metri
 
 @dataclass(frozen=True)
 class Target:
+    """A goal for `system` (sqliteq on SQLite, or on PostgreSQL) in one row of the table."""
+
+    system: str
     scenario: str
     metric: str
     text: str
@@ -1169,46 +1540,68 @@ def _all(*conditions: bool | None) -> bool | None:
 
 
 SQLITE_PEERS = ("huey-sqlite", "persist-queue", "litequeue")
+POSTGRES_PEERS = ("procrastinate", "pgqueuer")
 
 
 def _ahead(scenario: str, m: Callable[[str, str, str], float | None],
-           peers: Sequence[str]) -> list[bool | None]:
-    """Whether sqliteq's jobs/s beat each peer's (None where either was not measured)."""
-    ours = m(scenario, "sqliteq", "jobs_per_s")
-    return [_none_or(_ratio(ours, m(scenario, peer, "jobs_per_s")), 1.0) for peer in peers]
+           peers: Sequence[str], ours: str = "sqliteq") -> list[bool | None]:
+    """Whether `ours`'s jobs/s beat each peer's (None where either was not measured)."""
+    mine = m(scenario, ours, "jobs_per_s")
+    return [_none_or(_ratio(mine, m(scenario, peer, "jobs_per_s")), 1.0) for peer in peers]
+
+
+def _at_least(scenario: str, ours: str, limit: str, factor: float,
+              m: Callable[[str, str, str], float | None]) -> bool | None:
+    return _none_or(_ratio(m(scenario, ours, "jobs_per_s"), m(scenario, limit, "jobs_per_s")),
+                    factor)
+
+
+def _drain_target(scenario: str) -> Target:
+    return Target("sqliteq-pg", scenario, "jobs_per_s",
+                  ">= 0.5x raw-psycopg, ahead of procrastinate and PgQueuer",
+                  lambda m: _all(_at_least(scenario, "sqliteq-pg", "raw-psycopg", 0.5, m),
+                                 *_ahead(scenario, m, POSTGRES_PEERS, "sqliteq-pg")))
 
 
 TARGETS = [
-    Target("enqueue-1t", "jobs_per_s", ">= 0.8x raw-minimal, ahead of the SQLite peers",
-           lambda m: _all(_none_or(_ratio(m("enqueue-1t", "sqliteq", "jobs_per_s"),
-                                          m("enqueue-1t", "raw-minimal", "jobs_per_s")), 0.8),
+    Target("sqliteq", "enqueue-1t", "jobs_per_s", ">= 0.8x raw-minimal, ahead of the SQLite peers",
+           lambda m: _all(_at_least("enqueue-1t", "sqliteq", "raw-minimal", 0.8, m),
                           *_ahead("enqueue-1t", m, SQLITE_PEERS))),
-    Target("enqueue-8t", "jobs_per_s", ">= 2x raw-minimal enqueue-1t, ahead of every peer",
+    Target("sqliteq", "enqueue-8t", "jobs_per_s",
+           ">= 2x raw-minimal enqueue-1t, ahead of every peer",
            lambda m: _all(_none_or(_ratio(m("enqueue-8t", "sqliteq", "jobs_per_s"),
                                           m("enqueue-1t", "raw-minimal", "jobs_per_s")), 2.0),
                           *_ahead("enqueue-8t", m, (*SQLITE_PEERS, "huey-redis")))),
-    Target("bulk", "jobs_per_s", ">= 0.65x raw-minimal",
-           lambda m: _none_or(_ratio(m("bulk", "sqliteq", "jobs_per_s"),
-                                     m("bulk", "raw-minimal", "jobs_per_s")), 0.65)),
-    Target("drain", "jobs_per_s", ">= 0.5x raw-minimal and >= 10x huey-sqlite",
-           lambda m: _all(_none_or(_ratio(m("drain", "sqliteq", "jobs_per_s"),
-                                          m("drain", "raw-minimal", "jobs_per_s")), 0.5),
-                          _none_or(_ratio(m("drain", "sqliteq", "jobs_per_s"),
-                                          m("drain", "huey-sqlite", "jobs_per_s")), 10.0))),
-    Target("latency-inproc", "p50_ms", "p50 <= 1 ms",
+    Target("sqliteq", "bulk", "jobs_per_s", ">= 0.65x raw-minimal",
+           lambda m: _at_least("bulk", "sqliteq", "raw-minimal", 0.65, m)),
+    Target("sqliteq", "drain", "jobs_per_s", ">= 0.5x raw-minimal and >= 10x huey-sqlite",
+           lambda m: _all(_at_least("drain", "sqliteq", "raw-minimal", 0.5, m),
+                          _at_least("drain", "sqliteq", "huey-sqlite", 10.0, m))),
+    Target("sqliteq", "latency-inproc", "p50_ms", "p50 <= 1 ms",
            lambda m: _none_or_max(m("latency-inproc", "sqliteq", "p50_ms"), 1.0)),
-    Target("latency-xproc", "p50_ms", "p50 <= 50 ms (the poll interval)",
+    Target("sqliteq", "latency-xproc", "p50_ms", "p50 <= 50 ms (the poll interval)",
            lambda m: _none_or_max(m("latency-xproc", "sqliteq", "p50_ms"), 50.0)),
-    Target("idle-cpu", "cpu_pct", "<= 1 % of a core",
+    Target("sqliteq", "idle-cpu", "cpu_pct", "<= 1 % of a core",
            lambda m: _none_or_max(m("idle-cpu", "sqliteq", "cpu_pct"), 1.0)),
-    Target("claim-latency", "ratio", "largest table within 1.5x of 10k",
+    Target("sqliteq", "claim-latency", "ratio", "largest table within 1.5x of 10k",
            lambda m: _none_or_max(m("claim-latency", "sqliteq", "ratio"), 1.5)),
-    Target("peak-rss", "peak_rss_mb", "<= 100 MB",
+    Target("sqliteq", "peak-rss", "peak_rss_mb", "<= 100 MB",
            lambda m: _none_or_max(m("peak-rss", "sqliteq", "peak_rss_mb"), 100.0)),
-    Target("bulk-rss", "peak_rss_mb", "<= 200 MB for 1M jobs",
+    Target("sqliteq", "bulk-rss", "peak_rss_mb", "<= 200 MB for 1M jobs",
            lambda m: _none_or_max(m("bulk-rss", "sqliteq", "peak_rss_mb"), 200.0)),
-    Target("wal-per-enqueue", "wal_pages", "<= 2.5 pages",
+    Target("sqliteq", "wal-per-enqueue", "wal_pages", "<= 2.5 pages",
            lambda m: _none_or_max(m("wal-per-enqueue", "sqliteq", "wal_pages"), 2.5)),
+    Target("sqliteq-pg", "enqueue-1t", "jobs_per_s", ">= 0.8x raw-psycopg",
+           lambda m: _at_least("enqueue-1t", "sqliteq-pg", "raw-psycopg", 0.8, m)),
+    Target("sqliteq-pg", "bulk", "jobs_per_s", ">= 0.5x raw-psycopg (COPY)",
+           lambda m: _at_least("bulk", "sqliteq-pg", "raw-psycopg", 0.5, m)),
+    _drain_target("drain"),
+    _drain_target("drain-2proc"),
+    *(Target(name, "metrics-cost", "ratio", ">= 0.95x (metrics cost <= 5 %)",
+             lambda m, name=name: _none_or(m("metrics-cost", name, "ratio"), 0.95))
+      for name in ("sqliteq", "sqliteq-pg")),
+    Target("sqliteq-pg", "latency-xproc", "p50_ms", "p50 <= 10 ms (LISTEN/NOTIFY)",
+           lambda m: _none_or_max(m("latency-xproc", "sqliteq-pg", "p50_ms"), 10.0)),
 ]
 
 
@@ -1313,10 +1706,14 @@ def format_value(value: float, unit: str) -> str:
 
 
 def markdown(cells: dict[str, dict[str, Cell]], systems: list[System], sizes: Sizes,
-             verdicts: dict[tuple[str, str], tuple[str, bool | None]]) -> str:
+             verdicts: dict[tuple[str, str, str], tuple[str, bool | None]]) -> str:
+    """One row per metric; a target column for each of sqliteq's stores that was measured,
+    its goal followed by PASS, MISS or ? (a figure it needs was not measured)."""
     names = [s.name for s in systems]
-    lines = ["| scenario | metric | " + " | ".join(names) + " | target | sqliteq |",
-             "|---|---|" + "---:|" * len(names) + "---|---|"]
+    judged = [name for name in ("sqliteq", "sqliteq-pg") if name in names]
+    lines = ["| " + " | ".join(["scenario", "metric", *names,
+                                *(f"target: {name}" for name in judged)]) + " |",
+             "|---|---|" + "---:|" * len(names) + "---|" * len(judged)]
     for scenario_name, by_system in cells.items():
         sc = SCENARIOS[scenario_name]
         for index, row in enumerate(sc.rows(sizes)):
@@ -1335,12 +1732,14 @@ def markdown(cells: dict[str, dict[str, Cell]], systems: list[System], sizes: Si
             if row.metric == "errors" and not any(v not in ("", "n/a", "skipped")
                                                   for v in values):
                 continue
-            text, ok = verdicts.get((scenario_name, row.metric), ("", None))
-            verdict = "" if not text else "PASS" if ok else "MISS" if ok is False else "?"
+            goals = []
+            for name in judged:
+                text, ok = verdicts.get((name, scenario_name, row.metric), ("", None))
+                verdict = "PASS" if ok else "MISS" if ok is False else "?"
+                goals.append(f"{text}: {verdict}" if text else "")
             title = f"{scenario_name} ({scenario_sizes(scenario_name, sizes)})" if index == 0 \
                 else ""
-            lines.append(f"| {title} | {row.label} | " + " | ".join(values)
-                         + f" | {text} | {verdict} |")
+            lines.append("| " + " | ".join([title, row.label, *values, *goals]) + " |")
     return "\n".join(lines)
 
 
@@ -1350,10 +1749,11 @@ def draw_chart(cells: dict[str, dict[str, Cell]], systems: list[System], path: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [name for name in cells if SCENARIOS[name].throughput]
+    names = [s.name for s in systems]
+    groups = [name for name in cells if SCENARIOS[name].throughput
+              and any(cells[name][n].medians().get("jobs_per_s") for n in names)]
     if not groups:
         return False
-    names = [s.name for s in systems]
     values = {(g, n): cells[g][n].medians().get("jobs_per_s") for g in groups for n in names}
     present = [v for v in values.values() if v]
     if not present:
@@ -1398,7 +1798,8 @@ def machine_info() -> dict[str, Any]:
         "apsw": apsw.apsw_version(), "sqlite (sqlite3 module)": sqlite3.sqlite_version,
         "sqliteq": sqliteq.__version__,
     }
-    for package in ("huey", "persist-queue", "litequeue"):
+    for package in ("huey", "persist-queue", "litequeue", "psycopg", "procrastinate", "pgqueuer",
+                    "asyncpg"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[package] = metadata.version(package)
     info["loadavg at start"] = os.getloadavg()
@@ -1411,7 +1812,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="sqliteq benchmarks: every scenario x every system, interleaved.",
         epilog="scenarios: " + ", ".join(SCENARIOS)
-        + "; systems: raw-apsw, sqliteq, huey-sqlite, persist-queue, litequeue, huey-redis")
+        + "; systems: raw-minimal, raw-apsw, sqliteq, huey-sqlite, persist-queue, litequeue,"
+        " huey-redis, raw-psycopg, sqliteq-pg, procrastinate, pgqueuer")
     parser.add_argument("--quick", action="store_true",
                         help="smaller N, 3 repetitions, 3 s idle window (~1-2 minutes)")
     parser.add_argument("--runs", type=int, default=None,
@@ -1419,13 +1821,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=None, help="comma-separated scenarios to run")
     parser.add_argument("--systems", default=None, help="comma-separated systems to run")
     parser.add_argument("--out", default=str(HERE / "results.json"), help="JSON results file")
-    parser.add_argument("--chart", default=str(HERE / "results.png"), help="PNG bar chart")
+    parser.add_argument("--chart", default=str(HERE / "results.png"),
+                        help="PNG bar chart of the SQLite systems; the PostgreSQL ones go"
+                             " beside it, named with -pg (results-pg.png)")
     parser.add_argument("--db-dir", default=None,
                         help="where the temporary database files go (default: system temp)")
     parser.add_argument("--huey-fsync", choices=("off", "none"), default="off",
                         help="SqliteHuey fsync: off = fsync=False (synchronous=OFF, closest to"
                              " sqliteq's NORMAL); none = huey's default (synchronous=FULL)")
     parser.add_argument("--keep", action="store_true", help="keep the database folder")
+    parser.add_argument("--pg-url", default=PG_URL,
+                        help="the PostgreSQL server of the PostgreSQL systems (default"
+                             " $SQLITEQ_BENCH_PG or the local test database); each measurement"
+                             " creates a schema there and drops it")
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else FULL
@@ -1433,7 +1841,9 @@ def main(argv: list[str] | None = None) -> None:
     if runs < 1:
         parser.error("--runs must be at least 1")
     all_systems: list[System] = [RawMinimal(), RawApsw(), Sqliteq(), Huey(args.huey_fsync),
-                                 PersistQueue(), LiteQueueSystem(), HueyRedis(args.huey_fsync)]
+                                 PersistQueue(), LiteQueueSystem(), HueyRedis(args.huey_fsync),
+                                 RawPsycopg(args.pg_url), SqliteqPg(args.pg_url),
+                                 Procrastinate(args.pg_url), PgQueuer(args.pg_url)]
     scenarios = list(SCENARIOS.values())
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -1476,8 +1886,8 @@ def main(argv: list[str] | None = None) -> None:
     def median_of(scenario: str, system: str, metric: str) -> float | None:
         return medians.get(scenario, {}).get(system, {}).get(metric)
 
-    verdicts = {(t.scenario, t.metric): (t.text, t.check(median_of)) for t in TARGETS
-                if t.scenario in cells}
+    verdicts = {(t.system, t.scenario, t.metric): (t.text, t.check(median_of)) for t in TARGETS
+                if t.scenario in cells and t.system in cells[t.scenario]}
     shown = [s for s in systems if any(cells[sc][s.name].status != "n/a" for sc in cells)]
 
     print(f"# sqliteq benchmarks ({mode}: median of {runs} runs after a warm-up, {wall:.0f} s)\n")
@@ -1512,14 +1922,18 @@ def main(argv: list[str] | None = None) -> None:
                          for name, cell in by_system.items()}
                     for sc, by_system in cells.items()},
         "targets": [{"scenario": t.scenario, "metric": t.metric, "target": t.text,
-                     "pass": verdicts[(t.scenario, t.metric)][1]}
-                    for t in TARGETS if (t.scenario, t.metric) in verdicts],
+                     "system": t.system, "pass": verdicts[(t.system, t.scenario, t.metric)][1]}
+                    for t in TARGETS if (t.system, t.scenario, t.metric) in verdicts],
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out}")
-    if draw_chart(cells, shown, args.chart,
-                  f"sqliteq bench ({mode}), median of {runs} runs"):
-        log(f"wrote {args.chart}")
+    # One chart per store family: SQLite's and PostgreSQL's figures differ tenfold.
+    chart = Path(args.chart)
+    for family, path in (("SQLite", chart), ("PostgreSQL", chart.with_stem(chart.stem + "-pg"))):
+        members = [s for s in shown if isinstance(s, PostgresSystem) == (family == "PostgreSQL")]
+        if draw_chart(cells, members, str(path),
+                      f"sqliteq bench, {family} ({mode}), median of {runs} runs"):
+            log(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,49 @@ class Target:
         return "postgres" if self.postgres else "sqlite"
 
 
+
+# ------------------------------------------------- dispatcher rounds, clock injected ----
+# The dispatcher's `step(now)` is one round: tests run rounds themselves, on an unstarted
+# runtime whose clock they move, so nothing waits for time to pass.
+
+class ManualClock(sqliteq._Clock):
+    """A runtime's clock that moves when the test says: `now` (ms) stands still, and the
+    monotonic clock runs `ahead` seconds in front of the real one."""
+
+    def __init__(self) -> None:
+        self.now = sqliteq.now_ms()
+        self.ahead = 0.0
+
+    def now_ms(self) -> int:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+def rounds(storage: sqliteq.Storage, handler: Callable[..., Any] = lambda ctx, payload: None,
+           **options: Any) -> tuple[sqliteq.Runtime, Any, ManualClock]:
+    """An unstarted runtime with one slot of queue "default", `handler` for kind "k", its
+    dispatcher, and its clock."""
+    rt = sqliteq.Runtime(storage, {"default": 1}, **options)
+    rt.register("k", handler)
+    rt._clock = clock = ManualClock()
+    return rt, sqliteq._Dispatcher(rt), clock
+
+
+def buffered(rt: sqliteq.Runtime) -> list[Any]:
+    """Take the claimed jobs no worker has started (what the round handed out)."""
+    return rt._queue_states["default"].drain_buffer()
+
+
+def run_buffered(rt: sqliteq.Runtime) -> int:
+    """Do a worker's part: run each handed-out job and hand its end to the dispatcher."""
+    jobs = buffered(rt)
+    for job in jobs:
+        rt._finished.append(rt._execute(job, rt._handlers.get(job.kind), "default-0-test"))
+    return len(jobs)
+
+
 # ------------------------------------------------------------------- CLI ----
 
 def script() -> str:

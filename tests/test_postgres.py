@@ -259,10 +259,11 @@ def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python)
 
 def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
     """A schema as the first PostgreSQL release wrote it (step 1: no time limit or progress
-    columns) gains them when opened, its jobs intact."""
+    columns, no metrics tables) gains them when opened, its jobs intact."""
     with pg.open() as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
     pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")
+    pg.sql("DROP TABLE metrics, metrics_totals")
     pg.sql("UPDATE sqliteq_version SET version = 1")
     with pg.open() as storage:
         job = storage.jobs.get(job_id)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import apsw
 import pytest
 import ulid
-from support import FAST, wait_until
+from support import FAST, buffered, rounds, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -552,28 +551,7 @@ def test_ctx_enqueue_bulk_fans_out_children_that_all_run(storage, make_runtime):
 
 
 # ------------------------------------------- dispatcher rounds, clock injected ----
-# The dispatcher's `step(now)` is one round; these tests run rounds themselves, on an
-# unstarted runtime whose clock they move, so nothing waits for time to pass.
-
-class ManualClock(sqliteq._Clock):
-    def __init__(self) -> None:
-        self.now = sqliteq.now_ms()
-
-    def now_ms(self) -> int:
-        return self.now
-
-
-def rounds(storage: sqliteq.Storage, handler: Callable[..., Any] = lambda ctx, payload: None
-           ) -> tuple[sqliteq.Runtime, Any, ManualClock]:
-    rt = sqliteq.Runtime(storage, {"default": 1})
-    rt.register("k", handler)
-    rt._clock = clock = ManualClock()
-    return rt, sqliteq._Dispatcher(rt), clock
-
-
-def buffered(rt: sqliteq.Runtime) -> list[Any]:
-    return rt._queue_states["default"].drain_buffer()
-
+# (See tests/support.py: the tests run the rounds themselves.)
 
 def test_a_round_claims_a_scheduled_job_once_the_clock_reaches_its_run_at(storage):
     rt, dispatcher, clock = rounds(storage)

@@ -86,10 +86,11 @@ def test_the_cli_on_a_truncated_or_corrupt_file_prints_one_line_and_changes_noth
 
 
 # Pages of the jobs table spoiled, the schema intact: the file opens, and reading the jobs
-# finds the damage.
+# finds the damage. (The schema and the small tables come first, the jobs fill the rest:
+# the last third of the file is the jobs table and its claim index.)
 def spoil_the_table(path: Path) -> None:
     good = path.read_bytes()
-    path.write_bytes(overwrite_pages(good, 8))
+    path.write_bytes(overwrite_pages(good, len(good) // PAGE * 2 // 3))
 
 
 def test_reading_a_file_with_spoiled_table_pages_raises_schema_error(tmp_path: Path) -> None:
