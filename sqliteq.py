@@ -63,8 +63,12 @@ import bisect
 import contextlib
 import functools
 import heapq
+import hmac
+import html
+import http.cookies
 import importlib
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -74,6 +78,7 @@ import os
 import queue as queue_module
 import random
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -82,6 +87,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 import weakref
 import zoneinfo
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -1342,6 +1348,24 @@ class _NewJob(NamedTuple):
     timeout_ms: int | None
 
 
+class _QueueDepth(NamedTuple):
+    """How many unfinished (and failed) jobs one queue holds, for a dashboard."""
+
+    ready: int = 0
+    scheduled: int = 0
+    running: int = 0
+    failed: int = 0
+    oldest_run_at: int | None = None    # of the ready jobs, ms
+
+
+class _RunningJob(NamedTuple):
+    id: str
+    kind: str
+    queue: str
+    host: str
+    started_at: int
+
+
 class _ClaimedRow(NamedTuple):
     """A job a claim moved to running, as the claim returned it."""
 
@@ -1414,12 +1438,18 @@ class _JobStore:
                    " OR (?1 = 'queued' AND state = 'scheduled'))"
                    " AND (CAST(?2 AS TEXT) IS NULL OR queue = ?2)"
                    " AND (CAST(?3 AS TEXT) IS NULL OR kind = ?3)"
+                   " AND (CAST(?5 AS TEXT) IS NULL OR id < ?5)"
+                   " AND (CAST(?6 AS TEXT) IS NULL OR id >= ?6 AND id < ?6 || '~')"
                    " ORDER BY id DESC LIMIT ?4")
     LIST = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {LIST_FILTER}"
     READINESS = ("SELECT queue, count(*) FILTER (WHERE run_at <= ?1),"
                  " count(*) FILTER (WHERE run_at > ?1),"
                  " min(CASE WHEN run_at <= ?1 THEN run_at END)"
                  " FROM jobs WHERE state IN ('queued', 'scheduled') GROUP BY queue")
+    RUNNING_BY_QUEUE = "SELECT queue, count(*) FROM jobs WHERE state = 'running' GROUP BY queue"
+    FAILED_BY_QUEUE = "SELECT queue, count(*) FROM jobs WHERE state = 'failed' GROUP BY queue"
+    RUNNING_JOBS = ("SELECT id, kind, queue, host, started_at FROM jobs WHERE state = 'running'"
+                    " ORDER BY started_at LIMIT ?")
     FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
                       " AND finished_at >= ? GROUP BY queue")
     CANCEL_WAITING = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2"
@@ -1434,7 +1464,8 @@ class _JobStore:
     RETRY_FAILED = ("UPDATE OR IGNORE jobs SET state = 'queued', attempt = 0, run_at = ?2,"
                     " started_at = NULL, finished_at = NULL, worker = NULL, host = NULL,"
                     " result = NULL, cancel_requested = 0, lease = NULL"
-                    " WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)")
+                    " WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)"
+                    " AND (CAST(?3 AS TEXT) IS NULL OR kind = ?3)")
     RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
                " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
@@ -1549,8 +1580,9 @@ class _JobStore:
         conn.execute(self.RETRY, (job_id, now))
         return bool(conn.changes())
 
-    def retry_failed(self, conn: apsw.Connection, queue: str | None, now: int) -> int:
-        conn.execute(self.RETRY_FAILED, (queue, now))
+    def retry_failed(self, conn: apsw.Connection, queue: str | None, kind: str | None,
+                     now: int) -> int:
+        conn.execute(self.RETRY_FAILED, (queue, now, kind))
         return conn.changes()
 
     def run_now(self, conn: apsw.Connection, job_id: str, now: int) -> bool:
@@ -1573,10 +1605,12 @@ class _JobStore:
         rows = self._db.read(self.SELECT_ONE, (job_id,))
         return _job_from_row(rows[0]) if rows else None
 
-    def newest(self, state: str | None, queue: str | None, kind: str | None, limit: int
-               ) -> list[Job]:
-        """The newest jobs matching every filter that is not None."""
-        return [_job_from_row(row) for row in self._db.read(self.LIST, (state, queue, kind, limit))]
+    def newest(self, state: str | None, queue: str | None, kind: str | None, limit: int,
+               before: str | None = None, id_prefix: str | None = None) -> list[Job]:
+        """The newest jobs matching every filter that is not None (ids below `before`,
+        ids starting with `id_prefix`). ('~' sorts after every character of an id.)"""
+        return [_job_from_row(row) for row in self._db.read(
+            self.LIST, (state, queue, kind, limit, before, id_prefix))]
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """Jobs per state (every state present, zeros included)."""
@@ -1596,6 +1630,22 @@ class _JobStore:
             public = _STORED_STATES[state].value
             counts[public] = counts.get(public, 0) + n
         return by_queue
+
+    def depths(self, now: int) -> dict[str, _QueueDepth]:
+        """Per queue, each count read off its partial index, never the finished jobs."""
+        readiness = self.readiness(now)
+        running = dict(self._db.read(self.RUNNING_BY_QUEUE))
+        failed = dict(self._db.read(self.FAILED_BY_QUEUE))
+        depths = {}
+        for queue in sorted({*readiness, *running, *failed}):
+            ready, scheduled, oldest = readiness.get(queue, (0, 0, None))
+            depths[queue] = _QueueDepth(ready, scheduled, running.get(queue, 0),
+                                        failed.get(queue, 0), oldest)
+        return depths
+
+    def running_jobs(self, limit: int) -> list[_RunningJob]:
+        """Running jobs, longest-running first."""
+        return [_RunningJob(*row) for row in self._db.read(self.RUNNING_JOBS, (limit,))]
 
     def readiness(self, now: int) -> dict[str, tuple[int, int, int | None]]:
         """Per queue: waiting jobs due now, those due later, and the oldest due run_at."""
@@ -1809,13 +1859,21 @@ class Jobs:
         return self._store.get(job_id)
 
     def list(self, state: str | None = None, queue: str | None = None, kind: str | None = None,
-             limit: int = 100) -> list[Job]:
-        """The newest jobs matching every given filter, newest first."""
+             limit: int = 100, *, before: str | None = None, id_prefix: str | None = None
+             ) -> list[Job]:
+        """The newest jobs matching every given filter, newest first. Pages go by id:
+        `before=` the last id of a page gives the next one (no OFFSET: every page costs
+        the same). `id_prefix` matches ids that start with it (any case)."""
         if state is not None:
             state = _check_state(state)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise InvalidInput(f"limit must be a non-negative integer, not {limit!r}")
-        return self._store.newest(state, queue, kind, limit)
+        for value, what in ((before, "before"), (id_prefix, "id_prefix")):
+            if value is not None and (not isinstance(value, str) or len(value) > 26
+                                      or not value.isalnum() or not value.isascii()):
+                raise InvalidInput(f"{what} must be (the start of) a job id, not {value!r}")
+        return self._store.newest(state, queue, kind, limit, before,
+                                  None if id_prefix is None else id_prefix.upper())
 
     def counts(self, queue: str | None = None) -> dict[str, int]:
         """Number of jobs in each state (every state present, zeros included)."""
@@ -1895,11 +1953,11 @@ class Jobs:
 
         return self._db.write(retry)
 
-    def retry_failed(self, queue: str | None = None) -> int:
-        """Retry every failed job (of one queue, if given). Jobs whose unique key is held by
-        an active job are left failed. Returns how many were requeued."""
+    def retry_failed(self, queue: str | None = None, kind: str | None = None) -> int:
+        """Retry every failed job (of one queue and kind, if given). Jobs whose unique key
+        is held by an active job are left failed. Returns how many were requeued."""
         return self._db.write(
-            lambda conn: self._store.retry_failed(conn, queue, self._db.clock_ms()))
+            lambda conn: self._store.retry_failed(conn, queue, kind, self._db.clock_ms()))
 
     def run_now(self, job_id: str) -> bool:
         """Make a scheduled (queued, future run_at) job ready now. False if not applicable."""
@@ -2586,7 +2644,7 @@ class Metrics:
     # (PostgreSQL writes side by side) add up, neither overwrites the other.
     UPSERT = _metrics_upsert("max", _sqlite_merged_histogram)
     SELECT_RANGE = """
-        SELECT minute, done, failed, retried, cancelled,
+        SELECT minute, queue, kind, done, failed, retried, cancelled,
                run_count, run_sum_us, run_max_us, run_histogram,
                wait_count, wait_sum_us, wait_max_us, wait_histogram
         FROM metrics
@@ -2633,11 +2691,19 @@ class Metrics:
         since_ms = (until_ms - 3_600_000 if since is None
                     else int(_epoch_seconds(since, "since") * 1000))
         points: dict[int, _Rollup] = {}
-        for minute, *columns in self._db.read(
+        for minute, _, _, *columns in self._db.read(
                 self.SELECT_RANGE, (since_ms - since_ms % _MINUTE_MS, until_ms, queue, kind)):
             start = minute - minute % step_ms
             points.setdefault(start, _Rollup()).merge(_Rollup.from_columns(columns))
         return [point.point(start) for start, point in sorted(points.items())]
+
+    def _by_key(self, since_ms: int, until_ms: int) -> dict[tuple[str, str], _Rollup]:
+        """The minutes from `since_ms` to `until_ms`, merged per queue and kind."""
+        merged: dict[tuple[str, str], _Rollup] = {}
+        for _, queue, kind, *columns in self._db.read(
+                self.SELECT_RANGE, (since_ms - since_ms % _MINUTE_MS, until_ms, None, None)):
+            merged.setdefault((queue, kind), _Rollup()).merge(_Rollup.from_columns(columns))
+        return merged
 
     def totals(self) -> list[MetricsTotal]:
         """Per queue and kind, by name: everything the runtimes ever recorded (the
@@ -3658,18 +3724,21 @@ class _PgJobStore(_JobStore):
                         finished_at = NULL, worker = NULL, host = NULL, result = NULL,
                         cancel_requested = 0, lease = NULL
         WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)
+          AND (CAST(?3 AS TEXT) IS NULL OR kind = ?3)
           AND (unique_key IS NULL OR (
               id = (SELECT max(f.id) FROM jobs f WHERE f.unique_key = jobs.unique_key
-                    AND f.state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR f.queue = ?1))
+                    AND f.state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR f.queue = ?1)
+                    AND (CAST(?3 AS TEXT) IS NULL OR f.kind = ?3))
               AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.unique_key = jobs.unique_key
                               AND a.state IN ('queued', 'scheduled', 'running'))))"""
-    def retry_failed(self, conn: apsw.Connection, queue: str | None, now: int) -> int:
+    def retry_failed(self, conn: apsw.Connection, queue: str | None, kind: str | None,
+                     now: int) -> int:
         # A job that takes a key after the statement began (committed after its snapshot)
         # breaks the unique index: then the statement goes again, and sees that job.
         while True:
             try:
                 with conn:              # (a savepoint: the failed try leaves nothing)
-                    return super().retry_failed(conn, queue, now)
+                    return super().retry_failed(conn, queue, kind, now)
             except self._db.UNIQUE_VIOLATION:
                 continue
 
@@ -4508,7 +4577,8 @@ class _Dispatcher:
                     job.token.cancel("shutdown")
             self._mark_due(now)
             claim_from = [] if stopping else rt._queues_to_claim(bool(finished), now)
-            flush = rt._metrics is not None and bool(rt._metrics.rollups) and (
+            # (Stopping, every commit flushes: the last one may come with the last ends.)
+            flush = rt._metrics is not None and bool(rt._metrics.rollups or finished) and (
                 stopping or rt._metrics.due(rt._clock.monotonic()))
             if finished or claim_from or orphans or flush:
                 lease = random.getrandbits(62)
@@ -5550,6 +5620,510 @@ def _status_text(data: dict[str, Any]) -> str:
     return f"{queues}\n\n{len(data['processes'])} live process(es)\n{processes}"
 
 
+# -------------------------------------------------------------- Dashboard ----
+# A WSGI app (the standard library's wsgiref serves it for `sqliteq dashboard`): pages
+# rendered here, every value escaped on the way out; a few lines of JS, served from the app
+# itself, refresh the overview. The Content-Security-Policy allows no inline script at all,
+# so even a value that escaped escaping could not run.
+
+DASHBOARD_REFRESH_SECONDS = 2
+DASHBOARD_PAGE_SIZE = 50
+_TRUNCATED_PAYLOAD = 120        # characters of a payload shown in lists
+_CHART_RANGES = {"hour": (3600, 60), "day": (86400, 1800), "week": (7 * 86400, 3 * 3600)}
+_SECURITY_HEADERS = [
+    ("Content-Security-Policy", ("default-src 'none'; script-src 'self'; style-src 'self';"
+                                 " img-src 'self'; connect-src 'self'; form-action 'self';"
+                                 " frame-ancestors 'none'; base-uri 'none'")),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+_DASHBOARD_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9 }
+header { background: #1d2330; color: #fff; padding: 8px 20px; display: flex; gap: 20px }
+header a { color: #fff; text-decoration: none } header b { margin-right: auto }
+main { padding: 12px 20px } h2 { font-size: 16px; margin: 20px 0 6px }
+table { border-collapse: collapse; background: #fff; width: 100% }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e3e6eb;
+         vertical-align: top }
+td.n { text-align: right; font-variant-numeric: tabular-nums }
+pre { background: #fff; padding: 8px; overflow: auto; max-height: 30em; white-space: pre-wrap }
+form.inline { display: inline } button { cursor: pointer }
+.charts { display: flex; gap: 16px; flex-wrap: wrap } .chart { background: #fff; padding: 6px }
+.failed, .error { color: #b42318 } .paused { color: #b54708 } .muted { color: #6b7280 }
+nav.ranges a { margin-right: 8px }
+"""
+_DASHBOARD_JS = """
+"use strict";
+const live = document.getElementById("live");
+if (live) {
+  setInterval(async () => {
+    try {
+      const reply = await fetch(live.dataset.src, {credentials: "same-origin"});
+      if (reply.ok) live.innerHTML = await reply.text();
+    } catch (error) { /* the server is away: the next tick tries again */ }
+  }, live.dataset.every * 1000);
+}
+document.addEventListener("submit", (event) => {
+  const question = event.target.dataset.confirm;
+  if (question && !window.confirm(question)) event.preventDefault();
+});
+"""
+
+
+def _h(value: Any) -> str:
+    """HTML text of any value, escaped (quotes too: safe inside attributes)."""
+    return html.escape("-" if value is None else str(value), quote=True)
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _svg_chart(title: str, values: Sequence[float | None], unit: str) -> str:
+    """A line chart of `values` (None: a gap), oldest left, as inline SVG."""
+    width, height, top = 480, 110, 12
+    peak = max((v for v in values if v is not None), default=0.0)
+    scale = peak or 1.0
+    step = width / max(1, len(values) - 1)
+    lines: list[list[str]] = []
+    run: list[str] = []
+    for i, value in enumerate(values):
+        if value is None:
+            lines, run = ([*lines, run] if run else lines), []
+            continue
+        run.append(f"{i * step:.1f},{top + (height - top) * (1 - value / scale):.1f}")
+    lines = [*lines, run] if run else lines
+    drawn = "".join(f'<polyline points="{" ".join(points)}" fill="none" stroke="#2563eb"'
+                    f' stroke-width="1.5"/>' for points in lines)
+    latest = next((v for v in reversed(values) if v is not None), None)
+    return (f'<div class="chart"><div>{_h(title)}: <b>'
+            f'{"-" if latest is None else f"{latest:,.3g} {unit}"}</b>'
+            f' <span class="muted">(peak {peak:,.3g})</span></div>'
+            f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
+            f' role="img" aria-label="{_h(title)}"><line x1="0" y1="{height}" x2="{width}"'
+            f' y2="{height}" stroke="#c7ccd4"/>{drawn}</svg></div>')
+
+
+def _prometheus_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prometheus_text(storage: Storage) -> str:
+    """The store's state in Prometheus's text exposition format (version 0.0.4): queue
+    depths and oldest ready age (gauges), attempts by outcome and the sums and counts of
+    run and wait time (counters, from the never-swept totals), and run and wait quantiles
+    over the last five minutes."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str,
+               samples: Iterable[tuple[str, dict[str, str], float | None]]) -> None:
+        lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+        for suffix, labels, value in samples:
+            shown = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
+            number = "NaN" if value is None else repr(float(value))
+            lines.append(f"{name}{suffix}{{{shown}}} {number}" if shown
+                         else f"{name}{suffix} {number}")
+
+    now = storage.db.clock_ms()
+    depths = storage._store.depths(now)
+    queues = {q.name: q for q in storage.queues.list()}
+    names = sorted({*queues, *depths})
+    family("sqliteq_jobs", "gauge", "Jobs by queue and state.",
+           (("", {"queue": name, "state": state}, depth)
+            for name in names for state, depth in zip(
+                ("ready", "scheduled", "running", "failed"),
+                depths.get(name, _QueueDepth())[:4], strict=True)))
+    family("sqliteq_oldest_ready_age_seconds", "gauge",
+           "How long the oldest ready job of the queue has waited.",
+           (("", {"queue": name}, max(0.0, (now - oldest) / 1000)) for name in names
+            if (oldest := depths.get(name, _QueueDepth()).oldest_run_at) is not None))
+    family("sqliteq_queue_paused", "gauge", "1 while the queue is paused.",
+           (("", {"queue": name}, int(queue.paused)) for name, queue in queues.items()))
+    family("sqliteq_processes", "gauge", "Runtime processes with a live heartbeat.",
+           [("", {}, len(storage.processes.list()))])
+    totals = storage.metrics.totals()
+    family("sqliteq_attempts_total", "counter", "Attempts ended, by queue, kind and outcome.",
+           (("", {"queue": t.queue, "kind": t.kind, "outcome": outcome}, n) for t in totals
+            for outcome, n in (("done", t.done), ("failed", t.failed),
+                               ("retried", t.retried), ("cancelled", t.cancelled))))
+    recent = storage.metrics._by_key(now - 5 * _MINUTE_MS, now)
+    for series, what in (("run", "How long handlers ran"),
+                         ("wait", "How long jobs waited from run_at to their claim")):
+        samples: list[tuple[str, dict[str, str], float | None]] = []
+        for total in totals:
+            labels = {"queue": total.queue, "kind": total.kind}
+            rollup = recent.get((total.queue, total.kind))
+            timings = None if rollup is None else getattr(rollup, series).timings()
+            quantiles = (None, None, None) if timings is None else (
+                timings.p50, timings.p95, timings.p99)
+            samples += [("", {**labels, "quantile": q}, value)
+                        for q, value in zip(("0.5", "0.95", "0.99"), quantiles, strict=True)]
+            count, seconds = ((total.run_jobs, total.run_seconds) if series == "run"
+                              else (total.wait_jobs, total.wait_seconds))
+            samples += [("_sum", labels, seconds), ("_count", labels, count)]
+        family(f"sqliteq_{series}_seconds", "summary",
+               f"{what} (quantiles: the last 5 minutes).", samples)
+    return "\n".join(lines) + "\n"
+
+
+class _Request:
+    """What a handler of the dashboard reads of one WSGI request."""
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.method = str(environ.get("REQUEST_METHOD", "GET"))
+        self.path = str(environ.get("PATH_INFO", "/")) or "/"
+        self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(
+            str(environ.get("QUERY_STRING", ""))).items()}
+        self.form: dict[str, str] = {}
+        if self.method == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(min(length, 1 << 16)).decode("utf-8", "replace")
+            self.form = {k: v[-1] for k, v in urllib.parse.parse_qs(body).items()}
+        self.authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
+        cookies = http.cookies.SimpleCookie(str(environ.get("HTTP_COOKIE", "")))
+        self.cookie_token = cookies["sqliteq_token"].value if "sqliteq_token" in cookies else ""
+
+
+class _Reply(NamedTuple):
+    status: str
+    body: str
+    content_type: str = "text/html; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class _HttpError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Dashboard:
+    """The WSGI app behind `dashboard_app`."""
+
+    def __init__(self, storage: Storage, read_only: bool, token: str | None) -> None:
+        self.storage = storage
+        self.read_only = read_only
+        self.token = token
+        # Forms carry it; another site's page cannot read it (same-origin policy).
+        self.csrf = secrets.token_urlsafe(32)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> list[bytes]:
+        request = _Request(environ)
+        try:
+            reply = self._authorized(request) or self._route(request)
+        except _HttpError as exc:
+            reply = _Reply(exc.status, self._page("Error", f"<p>{_h(exc)}</p>"))
+        except InvalidInput as exc:
+            reply = _Reply("400 Bad Request", self._page("Error", f"<p>{_h(exc)}</p>"))
+        except SqliteqError as exc:
+            log.warning("dashboard: %s", exc)
+            reply = _Reply("503 Service Unavailable", self._page("Error", f"<p>{_h(exc)}</p>"))
+        body = reply.body.encode("utf-8")
+        start_response(reply.status, [("Content-Type", reply.content_type),
+                                      ("Content-Length", str(len(body))),
+                                      *_SECURITY_HEADERS, *reply.headers])
+        return [body]
+
+    def _authorized(self, request: _Request) -> _Reply | None:
+        """None when the request may go on; else the reply that refuses or logs in."""
+        if self.token is None:
+            return None
+        given = request.query.get("token")
+        if given is not None and hmac.compare_digest(given, self.token):
+            cookie = f"sqliteq_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
+            return _Reply("303 See Other", "", headers=(("Location", request.path),
+                                                        ("Set-Cookie", cookie)))
+        offered = request.authorization.removeprefix("Bearer ") or request.cookie_token
+        if offered and hmac.compare_digest(offered, self.token):
+            return None
+        return _Reply("401 Unauthorized", "a token is required: open the dashboard's URL with"
+                      " ?token=..., or send Authorization: Bearer ...\n", "text/plain",
+                      (("WWW-Authenticate", "Bearer"),))
+
+    def _route(self, request: _Request) -> _Reply:
+        parts = [part for part in request.path.split("/") if part]   # (PATH_INFO: decoded)
+        if request.method == "POST":
+            return self._act(request, parts)
+        if request.method not in ("GET", "HEAD"):
+            raise _HttpError("405 Method Not Allowed", f"{request.method} is not served here")
+        if not parts:
+            chart = request.query.get("range", "hour")
+            return _Reply("200 OK", self._page("Overview", (
+                f'<div id="live" data-every="{DASHBOARD_REFRESH_SECONDS}"'
+                f' data-src="/live?range={_h(urllib.parse.quote(chart))}">'
+                f'{self._live(chart)}</div>')))
+        if parts == ["live"]:
+            return _Reply("200 OK", self._live(request.query.get("range", "hour")))
+        if parts == ["jobs"]:
+            return _Reply("200 OK", self._page("Jobs", self._jobs(request.query)))
+        if len(parts) == 2 and parts[0] == "jobs":
+            return _Reply("200 OK", self._page(f"Job {parts[1]}", self._job(parts[1])))
+        if parts == ["metrics"]:
+            return _Reply("200 OK", _prometheus_text(self.storage),
+                          "text/plain; version=0.0.4; charset=utf-8")
+        if parts == ["static", "app.css"]:
+            return _Reply("200 OK", _DASHBOARD_CSS, "text/css; charset=utf-8")
+        if parts == ["static", "app.js"]:
+            return _Reply("200 OK", _DASHBOARD_JS, "text/javascript; charset=utf-8")
+        raise _HttpError("404 Not Found", f"nothing at {request.path}")
+
+    # -- pages --
+
+    def _page(self, title: str, content: str) -> str:
+        return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f'<title>{_h(title)} - sqliteq</title>'
+                f'<link rel="stylesheet" href="/static/app.css"></head><body>'
+                f'<header><b>sqliteq</b><a href="/">Overview</a><a href="/jobs">Jobs</a>'
+                f'<a href="/metrics">Metrics</a></header><main><h1>{_h(title)}</h1>{content}'
+                f'</main><script src="/static/app.js"></script></body></html>')
+
+    def _button(self, label: str, back: str, confirm: str | None = None, **fields: str
+                ) -> str:
+        """A form that POSTs an action (`fields`: do=, and job= or queue=) to /action with
+        the CSRF token, then returns to `back`; nothing when read-only."""
+        if self.read_only:
+            return ""
+        hidden = "".join(f'<input type="hidden" name="{_h(k)}" value="{_h(v)}">'
+                         for k, v in {"csrf": self.csrf, "back": back, **fields}.items())
+        asks = f' data-confirm="{_h(confirm)}"' if confirm else ""
+        return (f'<form class="inline" method="post" action="/action"{asks}>{hidden}'
+                f'<button type="submit">{_h(label)}</button></form>')
+
+    def _live(self, chart: str) -> str:
+        """The overview's part that refreshes: queues, charts, processes, cron."""
+        if chart not in _CHART_RANGES:
+            raise InvalidInput(f"range must be one of {', '.join(_CHART_RANGES)}, not {chart!r}")
+        storage, now = self.storage, self.storage.db.clock_ms()
+        depths = storage._store.depths(now)
+        queues = {q.name: q for q in storage.queues.list()}
+        rows = []
+        for name in sorted({*queues, *depths}):
+            ready, scheduled, running, failed, oldest = depths.get(name, _QueueDepth())
+            queue = queues.get(name)
+            paused = queue is not None and queue.paused
+            link = f"/jobs?queue={urllib.parse.quote(name, safe='')}"
+            actions = self._button("Resume" if paused else "Pause", "/",
+                                   do="resume" if paused else "pause", queue=name)
+            if failed:
+                actions += self._button("Retry failed", "/",
+                                        f"Retry the {failed} failed job(s) of {name}?",
+                                        do="retry-failed", queue=name)
+            rows.append(
+                f'<tr data-queue="{_h(name)}"><td><a href="{_h(link)}">{_h(name)}</a></td>'
+                f'<td class="n ready">{ready}</td><td class="n scheduled">{scheduled}</td>'
+                f'<td class="n running">{running}</td>'
+                f'<td class="n failed"><a href="{_h(link)}&amp;state=failed">{failed}</a></td>'
+                f'<td class="{"paused" if paused else ""}">{"paused" if paused else "active"}'
+                f'</td><td class="n">{_h(None if queue is None else queue.limit)}</td>'
+                f'<td class="n">{_age(None if oldest is None else (now - oldest) / 1000)}</td>'
+                f'<td>{actions}</td></tr>')
+        table = ('<table id="queues"><tr><th>queue</th><th>ready</th><th>scheduled</th>'
+                 '<th>running</th><th>failed</th><th>state</th><th>limit</th>'
+                 '<th>oldest ready</th><th></th></tr>' + "".join(rows) + "</table>")
+        if not rows:
+            table = '<p class="muted">No queues yet: enqueue a job.</p>'
+        return (f"<h2>Queues</h2>{table}{self._charts(chart, now)}"
+                f"<h2>Processes</h2>{self._processes(now)}<h2>Cron</h2>{self._cron()}")
+
+    def _charts(self, chart: str, now: int) -> str:
+        span, step = _CHART_RANGES[chart]
+        start = now - span * 1000
+        start -= start % (step * 1000)
+        points = {int(p.start.timestamp() * 1000): p for p in self.storage.metrics.series(
+            since=start / 1000, until=now / 1000, step=step)}
+        slots = [start + i * step * 1000 for i in range((now - start) // (step * 1000) + 1)]
+        ended = [(p.done + p.failed + p.retried + p.cancelled) / (step / 60) if p else 0.0
+                 for p in map(points.get, slots)]
+        waits = [p.wait.p95 if p else None for p in map(points.get, slots)]
+        runs = [p.run.p95 if p else None for p in map(points.get, slots)]
+        ranges = " ".join(f'<a href="/?range={name}">'
+                          f'{f"<b>{name}</b>" if name == chart else name}</a>'
+                          for name in _CHART_RANGES)
+        return (f'<h2>Last {chart}</h2><nav class="ranges">{ranges}</nav><div class="charts">'
+                f'{_svg_chart("Attempts ended per minute", ended, "/min")}'
+                f'{_svg_chart("Wait p95 (run_at to claim)", waits, "s")}'
+                f'{_svg_chart("Run time p95", runs, "s")}</div>')
+
+    def _processes(self, now: int) -> str:
+        running: dict[str, list[tuple[str, str]]] = {}
+        for job in self.storage._store.running_jobs(200):
+            running.setdefault(job.host, []).append((job.id, job.kind))
+        rows = "".join(
+            f'<tr><td>{_h(p.host_id)}</td><td>{_h(p.hostname)}</td><td class="n">{p.pid}</td>'
+            f'<td>{_h(", ".join(f"{k}={v}" for k, v in p.queues.items()))}</td>'
+            f'<td>{_age(max(0.0, now / 1000 - p.heartbeat_at.timestamp()))} ago</td><td>'
+            + " ".join(f'<a href="/jobs/{_h(job_id)}">{_h(kind)}</a>'
+                       for job_id, kind in running.get(p.host_id, []))
+            + "</td></tr>" for p in self.storage.processes.list())
+        if not rows:
+            return '<p class="muted">No live processes.</p>'
+        return ("<table><tr><th>host</th><th>hostname</th><th>pid</th><th>slots</th>"
+                "<th>heartbeat</th><th>running</th></tr>" + rows + "</table>")
+
+    def _cron(self) -> str:
+        rows = "".join(
+            f'<tr><td>{_h(c.name)}</td><td><code>{_h(c.expression)}</code></td>'
+            f'<td>{_h(c.timezone or "UTC")}</td><td>{_h(c.request.kind)}</td>'
+            f'<td>{_when(c.next_fire_at)}</td><td>{"yes" if c.enabled else "no"}</td>'
+            f'<td class="error">{_h(c.last_error or "")}</td></tr>'
+            for c in self.storage.cron.list())
+        if not rows:
+            return '<p class="muted">No cron schedules.</p>'
+        return ("<table><tr><th>name</th><th>expression</th><th>time zone</th><th>kind</th>"
+                "<th>next fire</th><th>enabled</th><th>last error</th></tr>" + rows + "</table>")
+
+    def _jobs(self, query: Mapping[str, str]) -> str:
+        filters = {key: query.get(key) or None for key in ("state", "queue", "kind", "id")}
+        jobs = self.storage.jobs.list(filters["state"], filters["queue"], filters["kind"],
+                                      DASHBOARD_PAGE_SIZE + 1, before=query.get("before") or None,
+                                      id_prefix=filters["id"])
+        more, jobs = len(jobs) > DASHBOARD_PAGE_SIZE, jobs[:DASHBOARD_PAGE_SIZE]
+        options = "".join(f'<option{" selected" if filters["state"] == s else ""}>{s}</option>'
+                          for s in ("", *(state.value for state in JobState)))
+        form = ('<form method="get" action="/jobs">state <select name="state">'
+                f'{options}</select> '
+                + " ".join(f'{name} <input name="{name}" value="{_h(filters[name] or "")}"'
+                           f' size="14">' for name in ("queue", "kind", "id"))
+                + ' <button type="submit">Filter</button></form>')
+        rows = []
+        for job in jobs:
+            payload = _json_encode(job.payload)
+            if len(payload) > _TRUNCATED_PAYLOAD:
+                payload = payload[:_TRUNCATED_PAYLOAD] + "…"
+            rows.append(f'<tr><td><a href="/jobs/{_h(job.id)}"><code>{_h(job.id)}</code></a>'
+                        f'</td><td>{_h(job.kind)}</td><td>{_h(job.queue)}</td>'
+                        f'<td class="{_h(job.state.value)}">{_h(job.state.value)}</td>'
+                        f'<td class="n">{job.attempt}/{job.max_attempts}</td>'
+                        f'<td>{_when(job.created_at)}</td><td><code>{_h(payload)}</code></td></tr>')
+        table = ("<table><tr><th>id</th><th>kind</th><th>queue</th><th>state</th>"
+                 "<th>attempt</th><th>created</th><th>payload</th></tr>" + "".join(rows)
+                 + "</table>") if rows else '<p class="muted">No jobs match.</p>'
+        if more:
+            following = {**{k: v for k, v in filters.items() if v}, "before": jobs[-1].id}
+            table += (f'<p><a id="older" href="/jobs?{_h(urllib.parse.urlencode(following))}">'
+                      f'Older jobs →</a></p>')
+        return form + table
+
+    def _job(self, job_id: str) -> str:
+        job = self.storage.jobs.get(job_id)
+        if job is None:
+            raise _HttpError("404 Not Found", f"no job {job_id}")
+        back = f"/jobs/{job.id}"
+        actions = []
+        if job.state in (JobState.FAILED, JobState.CANCELLED):
+            actions.append(self._button("Retry", back, do="retry", job=job.id))
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
+            actions.append(self._button("Cancel", back, do="cancel", job=job.id))
+        due = job.run_at.timestamp() * 1000 <= self.storage.db.clock_ms()
+        if job.state is JobState.QUEUED and not due:
+            actions.append(self._button("Run now", back, do="run-now", job=job.id))
+        if job.state is not JobState.RUNNING:
+            actions.append(self._button("Delete", "/jobs", f"Delete job {job.id}?",
+                                        do="delete", job=job.id))
+        ran = (None if job.started_at is None or job.finished_at is None
+               else (job.finished_at - job.started_at).total_seconds())
+        fields = [("state", job.state.value), ("kind", job.kind), ("queue", job.queue),
+                  ("priority", job.priority), ("attempt", f"{job.attempt} of {job.max_attempts}"),
+                  ("unique key", job.unique_key), ("created", _when(job.created_at)),
+                  ("run at", _when(job.run_at)), ("started", _when(job.started_at)),
+                  ("finished", _when(job.finished_at)),
+                  ("ran for", None if ran is None else f"{ran:.3f} s"),
+                  ("host", job.host), ("worker", job.worker),
+                  ("time limit", None if job.timeout is None else f"{job.timeout:g} s"),
+                  ("progress", None if job.progress is None else _progress_text(job.progress)),
+                  ("cancel requested", "yes" if job.cancel_requested else None)]
+        table = "<table>" + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>"
+                                    for k, v in fields if v is not None) + "</table>"
+        errors = "".join(
+            f'<h3 class="error">Attempt {_h(e.get("attempt"))} at {_h(e.get("at"))}: '
+            f'{_h(e.get("error"))}</h3><pre>{_h(e.get("traceback") or "")}</pre>'
+            for e in job.errors if isinstance(e, dict))
+        result = ("" if job.state is not JobState.DONE else
+                  f"<h2>Result</h2><pre>{_h(json.dumps(job.result, indent=2))}</pre>")
+        return (f'<p id="actions">{"".join(actions)}</p>{table}<h2>Payload</h2>'
+                f'<pre id="payload">{_h(json.dumps(job.payload, indent=2))}</pre>{result}'
+                + (f"<h2>Errors</h2>{errors}" if errors else ""))
+
+    # -- actions --
+
+    def _act(self, request: _Request, parts: list[str]) -> _Reply:
+        """A POSTed action; then back to the page it came from."""
+        if parts != ["action"]:
+            raise _HttpError("404 Not Found", f"nothing to POST at {request.path}")
+        if self.read_only:
+            raise _HttpError("403 Forbidden", "this dashboard is read-only")
+        if not hmac.compare_digest(request.form.get("csrf", ""), self.csrf):
+            raise _HttpError("403 Forbidden", "the form's CSRF token is missing or stale:"
+                             " reload the page")
+        jobs, queues, form = self.storage.jobs, self.storage.queues, request.form
+        job_actions: dict[str, Callable[[str], Any]] = {
+            "retry": jobs.retry, "cancel": jobs.cancel, "run-now": jobs.run_now,
+            "delete": jobs.delete}
+        queue_actions: dict[str, Callable[[str], Any]] = {
+            "pause": queues.pause, "resume": queues.resume,
+            "retry-failed": lambda name: jobs.retry_failed(name, form.get("kind") or None)}
+        action = form.get("do", "")
+        if action in job_actions and form.get("job"):
+            job_actions[action](form["job"])
+        elif action in queue_actions and form.get("queue"):
+            queue_actions[action](form["queue"])
+        else:
+            raise InvalidInput(f"unknown action {action!r}, or no job or queue for it")
+        back = request.form.get("back", "/")
+        if not back.startswith("/") or back.startswith("//"):
+            back = "/"                  # never a redirect off this site
+        return _Reply("303 See Other", "", headers=(("Location", back),))
+
+
+def dashboard_app(storage: Storage, *, read_only: bool = False, token: str | None = None
+                  ) -> Callable[[dict[str, Any], Callable[..., Any]], list[bytes]]:
+    """The dashboard as a WSGI app, to mount in any WSGI server behind your own auth.
+
+    Pages: `/` (queues, charts, processes, cron; refreshes itself), `/jobs` (filters, pages
+    by id), `/jobs/<id>`, and `/metrics` (Prometheus). Every action is a POST carrying
+    the app's CSRF token; `read_only` shows none and refuses them. With `token`, every
+    request must carry it: `Authorization: Bearer <token>`, or the cookie that visiting
+    any page with `?token=<token>` sets."""
+    if token is not None and (not isinstance(token, str) or len(token) < 8):
+        raise InvalidInput("a dashboard token must be a string of at least 8 characters")
+    return _Dashboard(storage, read_only, token)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_dashboard(storage: Storage, host: str, port: int, *, read_only: bool,
+                     token: str | None, ready: Callable[[str], None]) -> None:
+    """Serve the dashboard on a thread per request until interrupted."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("dashboard: " + format, *args)
+
+    with make_server(host, port, dashboard_app(storage, read_only=read_only, token=token),
+                     server_class=Server, handler_class=QuietHandler) as server:
+        shown = f"[{host}]" if ":" in host else host
+        ready(f"http://{shown}:{server.server_port}/")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+
+
+# ------------------------------------------------------- The sqliteq command ----
+
 def _cli() -> Any:
     """Build the click command group (click is imported here only)."""
     import click
@@ -5812,6 +6386,34 @@ def _cli() -> Any:
         if slots:
             runtime.set_queues(slots)
         runtime.run()
+
+    @cli.command()
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to listen on; any but loopback needs --token.")
+    @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+                  help="Port to listen on (0: any free one).")
+    @click.option("--token", envvar="SQLITEQ_DASHBOARD_TOKEN", default=None,
+                  help="Require this token on every request (env SQLITEQ_DASHBOARD_TOKEN).")
+    @click.option("--read-only", is_flag=True, help="Show no actions, and refuse them.")
+    @click.pass_context
+    def dashboard(ctx: click.Context, host: str, port: int, token: str | None,
+                  read_only: bool) -> None:
+        """Serve the web dashboard (and /metrics for Prometheus) until Ctrl-C.
+
+        \b
+        Example:
+          sqliteq dashboard --port 8080
+          SQLITEQ_DASHBOARD_TOKEN=... sqliteq dashboard --host 0.0.0.0 --read-only
+        """
+        if token is None and not _is_loopback(host):
+            fail(f"refusing to serve on {host}, which is not a loopback address, without"
+                 f" --token (anyone who reaches it could act on the queue)")
+        storage = open_storage(ctx)
+        try:
+            _serve_dashboard(storage, host, port, read_only=read_only, token=token,
+                             ready=lambda url: echo(f"dashboard on {url} (Ctrl-C stops)"))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
 
     @cli.command()
     @click.option("--watch", is_flag=True,

@@ -162,6 +162,16 @@ def test_a_failed_commit_loses_no_rollup_and_counts_none_twice(storage):
     assert (point.done, point.wait.jobs, point.run.jobs) == (2, 2, 2)
 
 
+def test_the_round_that_commits_the_last_ends_of_a_stop_flushes_them(storage):
+    rt, dispatcher, clock = rounds(storage)
+    storage.jobs.enqueue(EnqueueRequest("k"))
+    dispatcher.step(clock.now)
+    run_buffered(rt)
+    rt._stopping = True
+    assert dispatcher.step(clock.now)           # the runtime may stop after this round
+    assert [p.done for p in series_at(storage, clock)] == [1]
+
+
 def test_a_graceful_stop_flushes_what_the_runtime_recorded(storage, make_runtime):
     rt = make_runtime({"default": 2})
     rt.register("k", lambda ctx, payload: payload)
