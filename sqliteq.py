@@ -5679,9 +5679,23 @@ def _when(moment: datetime | None) -> str:
     return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _svg_chart(title: str, values: Sequence[float | None], unit: str) -> str:
-    """A line chart of `values` (None: a gap), oldest left, as inline SVG."""
-    width, height, top = 480, 110, 12
+def _per_minute(value: float) -> str:
+    return f"{value:,.3g}/min"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s" if seconds < 60 else _age(seconds)
+
+
+def _svg_chart(title: str, values: Sequence[float | None], shown: Callable[[float], str]
+               ) -> str:
+    """A line chart of `values` (None: a gap), oldest left, as inline SVG; `shown` writes
+    a value as text."""
+    width, height, top = 380, 110, 12
     peak = max((v for v in values if v is not None), default=0.0)
     scale = peak or 1.0
     step = width / max(1, len(values) - 1)
@@ -5697,8 +5711,8 @@ def _svg_chart(title: str, values: Sequence[float | None], unit: str) -> str:
                     f' stroke-width="1.5"/>' for points in lines)
     latest = next((v for v in reversed(values) if v is not None), None)
     return (f'<div class="chart"><div>{_h(title)}: <b>'
-            f'{"-" if latest is None else f"{latest:,.3g} {unit}"}</b>'
-            f' <span class="muted">(peak {peak:,.3g})</span></div>'
+            f'{"-" if latest is None else _h(shown(latest))}</b>'
+            f' <span class="muted">(peak {_h(shown(peak))})</span></div>'
             f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
             f' role="img" aria-label="{_h(title)}"><line x1="0" y1="{height}" x2="{width}"'
             f' y2="{height}" stroke="#c7ccd4"/>{drawn}</svg></div>')
@@ -5779,6 +5793,8 @@ class _Request:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = environ["wsgi.input"].read(min(length, 1 << 16)).decode("utf-8", "replace")
             self.form = {k: v[-1] for k, v in urllib.parse.parse_qs(body).items()}
+        # Where the app is mounted, percent-encoded: safe in a link and a Location header.
+        self.root = urllib.parse.quote(str(environ.get("SCRIPT_NAME", "")).rstrip("/"))
         self.authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
         cookies = http.cookies.SimpleCookie(str(environ.get("HTTP_COOKIE", "")))
         self.cookie_token = cookies["sqliteq_token"].value if "sqliteq_token" in cookies else ""
@@ -5797,51 +5813,14 @@ class _HttpError(Exception):
         self.status = status
 
 
-class _Dashboard:
-    """The WSGI app behind `dashboard_app`."""
+class _DashboardPages:
+    """The dashboard's pages and actions for one request. `root` is where the app is
+    mounted (WSGI's SCRIPT_NAME): every link starts with it; `back` fields do not."""
 
-    def __init__(self, storage: Storage, read_only: bool, token: str | None) -> None:
-        self.storage = storage
-        self.read_only = read_only
-        self.token = token
-        # Forms carry it; another site's page cannot read it (same-origin policy).
-        self.csrf = secrets.token_urlsafe(32)
+    def __init__(self, storage: Storage, read_only: bool, csrf: str, root: str) -> None:
+        self.storage, self.read_only, self.csrf, self.root = storage, read_only, csrf, root
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
-                 ) -> list[bytes]:
-        request = _Request(environ)
-        try:
-            reply = self._authorized(request) or self._route(request)
-        except _HttpError as exc:
-            reply = _Reply(exc.status, self._page("Error", f"<p>{_h(exc)}</p>"))
-        except InvalidInput as exc:
-            reply = _Reply("400 Bad Request", self._page("Error", f"<p>{_h(exc)}</p>"))
-        except SqliteqError as exc:
-            log.warning("dashboard: %s", exc)
-            reply = _Reply("503 Service Unavailable", self._page("Error", f"<p>{_h(exc)}</p>"))
-        body = reply.body.encode("utf-8")
-        start_response(reply.status, [("Content-Type", reply.content_type),
-                                      ("Content-Length", str(len(body))),
-                                      *_SECURITY_HEADERS, *reply.headers])
-        return [body]
-
-    def _authorized(self, request: _Request) -> _Reply | None:
-        """None when the request may go on; else the reply that refuses or logs in."""
-        if self.token is None:
-            return None
-        given = request.query.get("token")
-        if given is not None and hmac.compare_digest(given, self.token):
-            cookie = f"sqliteq_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
-            return _Reply("303 See Other", "", headers=(("Location", request.path),
-                                                        ("Set-Cookie", cookie)))
-        offered = request.authorization.removeprefix("Bearer ") or request.cookie_token
-        if offered and hmac.compare_digest(offered, self.token):
-            return None
-        return _Reply("401 Unauthorized", "a token is required: open the dashboard's URL with"
-                      " ?token=..., or send Authorization: Bearer ...\n", "text/plain",
-                      (("WWW-Authenticate", "Bearer"),))
-
-    def _route(self, request: _Request) -> _Reply:
+    def route(self, request: _Request) -> _Reply:
         parts = [part for part in request.path.split("/") if part]   # (PATH_INFO: decoded)
         if request.method == "POST":
             return self._act(request, parts)
@@ -5849,16 +5828,16 @@ class _Dashboard:
             raise _HttpError("405 Method Not Allowed", f"{request.method} is not served here")
         if not parts:
             chart = request.query.get("range", "hour")
-            return _Reply("200 OK", self._page("Overview", (
+            return _Reply("200 OK", self.page("Overview", (
                 f'<div id="live" data-every="{DASHBOARD_REFRESH_SECONDS}"'
-                f' data-src="/live?range={_h(urllib.parse.quote(chart))}">'
+                f' data-src="{self.root}/live?range={_h(urllib.parse.quote(chart))}">'
                 f'{self._live(chart)}</div>')))
         if parts == ["live"]:
             return _Reply("200 OK", self._live(request.query.get("range", "hour")))
         if parts == ["jobs"]:
-            return _Reply("200 OK", self._page("Jobs", self._jobs(request.query)))
+            return _Reply("200 OK", self.page("Jobs", self._jobs(request.query)))
         if len(parts) == 2 and parts[0] == "jobs":
-            return _Reply("200 OK", self._page(f"Job {parts[1]}", self._job(parts[1])))
+            return _Reply("200 OK", self.page(f"Job {parts[1]}", self._job(parts[1])))
         if parts == ["metrics"]:
             return _Reply("200 OK", _prometheus_text(self.storage),
                           "text/plain; version=0.0.4; charset=utf-8")
@@ -5870,14 +5849,16 @@ class _Dashboard:
 
     # -- pages --
 
-    def _page(self, title: str, content: str) -> str:
+    def page(self, title: str, content: str) -> str:
+        root = self.root
         return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
                 f'<title>{_h(title)} - sqliteq</title>'
-                f'<link rel="stylesheet" href="/static/app.css"></head><body>'
-                f'<header><b>sqliteq</b><a href="/">Overview</a><a href="/jobs">Jobs</a>'
-                f'<a href="/metrics">Metrics</a></header><main><h1>{_h(title)}</h1>{content}'
-                f'</main><script src="/static/app.js"></script></body></html>')
+                f'<link rel="stylesheet" href="{root}/static/app.css"></head><body>'
+                f'<header><b>sqliteq</b><a href="{root}/">Overview</a>'
+                f'<a href="{root}/jobs">Jobs</a><a href="{root}/metrics">Metrics</a></header>'
+                f'<main><h1>{_h(title)}</h1>{content}</main>'
+                f'<script src="{root}/static/app.js"></script></body></html>')
 
     def _button(self, label: str, back: str, confirm: str | None = None, **fields: str
                 ) -> str:
@@ -5888,7 +5869,7 @@ class _Dashboard:
         hidden = "".join(f'<input type="hidden" name="{_h(k)}" value="{_h(v)}">'
                          for k, v in {"csrf": self.csrf, "back": back, **fields}.items())
         asks = f' data-confirm="{_h(confirm)}"' if confirm else ""
-        return (f'<form class="inline" method="post" action="/action"{asks}>{hidden}'
+        return (f'<form class="inline" method="post" action="{self.root}/action"{asks}>{hidden}'
                 f'<button type="submit">{_h(label)}</button></form>')
 
     def _live(self, chart: str) -> str:
@@ -5903,7 +5884,7 @@ class _Dashboard:
             ready, scheduled, running, failed, oldest = depths.get(name, _QueueDepth())
             queue = queues.get(name)
             paused = queue is not None and queue.paused
-            link = f"/jobs?queue={urllib.parse.quote(name, safe='')}"
+            link = f"{self.root}/jobs?queue={urllib.parse.quote(name, safe='')}"
             actions = self._button("Resume" if paused else "Pause", "/",
                                    do="resume" if paused else "pause", queue=name)
             if failed:
@@ -5938,13 +5919,13 @@ class _Dashboard:
                  for p in map(points.get, slots)]
         waits = [p.wait.p95 if p else None for p in map(points.get, slots)]
         runs = [p.run.p95 if p else None for p in map(points.get, slots)]
-        ranges = " ".join(f'<a href="/?range={name}">'
+        ranges = " ".join(f'<a href="{self.root}/?range={name}">'
                           f'{f"<b>{name}</b>" if name == chart else name}</a>'
                           for name in _CHART_RANGES)
         return (f'<h2>Last {chart}</h2><nav class="ranges">{ranges}</nav><div class="charts">'
-                f'{_svg_chart("Attempts ended per minute", ended, "/min")}'
-                f'{_svg_chart("Wait p95 (run_at to claim)", waits, "s")}'
-                f'{_svg_chart("Run time p95", runs, "s")}</div>')
+                f'{_svg_chart("Attempts ended per minute", ended, _per_minute)}'
+                f'{_svg_chart("Wait p95 (run_at to claim)", waits, _duration)}'
+                f'{_svg_chart("Run time p95", runs, _duration)}</div>')
 
     def _processes(self, now: int) -> str:
         running: dict[str, list[tuple[str, str]]] = {}
@@ -5954,7 +5935,7 @@ class _Dashboard:
             f'<tr><td>{_h(p.host_id)}</td><td>{_h(p.hostname)}</td><td class="n">{p.pid}</td>'
             f'<td>{_h(", ".join(f"{k}={v}" for k, v in p.queues.items()))}</td>'
             f'<td>{_age(max(0.0, now / 1000 - p.heartbeat_at.timestamp()))} ago</td><td>'
-            + " ".join(f'<a href="/jobs/{_h(job_id)}">{_h(kind)}</a>'
+            + " ".join(f'<a href="{self.root}/jobs/{_h(job_id)}">{_h(kind)}</a>'
                        for job_id, kind in running.get(p.host_id, []))
             + "</td></tr>" for p in self.storage.processes.list())
         if not rows:
@@ -5982,7 +5963,7 @@ class _Dashboard:
         more, jobs = len(jobs) > DASHBOARD_PAGE_SIZE, jobs[:DASHBOARD_PAGE_SIZE]
         options = "".join(f'<option{" selected" if filters["state"] == s else ""}>{s}</option>'
                           for s in ("", *(state.value for state in JobState)))
-        form = ('<form method="get" action="/jobs">state <select name="state">'
+        form = (f'<form method="get" action="{self.root}/jobs">state <select name="state">'
                 f'{options}</select> '
                 + " ".join(f'{name} <input name="{name}" value="{_h(filters[name] or "")}"'
                            f' size="14">' for name in ("queue", "kind", "id"))
@@ -5992,8 +5973,8 @@ class _Dashboard:
             payload = _json_encode(job.payload)
             if len(payload) > _TRUNCATED_PAYLOAD:
                 payload = payload[:_TRUNCATED_PAYLOAD] + "…"
-            rows.append(f'<tr><td><a href="/jobs/{_h(job.id)}"><code>{_h(job.id)}</code></a>'
-                        f'</td><td>{_h(job.kind)}</td><td>{_h(job.queue)}</td>'
+            rows.append(f'<tr><td><a href="{self.root}/jobs/{_h(job.id)}">'
+                        f'<code>{_h(job.id)}</code></a></td><td>{_h(job.kind)}</td><td>{_h(job.queue)}</td>'
                         f'<td class="{_h(job.state.value)}">{_h(job.state.value)}</td>'
                         f'<td class="n">{job.attempt}/{job.max_attempts}</td>'
                         f'<td>{_when(job.created_at)}</td><td><code>{_h(payload)}</code></td></tr>')
@@ -6002,8 +5983,8 @@ class _Dashboard:
                  + "</table>") if rows else '<p class="muted">No jobs match.</p>'
         if more:
             following = {**{k: v for k, v in filters.items() if v}, "before": jobs[-1].id}
-            table += (f'<p><a id="older" href="/jobs?{_h(urllib.parse.urlencode(following))}">'
-                      f'Older jobs →</a></p>')
+            older = f"{self.root}/jobs?{urllib.parse.urlencode(following)}"
+            table += f'<p><a id="older" href="{_h(older)}">Older jobs →</a></p>'
         return form + table
 
     def _job(self, job_id: str) -> str:
@@ -6074,7 +6055,53 @@ class _Dashboard:
         back = request.form.get("back", "/")
         if not back.startswith("/") or back.startswith("//"):
             back = "/"                  # never a redirect off this site
-        return _Reply("303 See Other", "", headers=(("Location", back),))
+        return _Reply("303 See Other", "", headers=(("Location", self.root + back),))
+
+
+class _Dashboard:
+    """The WSGI app behind `dashboard_app`: the token, the error policy, the headers."""
+
+    def __init__(self, storage: Storage, read_only: bool, token: str | None) -> None:
+        self.storage = storage
+        self.read_only = read_only
+        self.token = token
+        # Forms carry it; another site's page cannot read it (same-origin policy).
+        self.csrf = secrets.token_urlsafe(32)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> list[bytes]:
+        request = _Request(environ)
+        pages = _DashboardPages(self.storage, self.read_only, self.csrf, request.root)
+        try:
+            reply = self._authorized(request) or pages.route(request)
+        except _HttpError as exc:
+            reply = _Reply(exc.status, pages.page("Error", f"<p>{_h(exc)}</p>"))
+        except InvalidInput as exc:
+            reply = _Reply("400 Bad Request", pages.page("Error", f"<p>{_h(exc)}</p>"))
+        except SqliteqError as exc:
+            log.warning("dashboard: %s", exc)
+            reply = _Reply("503 Service Unavailable", pages.page("Error", f"<p>{_h(exc)}</p>"))
+        body = reply.body.encode("utf-8")
+        start_response(reply.status, [("Content-Type", reply.content_type),
+                                      ("Content-Length", str(len(body))),
+                                      *_SECURITY_HEADERS, *reply.headers])
+        return [body]
+
+    def _authorized(self, request: _Request) -> _Reply | None:
+        """None when the request may go on; else the reply that refuses or logs in."""
+        if self.token is None:
+            return None
+        given = request.query.get("token")
+        if given is not None and hmac.compare_digest(given, self.token):
+            cookie = f"sqliteq_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
+            return _Reply("303 See Other", "", headers=(("Location", request.root + request.path),
+                                                        ("Set-Cookie", cookie)))
+        offered = request.authorization.removeprefix("Bearer ") or request.cookie_token
+        if offered and hmac.compare_digest(offered, self.token):
+            return None
+        return _Reply("401 Unauthorized", "a token is required: open the dashboard's URL with"
+                      " ?token=..., or send Authorization: Bearer ...\n", "text/plain",
+                      (("WWW-Authenticate", "Bearer"),))
 
 
 def dashboard_app(storage: Storage, *, read_only: bool = False, token: str | None = None

@@ -164,6 +164,23 @@ def run_buffered(rt: sqliteq.Runtime) -> int:
     return len(jobs)
 
 
+def failed_job(storage: sqliteq.Storage, payload: Any = None, kind: str = "k") -> str:
+    """A job that failed for good, through a runtime's rounds (call it before other jobs
+    are enqueued in queue "default": it runs the first one there)."""
+    def fails(ctx: Any, payload: Any) -> None:
+        raise RuntimeError("boom <b>bold</b>")
+
+    rt, dispatcher, clock = rounds(storage, fails)
+    rt.register(kind, fails)
+    job_id = storage.jobs.enqueue(sqliteq.EnqueueRequest(kind, payload, max_attempts=1)).job_id
+    dispatcher.step(clock.now)
+    run_buffered(rt)
+    rt._stopping = True                 # the round commits the end, and flushes metrics
+    dispatcher.step(clock.now)
+    assert storage.jobs.get(job_id).state == "failed"
+    return job_id
+
+
 # ------------------------------------------------------------------- CLI ----
 
 def script() -> str:

@@ -13,7 +13,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import assert_error, rounds, run, run_buffered
+from support import assert_error, failed_job, rounds, run, run_buffered
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -32,11 +32,12 @@ class Reply:
 
 
 def call(app: Any, method: str, target: str, form: dict[str, str] | None = None,
-         **headers: str) -> Reply:
-    """One request through the WSGI interface."""
+         mounted_at: str = "", **headers: str) -> Reply:
+    """One request through the WSGI interface (`mounted_at`: its SCRIPT_NAME)."""
     path, _, query = target.partition("?")
     body = urllib.parse.urlencode(form or {}).encode()
-    environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path,
+    environ: dict[str, Any] = {"REQUEST_METHOD": method, "SCRIPT_NAME": mounted_at,
+                               "PATH_INFO": path,
                                "QUERY_STRING": query, "CONTENT_LENGTH": str(len(body)),
                                "wsgi.input": io.BytesIO(body),
                                **{f"HTTP_{k.upper()}": v for k, v in headers.items()}}
@@ -63,23 +64,6 @@ def counts(page: str, queue: str) -> dict[str, int]:
     row = re.search(f'<tr data-queue="{re.escape(queue)}">(.*?)</tr>', page).group(1)
     return {state: int(re.search(f'class="n {state}">(?:<a [^>]*>)?(\\d+)<', row).group(1))
             for state in ("ready", "scheduled", "running", "failed")}
-
-
-def failed_job(storage: sqliteq.Storage, payload: Any = None, kind: str = "k") -> str:
-    """A job that failed for good, through a runtime's rounds (call it before other jobs
-    are enqueued in queue "default": it runs the first one there)."""
-    def fails(ctx, payload):
-        raise RuntimeError("boom <b>bold</b>")
-
-    rt, dispatcher, clock = rounds(storage, fails)
-    rt.register(kind, fails)
-    job_id = storage.jobs.enqueue(EnqueueRequest(kind, payload, max_attempts=1)).job_id
-    dispatcher.step(clock.now)
-    run_buffered(rt)
-    rt._stopping = True                 # the round commits the end, and flushes metrics
-    dispatcher.step(clock.now)
-    assert storage.jobs.get(job_id).state == "failed"
-    return job_id
 
 
 @pytest.fixture
@@ -122,8 +106,14 @@ def test_the_charts_plot_the_metrics_history(storage, app):
     rt._stopping = True
     dispatcher.step(clock.now)                      # flushes the metrics
     page = get(app, "/").text
-    assert re.search(r"Attempts ended per minute: <b>3 /min</b>", page), page
+    assert re.search(r"Attempts ended per minute: <b>3/min</b>", page), page
     assert page.count("<polyline") >= 3
+    assert re.search(r"Run time p95: <b>[\d.]+ (µs|ms)</b>", page), page   # not 2.8e-05 s
+
+
+def test_durations_are_written_in_the_unit_that_suits_them():
+    assert [sqliteq._duration(s) for s in (0.000028, 0.00605, 0.5, 6.0, 1234.5)] == [
+        "28 µs", "6.05 ms", "500 ms", "6 s", "20.6m"]
 
 
 def test_processes_and_their_running_jobs_and_cron_schedules_are_listed(storage, app):
@@ -251,6 +241,22 @@ def test_an_action_never_redirects_off_the_site(storage, app):
     page = get(app, "/")
     reply = act(app, page, do="pause", queue="default", back="//evil.example/")
     assert reply.headers["Location"] == "/"
+
+
+def test_mounted_under_a_prefix_every_link_and_redirect_stays_under_it(storage):
+    app = sqliteq.dashboard_app(storage, token="mounted-token")
+    job_id = failed_job(storage)
+    login = call(app, "GET", "/jobs?token=mounted-token", mounted_at="/ops/queue")
+    assert login.headers["Location"] == "/ops/queue/jobs"
+    auth = {"authorization": "Bearer mounted-token"}
+    for where in ("/", "/jobs", f"/jobs/{job_id}"):
+        page = call(app, "GET", where, mounted_at="/ops/queue", **auth)
+        links = re.findall(r'(?:href|src|action|data-src)="([^"]*)"', page.text)
+        assert links and all(link.startswith("/ops/queue/") for link in links), links
+    form = {"csrf": page.csrf(), "do": "retry", "job": job_id, "back": f"/jobs/{job_id}"}
+    done = call(app, "POST", "/action", form, "/ops/queue", **auth)
+    assert done.headers["Location"] == f"/ops/queue/jobs/{job_id}"
+    assert storage.jobs.get(job_id).state == "queued"
 
 
 def test_a_read_only_dashboard_shows_no_action_and_refuses_them(storage):
