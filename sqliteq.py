@@ -703,6 +703,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (queue, kind)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Failed jobs per queue and kind (the dashboard, /metrics, retry_failed) without
+        # reading the finished rows; other jobs never enter it, so the hot path pays nothing.
+        "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1442,10 +1447,17 @@ class _JobStore:
                    " AND (CAST(?6 AS TEXT) IS NULL OR id >= ?6 AND id < ?6 || '~')"
                    " ORDER BY id DESC LIMIT ?4")
     LIST = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {LIST_FILTER}"
-    READINESS = ("SELECT queue, count(*) FILTER (WHERE run_at <= ?1),"
-                 " count(*) FILTER (WHERE run_at > ?1),"
-                 " min(CASE WHEN run_at <= ?1 THEN run_at END)"
-                 " FROM jobs WHERE state IN ('queued', 'scheduled') GROUP BY queue")
+    # One branch per partial index (jobs_claim, jobs_due): `state IN (...)` would match
+    # neither, and scan the whole table, finished jobs too.
+    READINESS = ("SELECT queue, CAST(sum(ready) AS BIGINT), CAST(sum(later) AS BIGINT),"
+                 " min(oldest) FROM ("
+                 + " UNION ALL ".join(
+                     "SELECT queue, count(*) FILTER (WHERE run_at <= ?1) AS ready,"
+                     " count(*) FILTER (WHERE run_at > ?1) AS later,"
+                     " min(CASE WHEN run_at <= ?1 THEN run_at END) AS oldest"
+                     f" FROM jobs WHERE state = '{state}' GROUP BY queue"
+                     for state in ("queued", "scheduled"))
+                 + ") AS waiting GROUP BY queue")
     RUNNING_BY_QUEUE = "SELECT queue, count(*) FROM jobs WHERE state = 'running' GROUP BY queue"
     FAILED_BY_QUEUE = "SELECT queue, count(*) FROM jobs WHERE state = 'failed' GROUP BY queue"
     RUNNING_JOBS = ("SELECT id, kind, queue, host, started_at FROM jobs WHERE state = 'running'"
@@ -2481,6 +2493,18 @@ class _Durations:
         for bucket, n in histogram.items():
             self.histogram[bucket] = self.histogram.get(bucket, 0) + n
 
+    def add_stored(self, count: int, total: int, most: int, histogram: str) -> None:
+        """Add durations as stored: `histogram` is the JSON `columns()` writes."""
+        if not count:
+            return
+        self.count += count
+        self.total += total
+        self.max = max(self.max, most)
+        buckets = self.histogram
+        for bucket, n in _json_decode(histogram).items():
+            key = int(bucket)
+            buckets[key] = buckets.get(key, 0) + n
+
     def merge_from(self, other: _Durations) -> None:
         self.samples += other.samples
         if other.count:
@@ -2534,17 +2558,16 @@ class _Rollup:
     def columns(self) -> tuple[Any, ...]:
         return (*self.counts(), *self.run.columns(), *self.wait.columns())
 
-    @classmethod
-    def from_columns(cls, columns: Sequence[Any]) -> _Rollup:
-        rollup = cls()
-        for verdict, n in zip((_Verdict.DONE, _Verdict.FAILED, _Verdict.RETRY,
-                               _Verdict.CANCELLED), columns[:4], strict=True):
-            rollup.ended[verdict] = n
-        for durations, (count, total, most, histogram) in (
-                (rollup.run, columns[4:8]), (rollup.wait, columns[8:12])):
-            durations.merge(count, total, most, {int(bucket): n for bucket, n in
-                                                 _json_decode(histogram).items()})
-        return rollup
+    def add_columns(self, columns: Sequence[Any]) -> None:
+        """Add a stored minute, given as the columns `columns()` writes. (A week of
+        minutes goes through here for one chart: it adds in place, building nothing.)"""
+        ended = self.ended
+        ended[_Verdict.DONE] += columns[0]
+        ended[_Verdict.FAILED] += columns[1]
+        ended[_Verdict.RETRY] += columns[2]
+        ended[_Verdict.CANCELLED] += columns[3]
+        self.run.add_stored(*columns[4:8])
+        self.wait.add_stored(*columns[8:12])
 
     def point(self, start: int) -> MetricsPoint:
         return MetricsPoint(cast(datetime, _datetime_from_ms(start)), *self.counts(),
@@ -2694,7 +2717,7 @@ class Metrics:
         for minute, _, _, *columns in self._db.read(
                 self.SELECT_RANGE, (since_ms - since_ms % _MINUTE_MS, until_ms, queue, kind)):
             start = minute - minute % step_ms
-            points.setdefault(start, _Rollup()).merge(_Rollup.from_columns(columns))
+            points.setdefault(start, _Rollup()).add_columns(columns)
         return [point.point(start) for start, point in sorted(points.items())]
 
     def _by_key(self, since_ms: int, until_ms: int) -> dict[tuple[str, str], _Rollup]:
@@ -2702,7 +2725,7 @@ class Metrics:
         merged: dict[tuple[str, str], _Rollup] = {}
         for _, queue, kind, *columns in self._db.read(
                 self.SELECT_RANGE, (since_ms - since_ms % _MINUTE_MS, until_ms, None, None)):
-            merged.setdefault((queue, kind), _Rollup()).merge(_Rollup.from_columns(columns))
+            merged.setdefault((queue, kind), _Rollup()).add_columns(columns)
         return merged
 
     def totals(self) -> list[MetricsTotal]:
@@ -3225,6 +3248,9 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             wait_sum_us bigint NOT NULL,
             PRIMARY KEY (queue, kind)
         )""",
+    ),
+    (
+        "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
     ),
 )
 
@@ -5780,6 +5806,36 @@ def _prometheus_text(storage: Storage) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _ClosedSteps:
+    """A chart's points, the steps that ended kept: a stored minute changes only until
+    every runtime has flushed it (about a second after it ends), so a week's chart reads
+    once, then only its open step, not 30,000 minutes per refresh. Shared by the
+    requests of one app, hence the lock."""
+
+    SETTLED_MS = 2 * _MINUTE_MS         # a step that ended this long ago is final
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.final: dict[int, tuple[int, dict[int, MetricsPoint]]] = {}  # step -> upto, points
+
+    def points(self, since_ms: int, now: int, step_ms: int) -> dict[int, MetricsPoint]:
+        """Points by their start (ms) from `since_ms` (a step's start) to `now`."""
+        settled = now - self.SETTLED_MS - (now - self.SETTLED_MS) % step_ms
+        with self.lock:
+            upto, final = self.final.get(step_ms, (since_ms, {}))
+        if upto > now:                              # the clock went back: start over
+            upto, final = since_ms, {}
+        upto = max(upto, since_ms)                  # (older steps are no longer shown)
+        fresh = {int(p.start.timestamp() * 1000): p for p in self.metrics.series(
+            since=upto / 1000, until=now / 1000, step=step_ms / 1000)}
+        final = {**{start: p for start, p in final.items() if start >= since_ms},
+                 **{start: p for start, p in fresh.items() if start < settled}}
+        with self.lock:
+            self.final[step_ms] = (max(upto, settled), final)
+        return {**final, **fresh}
+
+
 class _Request:
     """What a handler of the dashboard reads of one WSGI request."""
 
@@ -5817,8 +5873,10 @@ class _DashboardPages:
     """The dashboard's pages and actions for one request. `root` is where the app is
     mounted (WSGI's SCRIPT_NAME): every link starts with it; `back` fields do not."""
 
-    def __init__(self, storage: Storage, read_only: bool, csrf: str, root: str) -> None:
+    def __init__(self, storage: Storage, read_only: bool, csrf: str, root: str,
+                 charts: _ClosedSteps) -> None:
         self.storage, self.read_only, self.csrf, self.root = storage, read_only, csrf, root
+        self.charts = charts
 
     def route(self, request: _Request) -> _Reply:
         parts = [part for part in request.path.split("/") if part]   # (PATH_INFO: decoded)
@@ -5912,8 +5970,7 @@ class _DashboardPages:
         span, step = _CHART_RANGES[chart]
         start = now - span * 1000
         start -= start % (step * 1000)
-        points = {int(p.start.timestamp() * 1000): p for p in self.storage.metrics.series(
-            since=start / 1000, until=now / 1000, step=step)}
+        points = self.charts.points(start, now, step * 1000)
         slots = [start + i * step * 1000 for i in range((now - start) // (step * 1000) + 1)]
         ended = [(p.done + p.failed + p.retried + p.cancelled) / (step / 60) if p else 0.0
                  for p in map(points.get, slots)]
@@ -6067,11 +6124,13 @@ class _Dashboard:
         self.token = token
         # Forms carry it; another site's page cannot read it (same-origin policy).
         self.csrf = secrets.token_urlsafe(32)
+        self.charts = _ClosedSteps(storage.metrics)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> list[bytes]:
         request = _Request(environ)
-        pages = _DashboardPages(self.storage, self.read_only, self.csrf, request.root)
+        pages = _DashboardPages(self.storage, self.read_only, self.csrf, request.root,
+                                self.charts)
         try:
             reply = self._authorized(request) or pages.route(request)
         except _HttpError as exc:

@@ -13,7 +13,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import assert_error, failed_job, rounds, run, run_buffered
+from support import assert_error, failed_job, raw, rounds, run, run_buffered
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -114,6 +114,34 @@ def test_the_charts_plot_the_metrics_history(storage, app):
 def test_durations_are_written_in_the_unit_that_suits_them():
     assert [sqliteq._duration(s) for s in (0.000028, 0.00605, 0.5, 6.0, 1234.5)] == [
         "28 µs", "6.05 ms", "500 ms", "6 s", "20.6m"]
+
+
+def ended_at(storage, moment_ms: int, jobs: int) -> None:
+    """`jobs` attempts that end at `moment_ms`, through a runtime's rounds on its clock."""
+    rt, dispatcher, clock = rounds(storage)
+    clock.now = moment_ms
+    storage.jobs.enqueue_bulk([EnqueueRequest("k", n, run_at=moment_ms / 1000)
+                               for n in range(jobs)])
+    dispatcher.step(clock.now)
+    while run_buffered(rt):
+        dispatcher.step(clock.now)
+    rt._stopping = True
+    dispatcher.step(clock.now)                      # flushes the metrics
+
+
+def test_a_chart_reads_the_steps_that_ended_once_and_its_open_step_every_time(storage, sql):
+    step, now = 1800_000, sqliteq.now_ms()
+    since = now - 86400_000 - (now - 86400_000) % step
+    charts = sqliteq._ClosedSteps(storage.metrics)
+    ended_at(storage, now - 2 * 3600_000, 3)
+    first = charts.points(since, now, step)
+    assert [p.done for p in first.values()] == [3]
+    ended_at(storage, now, 2)
+    sql("DELETE FROM metrics WHERE minute < ?", now - 3600_000)    # behind its back
+    again = charts.points(since, now, step)
+    assert [p.done for p in again.values()] == [3, 2]               # the old step: kept
+    fresh = sqliteq._ClosedSteps(storage.metrics).points(since, now, step)
+    assert [p.done for p in fresh.values()] == [2]
 
 
 def test_processes_and_their_running_jobs_and_cron_schedules_are_listed(storage, app):
@@ -326,3 +354,17 @@ def test_metrics_are_prometheus_text_that_its_parser_reads(storage, app):
 def test_the_cli_refuses_a_non_loopback_host_without_a_token(target):
     line = assert_error(run("dashboard", "--host", "0.0.0.0", db=target), "0.0.0.0", "--token")
     assert "loopback" in line
+
+
+# ----------------------------------------------------------------- scale ----
+
+def test_the_overviews_counts_read_indexes_of_unfinished_and_failed_jobs_only(db_path):
+    """With a million finished jobs the overview stays fast (bench/dashboard_overview.py):
+    no statement it runs may scan the table."""
+    sqliteq.Storage(db_path).close()
+    for name in ("READINESS", "RUNNING_BY_QUEUE", "FAILED_BY_QUEUE", "RUNNING_JOBS"):
+        statement = getattr(sqliteq._JobStore, name)
+        plan = [row[3] for row in raw(db_path, f"EXPLAIN QUERY PLAN {statement}",
+                                      *([0] if "?" in statement else []))]
+        scans = [step for step in plan if step.startswith("SCAN jobs")]
+        assert scans and all("INDEX" in step for step in scans), (name, plan)

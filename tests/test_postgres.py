@@ -255,6 +255,8 @@ def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python)
     errors = [proc.communicate(timeout=60)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, errors
     assert pg.sql("SELECT version FROM sqliteq_version") == [(len(sqliteq._PG_MIGRATIONS),)]
+    assert pg.sql("SELECT indexname FROM pg_indexes WHERE indexname = 'jobs_failed'"
+                  " AND schemaname = current_schema()")
 
 
 def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
@@ -264,6 +266,7 @@ def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
         job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
     pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")
     pg.sql("DROP TABLE metrics, metrics_totals")
+    pg.sql("DROP INDEX jobs_failed")
     pg.sql("UPDATE sqliteq_version SET version = 1")
     with pg.open() as storage:
         job = storage.jobs.get(job_id)
