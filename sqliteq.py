@@ -2495,15 +2495,9 @@ class _Durations:
 
     def add_stored(self, count: int, total: int, most: int, histogram: str) -> None:
         """Add durations as stored: `histogram` is the JSON `columns()` writes."""
-        if not count:
-            return
-        self.count += count
-        self.total += total
-        self.max = max(self.max, most)
-        buckets = self.histogram
-        for bucket, n in _json_decode(histogram).items():
-            key = int(bucket)
-            buckets[key] = buckets.get(key, 0) + n
+        if count:
+            self.merge(count, total, most, {int(bucket): n for bucket, n
+                                            in _json_decode(histogram).items()})
 
     def merge_from(self, other: _Durations) -> None:
         self.samples += other.samples
