@@ -164,6 +164,23 @@ def run_buffered(rt: sqliteq.Runtime) -> int:
     return len(jobs)
 
 
+def minute_of(ms: int) -> int:
+    return ms - ms % 60_000
+
+
+def recorded(storage: sqliteq.Storage, minute: int, queue: str, kind: str,
+             waits: list[float] = (), runs: list[float] = (), **ended: int) -> None:
+    """Add what a runtime would have recorded, as one flush of its buffer; `ended` counts
+    attempts by verdict (done=, failed=, retry=, cancelled=)."""
+    buffer = sqliteq._MetricsBuffer()
+    rollup = buffer.rollup((minute, queue, kind), 0.0)
+    rollup.wait.samples += waits
+    rollup.run.samples += runs
+    for verdict, n in ended.items():
+        rollup.ended[sqliteq._Verdict(verdict)] += n
+    storage.db.write(lambda conn: storage.metrics._add(conn, buffer.rollups))
+
+
 def failed_job(storage: sqliteq.Storage, payload: Any = None, kind: str = "k") -> str:
     """A job that failed for good, through a runtime's rounds (call it before other jobs
     are enqueued in queue "default": it runs the first one there)."""

@@ -13,7 +13,16 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import assert_error, failed_job, raw, rounds, run, run_buffered
+from support import (
+    assert_error,
+    failed_job,
+    minute_of,
+    raw,
+    recorded,
+    rounds,
+    run,
+    run_buffered,
+)
 
 import sqliteq
 from sqliteq import EnqueueRequest
@@ -116,27 +125,14 @@ def test_durations_are_written_in_the_unit_that_suits_them():
         "28 µs", "6.05 ms", "500 ms", "6 s", "20.6m"]
 
 
-def ended_at(storage, moment_ms: int, jobs: int) -> None:
-    """`jobs` attempts that end at `moment_ms`, through a runtime's rounds on its clock."""
-    rt, dispatcher, clock = rounds(storage)
-    clock.now = moment_ms
-    storage.jobs.enqueue_bulk([EnqueueRequest("k", n, run_at=moment_ms / 1000)
-                               for n in range(jobs)])
-    dispatcher.step(clock.now)
-    while run_buffered(rt):
-        dispatcher.step(clock.now)
-    rt._stopping = True
-    dispatcher.step(clock.now)                      # flushes the metrics
-
-
 def test_a_chart_reads_the_steps_that_ended_once_and_its_open_step_every_time(storage, sql):
     step, now = 1800_000, sqliteq.now_ms()
     since = now - 86400_000 - (now - 86400_000) % step
     charts = sqliteq._ClosedSteps(storage.metrics)
-    ended_at(storage, now - 2 * 3600_000, 3)
+    recorded(storage, minute_of(now - 2 * 3600_000), "default", "k", done=3)
     first = charts.points(since, now, step)
     assert [p.done for p in first.values()] == [3]
-    ended_at(storage, now, 2)
+    recorded(storage, minute_of(now), "default", "k", done=2)
     sql("DELETE FROM metrics WHERE minute < ?", now - 3600_000)    # behind its back
     again = charts.points(since, now, step)
     assert [p.done for p in again.values()] == [3, 2]               # the old step: kept

@@ -8,16 +8,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from support import ManualClock, raw, rounds, run_buffered, wait_until
+from support import ManualClock, minute_of, raw, recorded, rounds, run_buffered, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest, MetricsPoint, MetricsTotal, Timings
 
 MINUTE = 60_000
-
-
-def minute_of(ms: int) -> int:
-    return ms - ms % MINUTE
 
 
 def series_at(storage: sqliteq.Storage, clock: ManualClock, **filters: Any
@@ -33,19 +29,6 @@ def drain_rounds(rt: sqliteq.Runtime, dispatcher: Any, clock: ManualClock) -> No
     while run_buffered(rt):
         dispatcher.step(clock.now)
     dispatcher.step(clock.now)          # commits the last end
-
-
-def recorded(storage: sqliteq.Storage, minute: int, queue: str, kind: str,
-             waits: list[float] = (), runs: list[float] = (), **ended: int) -> None:
-    """Add what a runtime would have recorded, as one flush of its buffer; `ended` counts
-    attempts by verdict (done=, failed=, retry=, cancelled=)."""
-    buffer = sqliteq._MetricsBuffer()
-    rollup = buffer.rollup((minute, queue, kind), 0.0)
-    rollup.wait.samples += waits
-    rollup.run.samples += runs
-    for verdict, n in ended.items():
-        rollup.ended[sqliteq._Verdict(verdict)] += n
-    storage.db.write(lambda conn: storage.metrics._add(conn, buffer.rollups))
 
 
 # -------------------------------------------------------- what is recorded ----
