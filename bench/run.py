@@ -131,6 +131,10 @@ FULL = Sizes(enqueue_1t=5000, enqueue_8t=16_000, bulk=100_000, drain=20_000, lat
 QUICK = Sizes(enqueue_1t=1000, enqueue_8t=4000, bulk=20_000, drain=5000, latency_inproc=150,
               latency_xproc=60, idle_seconds=3.0, claim_tables=(10_000, 200_000),
               claim_samples=200, rss_jobs=50_000, bulk_rss_jobs=200_000)
+# Not a measurement: every scenario once at a toy size, so a test can prove the bench still runs.
+SMOKE = Sizes(enqueue_1t=40, enqueue_8t=80, bulk=200, drain=200, latency_inproc=5,
+              latency_xproc=5, idle_seconds=0.5, claim_tables=(1000,), claim_samples=5,
+              rss_jobs=200, bulk_rss_jobs=1000)
 THREADS_8T = 8
 IDLE_SETTLE_SECONDS = 0.5       # after "ready", before the idle window opens
 LATENCY_GAP_SECONDS = 0.01      # random 0..this pause before each in-process probe
@@ -173,7 +177,7 @@ def create_sqliteq_file(path: str) -> None:
 def raw_row(i: int, now: int) -> tuple[Any, ...]:
     """What any queue must do per job: an id, the payload as compact JSON, the time."""
     payload = json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS)
-    return (str(ulid.ULID()), "noop", "default", payload, "queued", 0, now, 5, None, now)
+    return (str(ulid.ULID()), "noop", "default", payload, "queued", 0, now, 5, None, now, None)
 
 
 def fill_sqliteq(path: str, n: int) -> str:
@@ -220,9 +224,8 @@ def run_threads(count: int, setup: Callable[[int], Callable[[], None]]) -> float
 
 
 def split(total: int, parts: int) -> list[range]:
-    """range(total) cut into `parts` contiguous pieces."""
-    step = math.ceil(total / parts)
-    return [range(low, min(total, low + step)) for low in range(0, total, step)]
+    """range(total) cut into `parts` contiguous pieces (some empty when total < parts)."""
+    return [range(total * k // parts, total * (k + 1) // parts) for k in range(parts)]
 
 
 class Child:
@@ -515,12 +518,16 @@ class RawApsw(System):
                     row = self.row(i, now_ms())
                     try:
                         conn.execute("BEGIN IMMEDIATE")
-                        conn.execute(self.INSERT, row)
-                        conn.execute("COMMIT")
+                        try:
+                            conn.execute(self.INSERT, row)
+                            conn.execute("COMMIT")
+                        except BaseException:
+                            # Left open, the write lock would stall every other thread
+                            # for its busy timeout on each of its remaining inserts.
+                            conn.execute("ROLLBACK")
+                            raise
                     except (apsw.BusyError, apsw.LockedError):
                         errors[index] += 1
-                        if not conn.getautocommit():
-                            conn.execute("ROLLBACK")
             return work
 
         elapsed = run_threads(THREADS_8T, setup)
@@ -1816,6 +1823,8 @@ def main(argv: list[str] | None = None) -> None:
         " huey-redis, raw-psycopg, sqliteq-pg, procrastinate, pgqueuer")
     parser.add_argument("--quick", action="store_true",
                         help="smaller N, 3 repetitions, 3 s idle window (~1-2 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy N, 1 repetition: proves every adapter runs, measures nothing")
     parser.add_argument("--runs", type=int, default=None,
                         help="counted repetitions after the warm-up (default 5; --quick 3)")
     parser.add_argument("--only", default=None, help="comma-separated scenarios to run")
@@ -1823,7 +1832,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(HERE / "results.json"), help="JSON results file")
     parser.add_argument("--chart", default=str(HERE / "results.png"),
                         help="PNG bar chart of the SQLite systems; the PostgreSQL ones go"
-                             " beside it, named with -pg (results-pg.png)")
+                             " beside it, named with -pg (results-pg.png); '' for none")
     parser.add_argument("--db-dir", default=None,
                         help="where the temporary database files go (default: system temp)")
     parser.add_argument("--huey-fsync", choices=("off", "none"), default="off",
@@ -1836,8 +1845,8 @@ def main(argv: list[str] | None = None) -> None:
                              " creates a schema there and drops it")
     args = parser.parse_args(argv)
 
-    sizes = QUICK if args.quick else FULL
-    runs = args.runs if args.runs is not None else (3 if args.quick else 5)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    runs = args.runs if args.runs is not None else (1 if args.smoke else 3 if args.quick else 5)
     if runs < 1:
         parser.error("--runs must be at least 1")
     all_systems: list[System] = [RawMinimal(), RawApsw(), Sqliteq(), Huey(args.huey_fsync),
@@ -1869,7 +1878,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.db_dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="sqliteq-bench-", dir=args.db_dir))
     ctx = Context(sizes, run_dir, args.huey_fsync, ClaimTables(run_dir))
-    mode = "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     log(f"sqliteq bench ({mode}): {len(scenarios)} scenarios x {len(systems)} systems,"
         f" warm-up + {runs} runs, databases in {run_dir}")
     started = time.perf_counter()
@@ -1927,6 +1936,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out}")
+    if not args.chart:
+        return
     # One chart per store family: SQLite's and PostgreSQL's figures differ tenfold.
     chart = Path(args.chart)
     for family, path in (("SQLite", chart), ("PostgreSQL", chart.with_stem(chart.stem + "-pg"))):
