@@ -62,6 +62,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import hashlib
 import heapq
 import hmac
 import html
@@ -73,7 +74,6 @@ import itertools
 import json
 import logging
 import math
-import operator
 import os
 import queue as queue_module
 import random
@@ -113,15 +113,16 @@ if TYPE_CHECKING:
     import asyncio  # imported where it is used: most programs never need it
 
 __version__ = "0.1.0"
+# (`map`, public too, stays out: `from sqliteq import *` must not hide the builtin.)
 __all__ = [
-    "Cancelled", "CancellationToken", "ConfigError", "CopyReport", "CronExpression",
+    "CancellationToken", "Cancelled", "ConfigError", "CopyReport", "CronExpression",
     "CronSchedule", "CronSchedules", "Database", "Dead", "DefaultRouter", "EnqueueOutcome",
     "EnqueueRequest", "InvalidInput", "Job", "JobCtx", "JobProgress", "JobState", "Jobs",
-    "KindRouter", "Metrics", "MetricsPoint", "MetricsTotal", "Outcome", "PrefixRouter",
-    "ProcessInfo", "Processes", "Queue", "QueueStats", "Queues", "RateLimiter", "RateLimits",
-    "Retry", "Router", "Runtime", "SchemaError", "Snooze", "SqliteqError", "Storage",
-    "StorageError", "Task", "Throttled", "TimeLimitExceeded", "Timings", "TransientError",
-    "main", "now_ms", "parse_duration",
+    "KindRouter", "MapError", "MapItemFailed", "Metrics", "MetricsPoint", "MetricsTotal",
+    "Outcome", "PrefixRouter", "ProcessInfo", "Processes", "Queue", "QueueStats", "Queues",
+    "RateLimiter", "RateLimits", "Retry", "Router", "Runtime", "SchemaError", "Snooze",
+    "SqliteqError", "Storage", "StorageError", "Task", "Throttled", "TimeLimitExceeded",
+    "Timings", "TransientError", "main", "new_id", "now_ms", "parse_duration",
 ]
 
 log = logging.getLogger("sqliteq")
@@ -177,6 +178,7 @@ class TimeLimitExceeded(SqliteqError, TimeoutError):
 class JobState(str, Enum):
     """Where a job is in its lifecycle. Compares equal to its string value."""
 
+    WAITING = "waiting"         # for its parents (EnqueueRequest.depends_on)
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -350,6 +352,19 @@ class _RequestFields(NamedTuple):
     max_attempts: int
     unique_key: str | None
     timeout: float | None
+    job_id: str | None
+    depends_on: tuple[str, ...]
+    allow_parent_failure: bool
+
+
+# A job id: a ULID in Crockford's base 32, as _mint_ids writes them.
+_JOB_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
+
+
+def _check_job_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
+        raise InvalidInput(f"{what} must be a job id (a ULID, as new_id() makes), not {value!r}")
+    return value
 
 
 class EnqueueRequest(_RequestFields):
@@ -358,6 +373,10 @@ class EnqueueRequest(_RequestFields):
     `run_at` is taken as an aware `datetime` or epoch seconds and kept as epoch seconds.
     `queue_name=None` lets the router (or "default") choose. Lower `priority` runs first.
     `timeout` (seconds) limits each attempt, overriding the handler's (see Runtime.register).
+    `depends_on` names parent jobs: the job waits until every one is done; when one ends
+    failed or cancelled, so is this job (cancelled, naming it), unless `allow_parent_failure`.
+    Parents are existing jobs or requests of the same bulk call, named by the `job_id` given
+    them (from `new_id()`); without one, an id is minted on insert.
     """
 
     __slots__ = ()
@@ -365,7 +384,9 @@ class EnqueueRequest(_RequestFields):
     def __new__(cls, kind: str, payload: Any = None, *, queue_name: str | None = None,
                 priority: int = 0, run_at: datetime | float | None = None,
                 max_attempts: int | None = None, unique_key: str | None = None,
-                timeout: timedelta | float | None = None) -> EnqueueRequest:
+                timeout: timedelta | float | None = None, job_id: str | None = None,
+                depends_on: Iterable[str] = (), allow_parent_failure: bool = False
+                ) -> EnqueueRequest:
         _check_name(kind, "kind")
         _encode_json(payload, f"payload of {kind!r}")
         if queue_name is not None:
@@ -386,8 +407,17 @@ class EnqueueRequest(_RequestFields):
             _check_text(unique_key, "unique_key")
         if timeout is not None:
             timeout = _time_limit(timeout, "timeout")
+        if job_id is not None:
+            _check_job_id(job_id, "job_id")
+        if isinstance(depends_on, (str, bytes)):
+            raise InvalidInput("depends_on must be a list of job ids, not a string")
+        parents = tuple(dict.fromkeys(_check_job_id(parent, "each of depends_on")
+                                      for parent in depends_on))
+        if not isinstance(allow_parent_failure, bool):
+            raise InvalidInput(f"allow_parent_failure must be True or False, "
+                               f"not {allow_parent_failure!r}")
         return tuple.__new__(cls, (kind, payload, queue_name, priority, run_at, max_attempts,
-                                   unique_key, timeout))
+                                   unique_key, timeout, job_id, parents, allow_parent_failure))
 
     # Every way of building one goes through __new__'s validation.
     @classmethod
@@ -446,6 +476,8 @@ class Job:
     cancel_requested: bool
     timeout: float | None = None            # seconds each attempt may run, if the job says
     progress: JobProgress | None = None     # of the running (or last) attempt
+    depends_on: tuple[str, ...] = ()        # its parents (see EnqueueRequest)
+    waiting_on: int = 0                     # how many of them have not ended yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,6 +740,106 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # reading the finished rows; other jobs never enter it, so the hot path pays nothing.
         "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
     ),
+    (
+        # Dependencies. A job with parents is `waiting` (in no claim index) until
+        # `waiting_on`, its parents not yet settled, drops to 0. The state's CHECK is
+        # widened by rebuilding the table, as SQLite alters no constraint in place.
+        """CREATE TABLE jobs_v3 (
+            id                   TEXT PRIMARY KEY NOT NULL,
+            queue                TEXT NOT NULL,
+            state                TEXT NOT NULL CHECK (state IN (
+                                     'waiting', 'queued', 'scheduled', 'running', 'done',
+                                     'failed', 'cancelled')),
+            priority             INTEGER NOT NULL DEFAULT 0,
+            run_at               INTEGER NOT NULL,
+            attempt              INTEGER NOT NULL DEFAULT 0,
+            max_attempts         INTEGER NOT NULL DEFAULT 5,
+            lease                INTEGER,
+            cancel_requested     INTEGER NOT NULL DEFAULT 0,
+            created_at           INTEGER NOT NULL,
+            started_at           INTEGER,
+            finished_at          INTEGER,
+            timeout_ms           INTEGER,
+            waiting_on           INTEGER NOT NULL DEFAULT 0,
+            allow_parent_failure INTEGER NOT NULL DEFAULT 0,
+            has_children         INTEGER NOT NULL DEFAULT 0,
+            host                 TEXT,
+            worker               TEXT,
+            unique_key           TEXT,
+            kind                 TEXT NOT NULL,
+            payload              TEXT NOT NULL,
+            result               TEXT,
+            errors               TEXT,
+            progress             TEXT,
+            parents              TEXT
+        ) WITHOUT ROWID""",
+        """INSERT INTO jobs_v3 (id, queue, state, priority, run_at, attempt, max_attempts,
+                                lease, cancel_requested, created_at, started_at, finished_at,
+                                timeout_ms, host, worker, unique_key, kind, payload, result,
+                                errors, progress)
+           SELECT id, queue, state, priority, run_at, attempt, max_attempts, lease,
+                  cancel_requested, created_at, started_at, finished_at, timeout_ms, host,
+                  worker, unique_key, kind, payload, result, errors, progress
+           FROM jobs""",
+        "DROP TABLE jobs",
+        "ALTER TABLE jobs_v3 RENAME TO jobs",
+        "CREATE INDEX jobs_claim ON jobs (queue, priority, run_at) WHERE state = 'queued'",
+        "CREATE INDEX jobs_due ON jobs (queue, run_at) WHERE state = 'scheduled'",
+        ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
+         " IS NOT NULL AND state IN ('waiting', 'queued', 'scheduled', 'running')"),
+        "CREATE INDEX jobs_running ON jobs (host, queue) WHERE state = 'running'",
+        ("CREATE INDEX jobs_finished ON jobs (state, finished_at)"
+         " WHERE state IN ('done', 'failed', 'cancelled')"),
+        "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
+        # One row per (parent, child); `settled` once the parent's end has been counted.
+        """CREATE TABLE job_deps (
+            parent  TEXT NOT NULL,
+            child   TEXT NOT NULL,
+            settled INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (parent, child)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX job_deps_child ON job_deps (child)",
+        # Readiness is bookkept in the commit that ends a parent, whichever statement ends
+        # it (a finish, a rescue, a cancel): done counts the parent off each waiting child
+        # (and so does failed or cancelled, for a child that allows it); otherwise the child
+        # is cancelled, naming the parent, and that cancel settles its own children in turn
+        # (Database turns recursive_triggers on). Each edge is settled once: O(edges) in all.
+        """CREATE TRIGGER jobs_parent_ended AFTER UPDATE OF state ON jobs
+           WHEN NEW.has_children = 1 AND OLD.state != NEW.state
+                AND NEW.state IN ('done', 'failed', 'cancelled')
+           BEGIN
+               UPDATE jobs SET state = 'cancelled', finished_at = NEW.finished_at,
+                   errors = json_array(json_object(
+                       'at', strftime('%Y-%m-%dT%H:%M:%fZ', NEW.finished_at / 1000.0,
+                                      'unixepoch'),
+                       'attempt', attempt, 'error', 'parent ' || NEW.id || ' ' || NEW.state,
+                       'traceback', NULL))
+               WHERE NEW.state != 'done' AND state = 'waiting' AND allow_parent_failure = 0
+                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
+               UPDATE jobs SET waiting_on = waiting_on - 1,
+                   state = CASE WHEN waiting_on > 1 THEN 'waiting'
+                                WHEN run_at > NEW.finished_at THEN 'scheduled'
+                                ELSE 'queued' END
+               WHERE state = 'waiting'
+                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
+               UPDATE job_deps SET settled = 1 WHERE parent = NEW.id AND settled = 0;
+           END""",
+        # A deleted job leaves no edges; deleting an unfinished parent cancels the children
+        # still waiting on it.
+        """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs
+           WHEN OLD.has_children = 1 OR OLD.parents IS NOT NULL
+           BEGIN
+               UPDATE jobs SET state = 'cancelled',
+                   finished_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
+                   errors = json_array(json_object(
+                       'at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'attempt', attempt,
+                       'error', 'parent ' || OLD.id || ' deleted', 'traceback', NULL))
+               WHERE state = 'waiting'
+                   AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
+               DELETE FROM job_deps WHERE parent = OLD.id;
+               DELETE FROM job_deps WHERE child = OLD.id;
+           END""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -937,6 +1069,7 @@ class Database(_CommitNotices):
             self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = OFF")
+            conn.execute("PRAGMA recursive_triggers = ON")     # see jobs_parent_ended
             conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
         except apsw.NotADBError:
@@ -1276,6 +1409,12 @@ class _IdMinter:
 _mint_ids = _IdMinter().mint
 
 
+def new_id() -> str:
+    """A fresh job id, for a request (`EnqueueRequest(job_id=…)`) that others in the same
+    bulk call name in their depends_on."""
+    return _mint_ids(1)[0]
+
+
 # ------------------------------------------------------------- Job store ----
 
 class _Verdict(Enum):
@@ -1351,6 +1490,9 @@ class _NewJob(NamedTuple):
     unique_key: str | None
     created_at: int
     timeout_ms: int | None
+    parents: str | None = None          # depends_on, as a JSON array; the job is `waiting`
+    waiting_on: int = 0                 # its parents, not yet ended
+    allow_parent_failure: int = 0
 
 
 class _QueueDepth(NamedTuple):
@@ -1385,6 +1527,54 @@ class _ClaimedRow(NamedTuple):
     timeout_ms: int | None      # the job's own time limit, if it has one
 
 
+class _Graph:
+    """The jobs with parents of one enqueue call, linked to them once all its jobs are in
+    (a parent may come later in the same call). Only these jobs are held, not the call."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, tuple[int, tuple[str, ...], bool]] = {}  # id -> (request
+        self.aliases: dict[str, str] = {}   # index, parents, allow_parent_failure); an id
+                                            # whose request a unique key deduplicated -> the
+                                            # active job holding the key
+
+    def __bool__(self) -> bool:
+        return bool(self.children)
+
+    def add(self, jobs: Sequence[_NewJob], outcomes: Sequence[EnqueueOutcome],
+            first_index: int) -> None:
+        for index, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True), first_index):
+            if not outcome.created:
+                self.aliases[job.id] = outcome.job_id
+            elif job.parents is not None:
+                self.children[job.id] = (index, tuple(_json_decode(job.parents)),
+                                         bool(job.allow_parent_failure))
+
+    def parents_of(self, child: str) -> tuple[str, ...]:
+        """The child's parents, deduplicated jobs replaced by the jobs holding their keys."""
+        parents = self.children[child][1]
+        if not self.aliases:
+            return parents
+        return tuple(dict.fromkeys(self.aliases.get(parent, parent) for parent in parents))
+
+    def find_cycle(self) -> str | None:
+        """A job on a cycle of parents, if there is one. (Only jobs of this call can be on
+        one: an earlier job's parents are all earlier still.) Kahn's algorithm, O(edges)."""
+        pending = {child: 0 for child in self.children}
+        below: dict[str, list[str]] = {}
+        for child in self.children:
+            for parent in self.parents_of(child):
+                if parent in pending:
+                    pending[child] += 1
+                    below.setdefault(parent, []).append(child)
+        ready = [child for child, n in pending.items() if n == 0]
+        while ready:
+            for child in below.get(ready.pop(), ()):
+                pending[child] -= 1
+                if pending[child] == 0:
+                    ready.append(child)
+        return next((child for child, n in pending.items() if n > 0), None)
+
+
 # The states a job is stored in; `scheduled` is a queued job whose run_at has not come.
 _STORED_STATES = {**{state.value: state for state in JobState}, "scheduled": JobState.QUEUED}
 
@@ -1393,13 +1583,13 @@ _STORED_STATES = {**{state.value: state for state in JobState}, "scheduled": Job
 _JOB_COLUMNS = ("id, kind, queue, CAST(payload AS BLOB), state, priority, run_at, attempt,"
                 " max_attempts, unique_key, CAST(result AS BLOB), CAST(errors AS BLOB),"
                 " created_at, started_at, finished_at, worker, host, cancel_requested,"
-                " timeout_ms, CAST(progress AS BLOB)")
+                " timeout_ms, CAST(progress AS BLOB), CAST(parents AS BLOB), waiting_on")
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
     (id_, kind, queue, payload, state, priority, run_at, attempt, max_attempts, unique_key,
      result, errors, created_at, started_at, finished_at, worker, host, cancel, timeout_ms,
-     progress) = row
+     progress, parents, waiting_on) = row
     return Job(id_, kind, queue, _decode_stored(payload, f"the payload of job {id_}"),
                _STORED_STATES[state], priority,
                _datetime_from_ms(run_at), attempt, max_attempts, unique_key,  # type: ignore[arg-type]
@@ -1409,7 +1599,10 @@ def _job_from_row(row: Sequence[Any]) -> Job:
                _datetime_from_ms(finished_at), worker, host, bool(cancel),
                None if timeout_ms is None else timeout_ms / 1000,
                None if progress is None else JobProgress(
-                   *_decode_stored(progress, f"the progress of job {id_}")))
+                   *_decode_stored(progress, f"the progress of job {id_}")),
+               () if parents is None else tuple(
+                   _decode_stored(parents, f"the parents of job {id_}")),
+               waiting_on)
 
 
 class _JobStore:
@@ -1425,14 +1618,13 @@ class _JobStore:
     id) is the same whichever of the two states a job came through.
     """
 
-    INSERT = ("INSERT INTO jobs (id, kind, queue, payload, state, priority, run_at,"
-              " max_attempts, unique_key, created_at, timeout_ms)"
-              " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    INSERT = (f"INSERT INTO jobs ({', '.join(_NewJob._fields)})"
+              f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
     INSERT_UNIQUE = INSERT + " ON CONFLICT DO NOTHING"
     # Run twice (a retry after the connection was lost), the second finds its id taken.
     INSERT_ONCE = INSERT + " ON CONFLICT (id) DO NOTHING"
     SELECT_ACTIVE_BY_KEY = ("SELECT id FROM jobs WHERE unique_key = ?"
-                            " AND state IN ('queued', 'scheduled', 'running')")
+                            " AND state IN ('waiting', 'queued', 'scheduled', 'running')")
     SELECT_ONE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
     SELECT_STATE = "SELECT state FROM jobs WHERE id = ?"
     COUNT_BY_QUEUE_AND_STATE = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
@@ -1465,7 +1657,7 @@ class _JobStore:
     FINISHED_SINCE = ("SELECT queue, count(*) FROM jobs WHERE state IN ('done', 'failed')"
                       " AND finished_at >= ? GROUP BY queue")
     CANCEL_WAITING = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2"
-                      " WHERE id = ?1 AND state IN ('queued', 'scheduled')")
+                      " WHERE id = ?1 AND state IN ('waiting', 'queued', 'scheduled')")
     REQUEST_CANCEL = ("UPDATE jobs SET cancel_requested = 1"
                       " WHERE id = ? AND state = 'running'")
     # A retried job starts afresh (its error history stays, for the record).
@@ -1539,6 +1731,28 @@ class _JobStore:
         WHERE state = 'running' AND host NOT IN (
             SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
 
+    # -- dependencies (the triggers of schema step 9 settle them as parents end) --
+    PARENT_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
+    INSERT_EDGE = "INSERT INTO job_deps (parent, child, settled) VALUES (?, ?, ?)"
+    MARK_PARENT = "UPDATE jobs SET has_children = 1 WHERE id = ? AND has_children = 0"
+    SET_PARENTS = "UPDATE jobs SET parents = ?2, waiting_on = ?3 WHERE id = ?1"
+    COUNT_OFF_PARENTS = ("UPDATE jobs SET waiting_on = waiting_on - ?2,"
+                         " state = CASE WHEN waiting_on > ?2 THEN 'waiting'"
+                         " WHEN run_at > ?3 THEN 'scheduled' ELSE 'queued' END"
+                         " WHERE id = ?1 AND state = 'waiting'")
+    CANCEL_FOR_PARENT = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2, errors = ?3"
+                         " WHERE id = ?1 AND state = 'waiting'")
+    CHILDREN = "SELECT child FROM job_deps WHERE parent = ? ORDER BY child"
+    PARENT_RESULTS = ("SELECT id, state, CAST(result AS BLOB) FROM jobs"
+                      " WHERE id IN (SELECT value FROM json_each(?1))")
+    SELECT_PARENTS = "SELECT CAST(parents AS BLOB) FROM jobs WHERE id = ?"
+    EXISTING_IDS = "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
+    # -- for map --
+    OF_QUEUE = "SELECT id, state, CAST(payload AS BLOB) FROM jobs WHERE queue = ? ORDER BY id"
+    ENDED_AMONG = ("SELECT id, state, CAST(result AS BLOB), CAST(errors AS BLOB) FROM jobs"
+                   " WHERE id IN (SELECT value FROM json_each(?1))"
+                   " AND state IN ('done', 'failed', 'cancelled')")
+
     def __init__(self, db: Database) -> None:
         self._db = db
 
@@ -1563,6 +1777,46 @@ class _JobStore:
                 continue
             outcomes.append(self._insert_unique(conn, job))
         return outcomes
+
+    def existing_ids(self, conn: apsw.Connection, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` are taken by jobs."""
+        return {row[0] for row in conn.execute(self.EXISTING_IDS, (_json_encode(list(ids)),))}
+
+    def link(self, conn: apsw.Connection, graph: _Graph, now: int) -> None:
+        """Record the parents of the call's jobs in `graph`, and count off (or cancel for)
+        those already ended; InvalidInput, and nothing linked, for an unknown parent or a
+        cycle. The caller's transaction rolls back the jobs with it."""
+        states: dict[str, str] = {}
+        wanted = list(dict.fromkeys(parent for child in graph.children
+                                    for parent in graph.parents_of(child)))
+        for start in range(0, len(wanted), 10_000):
+            states.update(conn.execute(self.PARENT_STATES,
+                                       (_json_encode(wanted[start:start + 10_000]),)))
+        for child, (index, _, _) in graph.children.items():
+            for parent in graph.parents_of(child):
+                if parent not in states:
+                    raise InvalidInput(f"request {index}: depends_on names {parent}, which is "
+                                       f"not a job")
+        if (looped := graph.find_cycle()) is not None:
+            raise InvalidInput(f"request {graph.children[looped][0]}: depends_on makes a "
+                               f"cycle (job {looped} waits on itself through its parents)")
+        ended = {"done", "failed", "cancelled"}
+        conn.executemany(self.INSERT_EDGE, [
+            (parent, child, int(states[parent] in ended))
+            for child in graph.children for parent in graph.parents_of(child)])
+        conn.executemany(self.MARK_PARENT, [(parent,) for parent in wanted])
+        for child, (_, declared, allow_failure) in graph.children.items():
+            parents = graph.parents_of(child)
+            if parents != declared:
+                conn.execute(self.SET_PARENTS, (child, _json_encode(list(parents)),
+                                                len(parents)))
+            failed = next((p for p in parents if states[p] in ("failed", "cancelled")), None)
+            if failed is not None and not allow_failure:
+                error = {"at": _iso_from_ms(now), "attempt": 0,
+                         "error": f"parent {failed} {states[failed]}", "traceback": None}
+                conn.execute(self.CANCEL_FOR_PARENT, (child, now, _json_encode([error])))
+            elif settled := sum(states[p] in ended for p in parents):
+                conn.execute(self.COUNT_OFF_PARENTS, (child, settled, now))
 
     def _insert_unique(self, conn: apsw.Connection, job: _NewJob) -> EnqueueOutcome:
         # On PostgreSQL the job holding the key may finish between the two statements
@@ -1616,6 +1870,38 @@ class _JobStore:
     def get(self, job_id: str) -> Job | None:
         rows = self._db.read(self.SELECT_ONE, (job_id,))
         return _job_from_row(rows[0]) if rows else None
+
+    def jobs_of_queue(self, queue: str) -> list[tuple[str, str, Any]]:
+        """(id, stored state, payload) of every job of `queue`, in id order."""
+        return [(job_id, state, _decode_stored(payload, f"the payload of job {job_id}"))
+                for job_id, state, payload in self._db.read(self.OF_QUEUE, (queue,))]
+
+    def ended_among(self, ids: Sequence[str]) -> dict[str, tuple[str, Any, list[Any]]]:
+        """Which of `ids` have ended: id -> (state, result, errors)."""
+        return {job_id: (state,
+                         None if result is None else _decode_stored(result, f"the result of "
+                                                                            f"job {job_id}"),
+                         [] if errors is None else _decode_stored(errors, f"the errors of "
+                                                                          f"job {job_id}"))
+                for job_id, state, result, errors in self._db.read(
+                    self.ENDED_AMONG, (_json_encode(list(ids)),))}
+
+    def children(self, job_id: str) -> list[str]:
+        """The jobs that named this one in depends_on (while both are kept)."""
+        return [row[0] for row in self._db.read(self.CHILDREN, (job_id,))]
+
+    def parent_results(self, job_id: str) -> dict[str, Any]:
+        """Parent id -> its result (None unless done), in depends_on order; parents deleted
+        meanwhile are left out."""
+        rows = self._db.read(self.SELECT_PARENTS, (job_id,))
+        if not rows or rows[0][0] is None:
+            return {}
+        parents = _decode_stored(rows[0][0], f"the parents of job {job_id}")
+        found = {parent: None if state != "done" or result is None
+                 else _decode_stored(result, f"the result of job {parent}")
+                 for parent, state, result in self._db.read(self.PARENT_RESULTS,
+                                                             (_json_encode(parents),))}
+        return {parent: found[parent] for parent in parents if parent in found}
 
     def newest(self, state: str | None, queue: str | None, kind: str | None, limit: int,
                before: str | None = None, id_prefix: str | None = None) -> list[Job]:
@@ -1759,6 +2045,8 @@ class Jobs:
 
     def enqueue(self, request: EnqueueRequest, router: Router | None = None) -> EnqueueOutcome:
         """Insert one job; committed when this returns (see Guarantees for durability)."""
+        if type(request) is EnqueueRequest and (request.depends_on or request.job_id):
+            return self._db.write(lambda conn: self.enqueue_in(conn, [request], router))[0]
         job = self._new_jobs([request], 0, router, {})[0]
         if job.unique_key is not None or job.queue not in self._known_queues:
             return self._db.write(functools.partial(self._enqueue_job_in, job))
@@ -1797,16 +2085,36 @@ class Jobs:
         outcomes: list[EnqueueOutcome] = []
         queues: set[str] = set()
         routed: dict[str, str] = {}
+        graph = _Graph()
         self._db.after_commit(functools.partial(self._announce, queues))
+        given: set[str] = set()
         while chunk := list(itertools.islice(stream, self.INSERT_CHUNK)):
-            outcomes += self._insert_in(conn, self._new_jobs(chunk, len(outcomes), router,
-                                                             routed), queues)
+            jobs = self._new_jobs(chunk, len(outcomes), router, routed)
+            self._check_given_ids(conn, chunk, len(outcomes), given)
+            inserted = self._insert_in(conn, jobs, queues)
+            graph.add(jobs, inserted, len(outcomes))
+            outcomes += inserted
+        if graph:
+            self._store.link(conn, graph, self._db.clock_ms())
         return outcomes
 
     def _enqueue_job_in(self, job: _NewJob, conn: apsw.Connection) -> EnqueueOutcome:
         queues: set[str] = set()
         self._db.after_commit(functools.partial(self._announce, queues))
         return self._insert_in(conn, [job], queues)[0]
+
+    def _check_given_ids(self, conn: apsw.Connection, requests: list[EnqueueRequest],
+                         first_index: int, given: set[str]) -> None:
+        """Refuse a job_id given twice in one call, or taken by an existing job."""
+        named = [(index, req.job_id) for index, req in enumerate(requests, first_index)
+                 if req.job_id is not None]
+        for index, job_id in named:
+            if job_id in given:
+                raise InvalidInput(f"request {index}: job_id {job_id} is given twice")
+            given.add(job_id)
+        if named and (taken := self._store.existing_ids(conn, [job_id for _, job_id in named])):
+            index, job_id = next(pair for pair in named if pair[1] in taken)
+            raise InvalidInput(f"request {index}: job_id {job_id} is taken by an existing job")
 
     def _insert_in(self, conn: apsw.Connection, jobs: list[_NewJob],
                    queues: set[str]) -> list[EnqueueOutcome]:
@@ -1829,7 +2137,8 @@ class Jobs:
             if type(req) is not EnqueueRequest:
                 raise InvalidInput(f"request {index}: expected an EnqueueRequest, "
                                    f"got {type(req).__name__}")
-            kind, payload, queue, priority, run_at, max_attempts, unique_key, timeout = req
+            (kind, payload, queue, priority, run_at, max_attempts, unique_key, timeout,
+             given_id, parents, allow_parent_failure) = req
             payload_json = _encode_json(payload, f"request {index}: payload of {kind!r}")
             if queue is None:
                 queue = routed.get(kind)
@@ -1838,10 +2147,12 @@ class Jobs:
                         route(kind), f"queue chosen by the router for kind {kind!r}")
                     routed[kind] = queue
             due = now if run_at is None else min(round(run_at * 1000), _LATEST_MS)
-            jobs.append(_NewJob(job_id, kind, queue, payload_json,
-                                "queued" if due <= now else "scheduled", priority, due,
-                                max_attempts, unique_key, now,
-                                None if timeout is None else max(1, round(timeout * 1000))))
+            state = "waiting" if parents else "queued" if due <= now else "scheduled"
+            jobs.append(_NewJob(given_id or job_id, kind, queue, payload_json, state, priority,
+                                due, max_attempts, unique_key, now,
+                                None if timeout is None else max(1, round(timeout * 1000)),
+                                _json_encode(list(parents)) if parents else None,
+                                len(parents), int(allow_parent_failure)))
         return jobs
 
     def _announce(self, queues: set[str]) -> None:
@@ -1869,6 +2180,15 @@ class Jobs:
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
         return self._store.get(job_id)
+
+    def children(self, job_id: str) -> list[str]:
+        """The ids of the jobs that name this one in their depends_on."""
+        return self._store.children(job_id)
+
+    def parent_results(self, job_id: str) -> dict[str, Any]:
+        """The results of a job's parents: parent id -> result (None for a parent that is
+        not done), in depends_on order."""
+        return self._store.parent_results(job_id)
 
     def list(self, state: str | None = None, queue: str | None = None, kind: str | None = None,
              limit: int = 100, *, before: str | None = None, id_prefix: str | None = None
@@ -2474,7 +2794,7 @@ class _Durations:
     def _fold(self) -> None:
         if not self.samples:
             return
-        micros = sorted(map(operator.mul, self.samples, itertools.repeat(1e6)))
+        micros = sorted(sample * 1e6 for sample in self.samples)
         self.samples = []
         start = bisect.bisect_left(micros, 1.0)
         buckets = {0: start} if start else {}
@@ -3246,6 +3566,69 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
     ),
+    (
+        # Dependencies, as in MIGRATIONS; the triggers are PL/pgSQL, bound to this schema.
+        """ALTER TABLE jobs DROP CONSTRAINT jobs_state_check,
+               ADD CONSTRAINT jobs_state_check CHECK (state IN (
+                   'waiting', 'queued', 'scheduled', 'running', 'done', 'failed', 'cancelled')),
+               ADD COLUMN waiting_on integer NOT NULL DEFAULT 0,
+               ADD COLUMN allow_parent_failure integer NOT NULL DEFAULT 0,
+               ADD COLUMN has_children integer NOT NULL DEFAULT 0,
+               ADD COLUMN parents text""",
+        "DROP INDEX jobs_unique_active",
+        ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
+         " IS NOT NULL AND state IN ('waiting', 'queued', 'scheduled', 'running')"),
+        """CREATE TABLE job_deps (
+            parent  text COLLATE "C" NOT NULL,
+            child   text COLLATE "C" NOT NULL,
+            settled integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (parent, child)
+        )""",
+        "CREATE INDEX job_deps_child ON job_deps (child)",
+        """CREATE FUNCTION jobs_parent_ended() RETURNS trigger LANGUAGE plpgsql
+           SET search_path FROM CURRENT AS $$
+           BEGIN
+               UPDATE jobs SET state = 'cancelled', finished_at = NEW.finished_at,
+                   errors = json_build_array(json_build_object(
+                       'at', to_char(to_timestamp(NEW.finished_at / 1000.0) AT TIME ZONE 'UTC',
+                                     'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                       'attempt', attempt, 'error', 'parent ' || NEW.id || ' ' || NEW.state,
+                       'traceback', NULL))::text
+               WHERE NEW.state <> 'done' AND state = 'waiting' AND allow_parent_failure = 0
+                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
+               UPDATE jobs SET waiting_on = waiting_on - 1,
+                   state = CASE WHEN waiting_on > 1 THEN 'waiting'
+                                WHEN run_at > NEW.finished_at THEN 'scheduled'
+                                ELSE 'queued' END
+               WHERE state = 'waiting'
+                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
+               UPDATE job_deps SET settled = 1 WHERE parent = NEW.id AND settled = 0;
+               RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER jobs_parent_ended AFTER UPDATE OF state ON jobs FOR EACH ROW
+           WHEN (NEW.has_children = 1 AND OLD.state <> NEW.state
+                 AND NEW.state IN ('done', 'failed', 'cancelled'))
+           EXECUTE FUNCTION jobs_parent_ended()""",
+        """CREATE FUNCTION jobs_deleted_with_edges() RETURNS trigger LANGUAGE plpgsql
+           SET search_path FROM CURRENT AS $$
+           BEGIN
+               UPDATE jobs SET state = 'cancelled',
+                   finished_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                   errors = json_build_array(json_build_object(
+                       'at', to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                                     'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                       'attempt', attempt, 'error', 'parent ' || OLD.id || ' deleted',
+                       'traceback', NULL))::text
+               WHERE state = 'waiting'
+                   AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
+               DELETE FROM job_deps WHERE parent = OLD.id;
+               DELETE FROM job_deps WHERE child = OLD.id;
+               RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs FOR EACH ROW
+           WHEN (OLD.has_children = 1 OR OLD.parents IS NOT NULL)
+           EXECUTE FUNCTION jobs_deleted_with_edges()""",
+    ),
 )
 
 _PG_PARAMETER = re.compile(r"\?(\d*)")
@@ -3711,7 +4094,7 @@ class _PostgresDatabase(_CommitNotices):
 # Parts of the jobs table's rows that SQLite reads as bytes (see _JOB_COLUMNS) are text here.
 _PG_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max_attempts,"
                    " unique_key, result, errors, created_at, started_at, finished_at, worker,"
-                   " host, cancel_requested, timeout_ms, progress")
+                   " host, cancel_requested, timeout_ms, progress, parents, waiting_on")
 
 
 class _PgJobStore(_JobStore):
@@ -3728,6 +4111,17 @@ class _PgJobStore(_JobStore):
 
     SELECT_ONE = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE id = ?"
     LIST = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE {_JobStore.LIST_FILTER}"
+    PARENT_STATES = ("SELECT id, state FROM jobs"
+                     " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
+    PARENT_RESULTS = ("SELECT id, state, result FROM jobs"
+                      " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
+    SELECT_PARENTS = "SELECT parents FROM jobs WHERE id = ?"
+    EXISTING_IDS = ("SELECT id FROM jobs"
+                    " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
+    OF_QUEUE = "SELECT id, state, payload FROM jobs WHERE queue = ? ORDER BY id"
+    ENDED_AMONG = ("SELECT id, state, result, errors FROM jobs"
+                   " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))"
+                   " AND state IN ('done', 'failed', 'cancelled')")
     # Claims running at once skip each other's rows instead of waiting for them.
     CLAIM = """
         UPDATE jobs SET state = 'running', attempt = attempt + 1, lease = ?1, host = ?2,
@@ -3750,7 +4144,8 @@ class _PgJobStore(_JobStore):
                     AND f.state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR f.queue = ?1)
                     AND (CAST(?3 AS TEXT) IS NULL OR f.kind = ?3))
               AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.unique_key = jobs.unique_key
-                              AND a.state IN ('queued', 'scheduled', 'running'))))"""
+                              AND a.state IN ('waiting', 'queued', 'scheduled',
+                                              'running'))))"""
     def retry_failed(self, conn: apsw.Connection, queue: str | None, kind: str | None,
                      now: int) -> int:
         # A job that takes a key after the statement began (committed after its snapshot)
@@ -3818,11 +4213,14 @@ class _CopiedTable(NamedTuple):
     key: str
     columns: str
     rows: str = "TRUE"
+    cursor: str = ""            # what orders the pages, if not the key (alone not unique)
 
     def select_page(self) -> str:
-        """The next rows after a key (?1), at most ?2 of them, in key order."""
-        return (f"SELECT {self.key}, {self.columns} FROM {self.name}"
-                f" WHERE ({self.rows}) AND {self.key} > ?1 ORDER BY {self.key} LIMIT ?2")
+        """The next rows after a cursor (?1), at most ?2 of them, in cursor order: the
+        cursor first, then the row."""
+        cursor = self.cursor or self.key
+        return (f"SELECT {cursor}, {self.key}, {self.columns} FROM {self.name}"
+                f" WHERE ({self.rows}) AND {cursor} > ?1 ORDER BY {cursor} LIMIT ?2")
 
     def insert_new(self) -> str:
         """Insert one row unless the table has its key (or, for jobs, an active job has its
@@ -3840,8 +4238,12 @@ _COPIED_TABLES = (
     _CopiedTable("rate_limits", "scope", "capacity, refill_per_sec, tokens, updated_at"),
     # Unfinished jobs, with their ids, attempts, errors and pending cancel requests.
     _CopiedTable("jobs", "id", "kind, queue, payload, state, priority, run_at, attempt,"
-                 " max_attempts, unique_key, errors, created_at, cancel_requested, timeout_ms",
-                 "state IN ('queued', 'scheduled')"),
+                 " max_attempts, unique_key, errors, created_at, cancel_requested, timeout_ms,"
+                 " parents, waiting_on, allow_parent_failure, has_children",
+                 "state IN ('waiting', 'queued', 'scheduled')"),
+    # The parents of those jobs (ids are of one length: the concatenation orders the edges).
+    _CopiedTable("job_deps", "child", "parent, settled",
+                 "child IN (SELECT id FROM jobs WHERE state = 'waiting')", "child || parent"),
 )
 
 
@@ -3857,6 +4259,7 @@ class CopyReport:
     jobs: int
     kept: int
     dry_run: bool
+    dependencies: int = 0       # parent-child links of the waiting jobs copied
 
 
 class _RolledBack(Exception):
@@ -3884,13 +4287,14 @@ def _copy_table(source: Database, destination: Database, table: _CopiedTable,
     destination's workers are not held up for the whole copy). Returns (copied, kept)."""
     select, insert = table.select_page(), table.insert_new()
     after, copied, kept = "", 0, 0
-    while rows := source.read(select, (after, chunk)):
+    while page := source.read(select, (after, chunk)):
+        rows = [row[1:] for row in page]
         try:
             inserted = destination.write(functools.partial(_insert_new_rows, insert, rows,
                                                            dry_run))
         except _RolledBack as rolled_back:
             inserted = rolled_back.rows
-        copied, kept, after = copied + inserted, kept + len(rows) - inserted, rows[-1][0]
+        copied, kept, after = copied + inserted, kept + len(rows) - inserted, page[-1][0]
     return copied, kept
 
 
@@ -3973,8 +4377,8 @@ class Storage:
                                           self.COPY_CHUNK)
             copied.append(rows)
             kept += rows_kept
-        queues, cron_schedules, rate_limits, jobs = copied
-        return CopyReport(queues, cron_schedules, rate_limits, jobs, kept, dry_run)
+        queues, cron_schedules, rate_limits, jobs, dependencies = copied
+        return CopyReport(queues, cron_schedules, rate_limits, jobs, kept, dry_run, dependencies)
 
     def close(self) -> None:
         """Close all connections. The Storage cannot be used afterwards."""
@@ -4108,6 +4512,10 @@ class JobCtx:
         progress = _progress_json(done, total, note)
         if self._reports is not None:       # None: a context made by hand, in a test
             self._reports.report(self.job_id, self._lease, progress)
+
+    def parent_results(self) -> dict[str, Any]:
+        """What this job's parents (its depends_on) returned: parent id -> result."""
+        return self.storage.jobs.parent_results(self.job_id)
 
     def enqueue(self, request: EnqueueRequest) -> EnqueueOutcome:
         """Enqueue a follow-up job through the runtime's router (lock contention is retried
@@ -5413,6 +5821,274 @@ class Runtime:
         return _json_encode(errors[-MAX_ERRORS_KEPT:])
 
 
+# ------------------------------------------------------------------- Map ----
+#
+# `map(fn, items)` for batch scripts: one job per item in a queue of the run's own, run by a
+# Runtime in this process (threads) or in worker processes, results yielded in item order.
+# A run is known by its name, so a script killed halfway and started again finds its jobs:
+# what is done is read back, what failed runs afresh, what a dead run held goes back to
+# the queue with its attempt refunded.
+
+MAP_KIND = "sqliteq.map"
+_MAP_WINDOW = 1000              # pending items read per poll, from the next one to yield
+_MAP_POLL = 0.02                # seconds between polls while the next item is not done
+_MAP_SHUTDOWN = 2.0             # seconds a stopping worker waits for its running items
+
+
+@dataclass(frozen=True, slots=True)
+class MapError:
+    """What `map(..., errors="return")` yields for an item that failed: its last error."""
+
+    index: int
+    item: Any
+    job_id: str
+    error: str
+    traceback: str | None
+
+
+class MapItemFailed(SqliteqError):
+    """An item of `map` ended failed or cancelled; `failure` says which, and why."""
+
+    def __init__(self, failure: MapError) -> None:
+        super().__init__(f"item {failure.index} failed: {failure.error}")
+        self.failure = failure
+
+
+def _map_name(fn: Callable[[Any], Any], items: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(_json_encode(item).encode())
+        digest.update(b"\n")
+    module, qualname = getattr(fn, "__module__", "?"), getattr(fn, "__qualname__", "?")
+    return f"{module}.{qualname}:{digest.hexdigest()[:16]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # someone else's process: alive
+        return True
+    return True
+
+
+def _map_runtime(storage: Storage, queue: str, slots: int, fn: Callable[[Any], Any]
+                 ) -> Runtime:
+    """A runtime for one run's queue: short leases, so that a rerun after a crash of
+    another machine's worker finds its jobs soon; a short shutdown, as items are
+    refunded when stopped."""
+    runtime = Runtime(storage, {queue: slots}, poll_interval=0.02, heartbeat_interval=0.5,
+                      lease_timeout=5.0, shutdown_timeout=_MAP_SHUTDOWN)
+    runtime.register(MAP_KIND, lambda ctx, payload: fn(payload["item"]))
+    return runtime
+
+
+def _map_child(target: str, schema: str | None, queue: str, fn: Callable[[Any], Any],
+               stop: Any) -> None:
+    """A worker process of `map(processes=True)`: one slot, until told to stop or its
+    parent is gone (then its running job goes back to the queue, refunded)."""
+    import multiprocessing
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent's Ctrl-C is the parent's
+    parent = multiprocessing.parent_process()
+    with Storage(target, schema=schema) as storage:
+        runtime = _map_runtime(storage, queue, 1, fn)
+        runtime.start()
+        try:
+            while not stop.wait(0.2) and (parent is None or parent.is_alive()) \
+                    and runtime.error is None:
+                pass
+        finally:
+            runtime.stop()
+
+
+class _MapRun:
+    """One run of `map`: its jobs, and the workers that run them."""
+
+    def __init__(self, storage: Storage, name: str, items: list[Any], max_attempts: int,
+                 timeout: float | None) -> None:
+        self.storage, self.name, self.items = storage, name, items
+        self.queue = "map:" + name
+        self.max_attempts, self.timeout = max_attempts, timeout
+        self.ids: list[str] = []
+        self.done = self.failed = 0
+
+    def prepare(self) -> None:
+        """Find the jobs of an earlier try, take back what a dead try held, and enqueue the
+        items that have no job or whose job failed."""
+        self._recover_dead_runs()
+        latest: dict[int, tuple[str, str]] = {}
+        for job_id, state, payload in self.storage.jobs._store.jobs_of_queue(self.queue):
+            index = payload.get("index") if isinstance(payload, dict) else None
+            if not isinstance(index, int) or not 0 <= index < len(self.items) \
+                    or payload.get("item") != self.items[index]:
+                raise InvalidInput(f"map {self.name!r} was started with other items (job "
+                                   f"{job_id} does not match item {index}); give it "
+                                   f"another name")
+            latest[index] = (job_id, state)     # (ids ascend: the last try wins)
+        again = [index for index in range(len(self.items))
+                 if latest.get(index, ("", "failed"))[1] in ("failed", "cancelled")]
+        outcomes = self.storage.jobs.enqueue_bulk([
+            EnqueueRequest(MAP_KIND, {"index": index, "item": self.items[index]},
+                           queue_name=self.queue, max_attempts=self.max_attempts,
+                           timeout=self.timeout) for index in again])
+        for index, outcome in zip(again, outcomes, strict=True):
+            latest[index] = (outcome.job_id, "queued")
+        self.ids = [latest[index][0] for index in range(len(self.items))]
+
+    def _recover_dead_runs(self) -> None:
+        """Release the jobs of this run's dead processes on this machine (refunded: a kill
+        is not a failed attempt). Refuse if one lives on: worker processes of a killed
+        run stop on their own within _MAP_SHUTDOWN, so wait for that first."""
+        store = self.storage.jobs._store
+        deadline = time.monotonic() + _MAP_SHUTDOWN + 5
+        while True:
+            alive = []
+            for process in self.storage.processes.list():
+                if self.queue not in process.queues:
+                    continue
+                here = process.hostname == _HOSTNAME
+                if here and process.pid != os.getpid() and not _pid_alive(process.pid):
+                    claims = [(job_id, lease) for job_id, (lease, _)
+                              in store.running_here(process.host_id).items()]
+                    self.storage.db.write(functools.partial(
+                        store.release_orphans, claims=claims, now=self.storage.db.clock_ms()))
+                    self.storage.processes.remove(process.host_id)
+                elif here or time.time() - process.heartbeat_at.timestamp() < 60:
+                    alive.append(process)
+            if not alive:
+                return
+            if time.monotonic() > deadline or alive[0].pid == os.getpid():
+                raise SqliteqError(f"map {self.name!r} is running in process {alive[0].pid} "
+                                   f"on {alive[0].hostname}; wait for it or stop it first")
+            time.sleep(0.1)
+
+    def results(self, errors: str, progress: _MapProgress | None) -> Iterator[Any]:
+        """Each item's result in item order, as the jobs finish."""
+        store = self.storage.jobs._store
+        ended: dict[str, tuple[str, Any, Any]] = {}
+        for index, job_id in enumerate(self.ids):
+            while job_id not in ended:
+                window = [i for i in self.ids[index:index + _MAP_WINDOW] if i not in ended]
+                found = store.ended_among(window)
+                ended.update(found)
+                self.done += sum(state == "done" for state, _, _ in found.values())
+                self.failed += sum(state != "done" for state, _, _ in found.values())
+                if progress is not None:
+                    progress.show(self.done, self.failed)
+                if job_id not in ended:
+                    time.sleep(_MAP_POLL)
+            state, result, job_errors = ended.pop(job_id)
+            if state == "done":
+                yield result
+                continue
+            last = job_errors[-1] if job_errors else {}
+            error = str(last.get("error") or state)
+            failure = MapError(index, self.items[index], job_id, error, last.get("traceback"))
+            if errors == "return":
+                yield failure
+            else:
+                raise MapItemFailed(failure)
+
+
+class _MapProgress:
+    """A one-line progress bar on a terminal: done / failed / rate / ETA."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total, self.stream = total, stream
+        self.started = self.shown = time.monotonic()
+        self.first: int | None = None   # items already done when this try began
+
+    def show(self, done: int, failed: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done + failed
+        if not final and now - self.shown < 0.2:
+            return
+        self.shown = now
+        ran = done + failed - self.first
+        rate = ran / max(now - self.started, 1e-9)
+        left = self.total - done - failed
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        self.stream.write(f"\r{done}/{self.total} done, {failed} failed, {rate:,.0f}/s, "
+                          f"ETA {eta} \x1b[K" + ("\n" if final else ""))
+        self.stream.flush()
+
+
+def map(fn: Callable[[Any], Any], items: Iterable[Any], *, db: str | Storage = "sqliteq.db",
+        schema: str | None = None, name: str | None = None, workers: int | None = None,
+        processes: bool = False, timeout: timedelta | float | None = None,
+        max_attempts: int = 1, errors: str = "raise", progress: bool | None = None
+        ) -> Iterator[Any]:
+    """Run `fn(item)` for every item as durable jobs and yield the results in item order.
+
+    Called again after a crash or Ctrl-C with the same run (`name`, by default derived from
+    `fn` and the items), it runs only what did not finish: finished results are read back,
+    failed items run again. Items and results are JSON. `db` is a path or a PostgreSQL URL
+    (`schema` as for Storage), or a Storage (not with processes). `processes=True` runs `workers`
+    worker processes (default: one per core; `fn` must be importable), else `workers`
+    threads (default 8). A failed item raises MapItemFailed, or with `errors="return"` is
+    yielded as a MapError. A progress line goes to stderr when it is a terminal.
+    """
+    # As the handlers will see them (and as a rerun finds them stored): JSON, decoded.
+    items = [_json_decode(_encode_json(item, f"item {index}"))
+             for index, item in enumerate(items)]
+    if errors not in ("raise", "return"):
+        raise InvalidInput(f"errors must be 'raise' or 'return', not {errors!r}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
+                                or workers < 1):
+        raise InvalidInput(f"workers must be an integer >= 1, not {workers!r}")
+    if processes and isinstance(db, Storage):
+        raise InvalidInput("map(processes=True) opens the database in each worker process: "
+                           "pass db as a path or URL, not a Storage")
+    name = _check_name(name, "name") if name is not None else _map_name(fn, items)
+    EnqueueRequest(MAP_KIND, None, max_attempts=max_attempts, timeout=timeout)   # validates
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return _map_results(fn, items, db, schema, name, workers, processes, timeout,
+                        max_attempts, errors, progress)
+
+
+def _map_results(fn: Callable[[Any], Any], items: list[Any], db: str | Storage,
+                 schema: str | None, name: str, workers: int | None, processes: bool,
+                 timeout: timedelta | float | None, max_attempts: int, errors: str,
+                 progress: bool) -> Iterator[Any]:
+    import multiprocessing
+    storage = db if isinstance(db, Storage) else Storage(db, schema=schema)
+    run = _MapRun(storage, name, items, max_attempts,
+                  None if timeout is None else _time_limit(timeout, "timeout"))
+    bar = _MapProgress(len(items), sys.stderr) if progress else None
+    runtime: Runtime | None = None
+    children: list[Any] = []
+    stop = None
+    try:
+        run.prepare()
+        if processes:
+            context = multiprocessing.get_context("spawn")
+            stop = context.Event()
+            children = [context.Process(target=_map_child, name=f"sqliteq-map-{n}",
+                                        args=(db, schema, run.queue, fn, stop), daemon=True)
+                        for n in range(workers or os.cpu_count() or 1)]
+            for child in children:
+                child.start()
+        else:
+            runtime = _map_runtime(storage, run.queue, workers or 8, fn)
+            runtime.start()
+        yield from run.results(errors, bar)
+    finally:
+        if runtime is not None:
+            runtime.stop()
+        if stop is not None:
+            stop.set()
+        for child in children:
+            child.join(_MAP_SHUTDOWN + 10)
+        if bar is not None:
+            bar.show(run.done, run.failed, final=True)
+        if storage is not db:
+            storage.close()
+
+
 # ------------------------------------------------------------------- Demo ----
 
 def _run_demo(storage: Storage, count: int = 10_000,
@@ -5967,9 +6643,9 @@ class _DashboardPages:
         points = self.charts.points(start, now, step * 1000)
         slots = [start + i * step * 1000 for i in range((now - start) // (step * 1000) + 1)]
         ended = [(p.done + p.failed + p.retried + p.cancelled) / (step / 60) if p else 0.0
-                 for p in map(points.get, slots)]
-        waits = [p.wait.p95 if p else None for p in map(points.get, slots)]
-        runs = [p.run.p95 if p else None for p in map(points.get, slots)]
+                 for p in (points.get(slot) for slot in slots)]
+        waits = [p.wait.p95 if p else None for p in (points.get(slot) for slot in slots)]
+        runs = [p.run.p95 if p else None for p in (points.get(slot) for slot in slots)]
         ranges = " ".join(f'<a href="{self.root}/?range={name}">'
                           f'{f"<b>{name}</b>" if name == chart else name}</a>'
                           for name in _CHART_RANGES)
@@ -6409,6 +7085,66 @@ def _cli() -> Any:
         else:
             echo(f"enqueued {created} job(s), {len(outcomes) - created} deduplicated")
 
+    @cli.command("map")
+    @click.argument("function")
+    @click.argument("items", type=click.File("r", encoding="utf-8"))
+    @click.option("--name", help="The run's name; the same name resumes it (default: from "
+                                 "the function and the items).")
+    @click.option("--workers", type=click.IntRange(1, 1024),
+                  help="Threads (default 8), or processes (default: one per core).")
+    @click.option("--processes", is_flag=True, help="Run the items in worker processes (for "
+                                                    "CPU-bound Python).")
+    @click.option("--max-attempts", type=click.IntRange(1, 1000), default=1, show_default=True)
+    @click.option("--timeout", help="Time limit of each item, e.g. 30s or 5m.")
+    @click.option("--keep-going", is_flag=True,
+                  help='Write a failed item as {"error": ...} and go on, instead of stopping.')
+    @click.pass_context
+    def map_command(ctx: click.Context, function: str, items: Any, name: str | None,
+                    workers: int | None, processes: bool, max_attempts: int,
+                    timeout: str | None, keep_going: bool) -> None:
+        """Run FUNCTION ("module:function") on each line of ITEMS (JSON lines; - reads
+        stdin) and write each result as a JSON line, in item order. Killed or interrupted,
+        run it again: what finished is not run again.
+
+        \b
+        Example:
+          sqliteq --db sweep.db map sweep:measure params.jsonl > results.jsonl
+        """
+        module_name, _, attribute = function.partition(":")
+        if not module_name or not attribute:
+            fail(f"FUNCTION must be module:function, not {function!r}")
+        parsed = []
+        for number, line in enumerate(items, 1):
+            if line.strip():
+                try:
+                    parsed.append(json.loads(line))
+                except ValueError as exc:
+                    fail(f"{items.name} line {number} is not JSON: {exc}")
+        sys.path.append(os.getcwd())    # last: a local json.py must not shadow the stdlib
+        try:
+            fn = functools.reduce(getattr, attribute.split("."),
+                                  importlib.import_module(module_name))
+        except Exception as exc:        # the module's own import-time errors too
+            fail(f"cannot load {function!r}: {type(exc).__name__}: {exc}")
+        if not callable(fn):
+            fail(f"{function!r} is not a function")
+        open_storage(ctx, create=True).close()          # the CLI's checks and messages
+        log.setLevel(logging.ERROR)     # a failed item is reported below, not also logged
+        try:
+            for result in map(fn, parsed, db=ctx.obj["db"], schema=ctx.obj["schema"],
+                              name=name, workers=workers, processes=processes,
+                              timeout=None if timeout is None else parse_duration(timeout),
+                              max_attempts=max_attempts,
+                              errors="return" if keep_going else "raise"):
+                if isinstance(result, MapError):
+                    result = {"error": result.error, "index": result.index,
+                              "job_id": result.job_id}
+                echo(json.dumps(result, ensure_ascii=False))
+        except MapItemFailed as exc:
+            failure = exc.failure
+            fail(f"item {failure.index} failed: {(failure.error.splitlines() or [''])[0]}"
+                 f" (sqliteq job {failure.job_id} shows its traceback)", code=1)
+
     @cli.command()
     @click.argument("app")
     @click.option("--queues", help="Queues and slots, e.g. default=4,email=2.")
@@ -6562,16 +7298,29 @@ def _cli() -> Any:
         Example:
           sqliteq job 01JD7Q5V3W6Y8Z0A1B2C3D4E5F
         """
-        found = open_storage(ctx).jobs.get(job_id)
+        storage = open_storage(ctx)
+        found = storage.jobs.get(job_id)
         if found is None:
             fail(f"unknown job id {job_id!r}")
         data = _job_dict(found, full=True)
+        parents = {parent: storage.jobs.get(parent) for parent in found.depends_on}
+        data.update(
+            parents=[{"id": parent, "state": None if job is None else job.state.value}
+                     for parent, job in parents.items()],
+            waiting_on=[parent for parent, job in parents.items()
+                        if found.state is JobState.WAITING and job is not None
+                        and job.state not in FINISHED_STATES],
+            children=storage.jobs.children(job_id))
         if as_json:
             emit_json(data)
             return
         for key, value in data.items():
             if key == "progress" and found.progress is not None:
                 value = _progress_text(found.progress)
+            elif key == "parents":
+                value = ", ".join(f"{p['id']} ({p['state'] or 'deleted'})" for p in value) or None
+            elif key in ("waiting_on", "children"):
+                value = ", ".join(value) or None
             if key not in ("payload", "result", "errors", "last_error"):
                 echo(f"{key + ':':18}{'-' if value is None else value}")
         for key in ("payload", "result"):
@@ -6818,7 +7567,7 @@ def _cli() -> Any:
                            lambda total: click.progressbar(length=total, label="demo",
                                                            file=sys.stderr,
                                                            hidden=not sys.stderr.isatty()))
-        width = max(map(len, summary))
+        width = max(len(line) for line in summary)
         for key, value in summary.items():
             echo(f"{key + ':':{width + 2}}{value}")
 

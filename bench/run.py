@@ -177,7 +177,8 @@ def create_sqliteq_file(path: str) -> None:
 def raw_row(i: int, now: int) -> tuple[Any, ...]:
     """What any queue must do per job: an id, the payload as compact JSON, the time."""
     payload = json.dumps({"i": i}, separators=PAYLOAD_SEPARATORS)
-    return (str(ulid.ULID()), "noop", "default", payload, "queued", 0, now, 5, None, now, None)
+    return tuple(sqliteq._NewJob(str(ulid.ULID()), "noop", "default", payload, "queued", 0, now,
+                                 5, None, now, None))   # in _JobStore.INSERT's column order
 
 
 def fill_sqliteq(path: str, n: int) -> str:

@@ -65,6 +65,19 @@ def raw(db_path: Path, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def file_at_schema(path: Path, version: int) -> apsw.Connection:
+    """A SQLite file as sqliteq's schema `version` left it (migration steps 1 to `version`),
+    in WAL mode; its open connection, for the rows that sqliteq would have written then."""
+    conn = apsw.Connection(str(path))
+    conn.execute("PRAGMA journal_mode = WAL")
+    with conn:
+        for step in sqliteq.MIGRATIONS[:version]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version:d}")
+    return conn
+
+
 # ------------------------------------------------------------ PostgreSQL ----
 
 # The local server every machine of the project runs (CI's included): a test that needs it

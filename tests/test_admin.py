@@ -12,7 +12,7 @@ from support import Target
 import sqliteq
 from sqliteq import EnqueueRequest, InvalidInput
 
-STATES = {"queued", "running", "done", "failed", "cancelled"}
+STATES = {"waiting", "queued", "running", "done", "failed", "cancelled"}
 DAY_MS = 86_400_000
 
 

@@ -54,7 +54,7 @@ COMMANDS = ("enqueue", "enqueue-bulk", "worker", "status", "jobs", "job", "retry
 JOB_KEYS = {"id", "kind", "queue", "state", "priority", "attempt", "max_attempts", "unique_key",
             "run_at", "created_at", "started_at", "finished_at", "worker", "host",
             "cancel_requested", "timeout", "progress", "last_error"}
-JOB_FULL_KEYS = JOB_KEYS | {"payload", "result", "errors"}
+JOB_FULL_KEYS = JOB_KEYS | {"payload", "result", "errors", "parents", "waiting_on", "children"}
 QUEUE_KEYS = {"name", "ready", "scheduled", "running", "done", "failed", "cancelled", "paused",
               "limit", "jobs_per_minute", "oldest_ready_age_seconds"}
 PROCESS_KEYS = {"host_id", "hostname", "pid", "queues", "started_at", "heartbeat_at"}

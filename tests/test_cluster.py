@@ -139,7 +139,7 @@ def test_many_processes_mixed_load_never_locked(cluster_db, cluster, storage):
     total = PROCESSES * PER_PROCESS * 3 // 2
 
     def all_done() -> bool:
-        return storage.jobs.counts() == {"queued": 0, "running": 0, "done": total,
+        return storage.jobs.counts() == {"waiting": 0, "queued": 0, "running": 0, "done": total,
                                          "failed": 0, "cancelled": 0}
 
     try:

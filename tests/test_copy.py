@@ -195,7 +195,7 @@ def test_sqliteq_copy_dry_run_copy_refusal_and_json(ends, tmp_path):
     assert_error(run(*args), "already holds 8 job(s)", "--force")
     assert json.loads(ok(*args, "--force", "--json")) == {
         "queues": 0, "cron_schedules": 0, "rate_limits": 0, "jobs": 0, "kept": 13,
-        "dry_run": False}
+        "dry_run": False, "dependencies": 0}
 
 
 def test_sqliteq_copy_names_a_bad_source_or_destination_in_one_line(tmp_path):

@@ -152,7 +152,8 @@ def test_requests_can_be_copied_and_pickled():
 
 def test_requests_cannot_skip_validation(storage):
     with pytest.raises(InvalidInput):
-        bad = EnqueueRequest._make(["", None, None, "high", None, 0, None, None])
+        bad = EnqueueRequest._make(["", None, None, "high", None, 0, None, None, None, (),
+                                    False])
         storage.jobs.enqueue(bad)
     assert total(storage) == 0
 
@@ -333,7 +334,7 @@ def test_bulk_with_one_bad_request_writes_nothing(storage, spoil):
     with pytest.raises(InvalidInput, match=r"\b9999\b"):
         storage.jobs.enqueue_bulk(reqs)
     assert storage.jobs.counts() == dict.fromkeys(
-        ("queued", "running", "done", "failed", "cancelled"), 0)
+        ("waiting", "queued", "running", "done", "failed", "cancelled"), 0)
 
 
 def test_single_enqueue_rejects_a_non_request(storage):

@@ -309,8 +309,9 @@ def test_a_file_from_before_metrics_gains_the_tables_when_opened(db_path):
         job_id = storage.jobs.enqueue(EnqueueRequest("k")).job_id
     raw(db_path, "DROP TABLE metrics")
     raw(db_path, "DROP TABLE metrics_totals")
-    raw(db_path, "DROP INDEX jobs_failed")                  # (the step after metrics)
-    raw(db_path, f"PRAGMA user_version = {sqliteq.SCHEMA_VERSION - 2}")
+    raw(db_path, "DROP INDEX jobs_failed")                  # (the steps after metrics)
+    raw(db_path, "DROP TABLE job_deps")
+    raw(db_path, f"PRAGMA user_version = {sqliteq.SCHEMA_VERSION - 3}")
     with sqliteq.Storage(db_path) as storage:
         assert storage.jobs.get(job_id).state == "queued"
         recorded(storage, minute_of(sqliteq.now_ms()), "q", "k", done=1)

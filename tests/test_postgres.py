@@ -261,18 +261,26 @@ def test_many_hosts_opening_a_new_schema_at_once_migrate_it_once(pg, run_python)
 
 def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
     """A schema as the first PostgreSQL release wrote it (step 1: no time limit or progress
-    columns, no metrics tables) gains them when opened, its jobs intact."""
+    columns, no metrics tables, no dependencies) gains them when opened, its jobs intact."""
     with pg.open() as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
-    pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")
-    pg.sql("DROP TABLE metrics, metrics_totals")
-    pg.sql("DROP INDEX jobs_failed")
+    pg.sql("DROP TRIGGER jobs_parent_ended ON jobs")                           # step 5
+    pg.sql("DROP TRIGGER jobs_deleted_with_edges ON jobs")
+    pg.sql("DROP FUNCTION jobs_parent_ended(), jobs_deleted_with_edges()")
+    pg.sql("DROP TABLE job_deps")
+    pg.sql("ALTER TABLE jobs DROP COLUMN waiting_on, DROP COLUMN allow_parent_failure,"
+           " DROP COLUMN has_children, DROP COLUMN parents")
+    pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")    # step 2
+    pg.sql("DROP TABLE metrics, metrics_totals")                               # step 3
+    pg.sql("DROP INDEX jobs_failed")                                           # step 4
     pg.sql("UPDATE sqliteq_version SET version = 1")
     with pg.open() as storage:
         job = storage.jobs.get(job_id)
         assert (job.payload, job.timeout, job.progress) == ({"n": 1}, None, None)
         assert storage.jobs.get(storage.jobs.enqueue(
             EnqueueRequest("k", timeout=5)).job_id).timeout == 5.0
+        child = storage.jobs.enqueue(EnqueueRequest("k", depends_on=[job_id])).job_id
+        assert storage.jobs.get(child).state == "waiting"
     assert pg.sql("SELECT version FROM sqliteq_version") == [(len(sqliteq._PG_MIGRATIONS),)]
 
 
@@ -354,8 +362,8 @@ def test_a_runtime_survives_its_connections_being_dropped_and_loses_no_job(pg):
                 time.sleep(0.05)
         assert dropped >= 5, "the test dropped too few connections to prove anything"
         assert rt.error is None
-        assert storage.jobs.counts() == {"queued": 0, "running": 0, "done": 2000, "failed": 0,
-                                         "cancelled": 0}
+        assert storage.jobs.counts() == {"waiting": 0, "queued": 0, "running": 0, "done": 2000,
+                                         "failed": 0, "cancelled": 0}
         assert set(runs) == set(ids)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import apsw
 import pytest
-from support import HOLD_WRITER_LOCK, wait_until
+from support import HOLD_WRITER_LOCK, file_at_schema, wait_until
 
 import sqliteq
 from sqliteq import EnqueueRequest, SchemaError
@@ -429,7 +429,7 @@ def test_claim_and_due_indexes_are_partial_on_their_state(storage, db_path):
 def test_unique_key_index_is_partial_on_active_jobs(storage, db_path):
     sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_unique_active'")
     assert sql.startswith("CREATE UNIQUE INDEX")
-    assert "state IN ('queued', 'scheduled', 'running')" in sql
+    assert "state IN ('waiting', 'queued', 'scheduled', 'running')" in sql
 
 
 def test_a_job_due_later_waits_as_scheduled_and_is_queued_to_the_api(storage, db_path):
@@ -520,13 +520,8 @@ def test_file_whose_migration_failed_is_released_at_once(db_path, monkeypatch):
 
 def v4_file(path: Path) -> None:
     """A file as sqliteq 0.1 (schema 4) wrote it: a rowid jobs table, one 'queued' state."""
-    conn = raw(path)
-    conn.execute("PRAGMA journal_mode = WAL")
+    conn = file_at_schema(path, 4)
     with conn:
-        for step in sqliteq.MIGRATIONS[:4]:
-            for statement in step:
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 4")
         now = sqliteq.now_ms()
         rows = [("A-ready", "queued", now - 1000, None, None), ("B-later", "queued",
                  now + 3_600_000, "key-b", None), ("C-running", "running", now, "key-c", 77),

@@ -12,8 +12,8 @@ from sqliteq import EnqueueOutcome, EnqueueRequest
 
 
 def active_with_key(sql, key: str) -> list[str]:
-    return [row[0] for row in sql("SELECT id FROM jobs WHERE unique_key = ?"
-                                  " AND state IN ('queued', 'scheduled', 'running')", key)]
+    return [row[0] for row in sql("SELECT id FROM jobs WHERE unique_key = ? AND state IN"
+                                  " ('waiting', 'queued', 'scheduled', 'running')", key)]
 
 
 def test_second_enqueue_while_first_is_queued_returns_the_first(storage):
