@@ -763,6 +763,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             waiting_on           INTEGER NOT NULL DEFAULT 0,
             allow_parent_failure INTEGER NOT NULL DEFAULT 0,
             has_children         INTEGER NOT NULL DEFAULT 0,
+            has_parents          INTEGER NOT NULL DEFAULT 0,
             host                 TEXT,
             worker               TEXT,
             unique_key           TEXT,
@@ -770,8 +771,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             payload              TEXT NOT NULL,
             result               TEXT,
             errors               TEXT,
-            progress             TEXT,
-            parents              TEXT
+            progress             TEXT
         ) WITHOUT ROWID""",
         """INSERT INTO jobs_v3 (id, queue, state, priority, run_at, attempt, max_attempts,
                                 lease, cancel_requested, created_at, started_at, finished_at,
@@ -791,14 +791,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ("CREATE INDEX jobs_finished ON jobs (state, finished_at)"
          " WHERE state IN ('done', 'failed', 'cancelled')"),
         "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
-        # One row per (parent, child); `settled` once the parent's end has been counted.
+        # One row per (parent, child), `position` its place in the child's depends_on;
+        # `settled` once the parent's end has been counted. (Not a JSON list in the child's
+        # row: each count-off rewrites that row, and a join of 100,000 parents would be
+        # rewritten whole 100,000 times.)
         """CREATE TABLE job_deps (
-            parent  TEXT NOT NULL,
-            child   TEXT NOT NULL,
-            settled INTEGER NOT NULL DEFAULT 0,
+            parent   TEXT NOT NULL,
+            child    TEXT NOT NULL,
+            settled  INTEGER NOT NULL DEFAULT 0,
+            position INTEGER NOT NULL,
             PRIMARY KEY (parent, child)
         ) WITHOUT ROWID""",
-        "CREATE INDEX job_deps_child ON job_deps (child)",
+        "CREATE INDEX job_deps_child ON job_deps (child, position)",
         # Readiness is bookkept in the commit that ends a parent, whichever statement ends
         # it (a finish, a rescue, a cancel): done counts the parent off each waiting child
         # (and so does failed or cancelled, for a child that allows it); otherwise the child
@@ -824,10 +828,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                    AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
                UPDATE job_deps SET settled = 1 WHERE parent = NEW.id AND settled = 0;
            END""",
-        # A deleted job leaves no edges; deleting an unfinished parent cancels the children
-        # still waiting on it.
+        # A deleted child takes its edges along; deleting an unfinished parent cancels the
+        # children still waiting on it (their edges stay: they name the parent).
         """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs
-           WHEN OLD.has_children = 1 OR OLD.parents IS NOT NULL
+           WHEN OLD.has_children = 1 OR OLD.has_parents = 1
            BEGIN
                UPDATE jobs SET state = 'cancelled',
                    finished_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
@@ -836,7 +840,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                        'error', 'parent ' || OLD.id || ' deleted', 'traceback', NULL))
                WHERE state = 'waiting'
                    AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
-               DELETE FROM job_deps WHERE parent = OLD.id;
                DELETE FROM job_deps WHERE child = OLD.id;
            END""",
     ),
@@ -1490,9 +1493,9 @@ class _NewJob(NamedTuple):
     unique_key: str | None
     created_at: int
     timeout_ms: int | None
-    parents: str | None = None          # depends_on, as a JSON array; the job is `waiting`
-    waiting_on: int = 0                 # its parents, not yet ended
+    waiting_on: int = 0                 # its parents not yet ended (`waiting` while > 0)
     allow_parent_failure: int = 0
+    has_parents: int = 0                # its depends_on are edges in job_deps
 
 
 class _QueueDepth(NamedTuple):
@@ -1540,14 +1543,15 @@ class _Graph:
     def __bool__(self) -> bool:
         return bool(self.children)
 
-    def add(self, jobs: Sequence[_NewJob], outcomes: Sequence[EnqueueOutcome],
-            first_index: int) -> None:
-        for index, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True), first_index):
+    def add(self, requests: Sequence[EnqueueRequest], jobs: Sequence[_NewJob],
+            outcomes: Sequence[EnqueueOutcome], first_index: int) -> None:
+        for index, (request, job, outcome) in enumerate(zip(requests, jobs, outcomes,
+                                                            strict=True), first_index):
             if not outcome.created:
                 self.aliases[job.id] = outcome.job_id
-            elif job.parents is not None:
-                self.children[job.id] = (index, tuple(_json_decode(job.parents)),
-                                         bool(job.allow_parent_failure))
+            elif request.depends_on:
+                self.children[job.id] = (index, request.depends_on,
+                                         request.allow_parent_failure)
 
     def parents_of(self, child: str) -> tuple[str, ...]:
         """The child's parents, deduplicated jobs replaced by the jobs holding their keys."""
@@ -1583,13 +1587,15 @@ _STORED_STATES = {**{state.value: state for state in JobState}, "scheduled": Job
 _JOB_COLUMNS = ("id, kind, queue, CAST(payload AS BLOB), state, priority, run_at, attempt,"
                 " max_attempts, unique_key, CAST(result AS BLOB), CAST(errors AS BLOB),"
                 " created_at, started_at, finished_at, worker, host, cancel_requested,"
-                " timeout_ms, CAST(progress AS BLOB), CAST(parents AS BLOB), waiting_on")
+                " timeout_ms, CAST(progress AS BLOB), waiting_on, CASE WHEN has_parents = 1 THEN"
+                " (SELECT json_group_array(parent) FROM (SELECT parent FROM job_deps"
+                " WHERE child = jobs.id ORDER BY position)) END")
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
     (id_, kind, queue, payload, state, priority, run_at, attempt, max_attempts, unique_key,
      result, errors, created_at, started_at, finished_at, worker, host, cancel, timeout_ms,
-     progress, parents, waiting_on) = row
+     progress, waiting_on, parents) = row
     return Job(id_, kind, queue, _decode_stored(payload, f"the payload of job {id_}"),
                _STORED_STATES[state], priority,
                _datetime_from_ms(run_at), attempt, max_attempts, unique_key,  # type: ignore[arg-type]
@@ -1733,9 +1739,9 @@ class _JobStore:
 
     # -- dependencies (the triggers of schema step 9 settle them as parents end) --
     PARENT_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
-    INSERT_EDGE = "INSERT INTO job_deps (parent, child, settled) VALUES (?, ?, ?)"
+    INSERT_EDGE = "INSERT INTO job_deps (parent, child, settled, position) VALUES (?, ?, ?, ?)"
     MARK_PARENT = "UPDATE jobs SET has_children = 1 WHERE id = ? AND has_children = 0"
-    SET_PARENTS = "UPDATE jobs SET parents = ?2, waiting_on = ?3 WHERE id = ?1"
+    SET_WAITING_ON = "UPDATE jobs SET waiting_on = ?2 WHERE id = ?1"
     COUNT_OFF_PARENTS = ("UPDATE jobs SET waiting_on = waiting_on - ?2,"
                          " state = CASE WHEN waiting_on > ?2 THEN 'waiting'"
                          " WHEN run_at > ?3 THEN 'scheduled' ELSE 'queued' END"
@@ -1743,9 +1749,8 @@ class _JobStore:
     CANCEL_FOR_PARENT = ("UPDATE jobs SET state = 'cancelled', finished_at = ?2, errors = ?3"
                          " WHERE id = ?1 AND state = 'waiting'")
     CHILDREN = "SELECT child FROM job_deps WHERE parent = ? ORDER BY child"
-    PARENT_RESULTS = ("SELECT id, state, CAST(result AS BLOB) FROM jobs"
-                      " WHERE id IN (SELECT value FROM json_each(?1))")
-    SELECT_PARENTS = "SELECT CAST(parents AS BLOB) FROM jobs WHERE id = ?"
+    PARENT_RESULTS = ("SELECT d.parent, j.state, CAST(j.result AS BLOB) FROM job_deps d"
+                      " JOIN jobs j ON j.id = d.parent WHERE d.child = ? ORDER BY d.position")
     EXISTING_IDS = "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
     # -- for map --
     OF_QUEUE = "SELECT id, state, CAST(payload AS BLOB) FROM jobs WHERE queue = ? ORDER BY id"
@@ -1802,14 +1807,14 @@ class _JobStore:
                                f"cycle (job {looped} waits on itself through its parents)")
         ended = {"done", "failed", "cancelled"}
         conn.executemany(self.INSERT_EDGE, [
-            (parent, child, int(states[parent] in ended))
-            for child in graph.children for parent in graph.parents_of(child)])
+            (parent, child, int(states[parent] in ended), position)
+            for child in graph.children
+            for position, parent in enumerate(graph.parents_of(child))])
         conn.executemany(self.MARK_PARENT, [(parent,) for parent in wanted])
         for child, (_, declared, allow_failure) in graph.children.items():
             parents = graph.parents_of(child)
-            if parents != declared:
-                conn.execute(self.SET_PARENTS, (child, _json_encode(list(parents)),
-                                                len(parents)))
+            if len(parents) != len(declared):       # two merged into one holder
+                conn.execute(self.SET_WAITING_ON, (child, len(parents)))
             failed = next((p for p in parents if states[p] in ("failed", "cancelled")), None)
             if failed is not None and not allow_failure:
                 error = {"at": _iso_from_ms(now), "attempt": 0,
@@ -1893,15 +1898,9 @@ class _JobStore:
     def parent_results(self, job_id: str) -> dict[str, Any]:
         """Parent id -> its result (None unless done), in depends_on order; parents deleted
         meanwhile are left out."""
-        rows = self._db.read(self.SELECT_PARENTS, (job_id,))
-        if not rows or rows[0][0] is None:
-            return {}
-        parents = _decode_stored(rows[0][0], f"the parents of job {job_id}")
-        found = {parent: None if state != "done" or result is None
-                 else _decode_stored(result, f"the result of job {parent}")
-                 for parent, state, result in self._db.read(self.PARENT_RESULTS,
-                                                             (_json_encode(parents),))}
-        return {parent: found[parent] for parent in parents if parent in found}
+        return {parent: None if state != "done" or result is None
+                else _decode_stored(result, f"the result of job {parent}")
+                for parent, state, result in self._db.read(self.PARENT_RESULTS, (job_id,))}
 
     def newest(self, state: str | None, queue: str | None, kind: str | None, limit: int,
                before: str | None = None, id_prefix: str | None = None) -> list[Job]:
@@ -2092,7 +2091,7 @@ class Jobs:
             jobs = self._new_jobs(chunk, len(outcomes), router, routed)
             self._check_given_ids(conn, chunk, len(outcomes), given)
             inserted = self._insert_in(conn, jobs, queues)
-            graph.add(jobs, inserted, len(outcomes))
+            graph.add(chunk, jobs, inserted, len(outcomes))
             outcomes += inserted
         if graph:
             self._store.link(conn, graph, self._db.clock_ms())
@@ -2151,8 +2150,7 @@ class Jobs:
             jobs.append(_NewJob(given_id or job_id, kind, queue, payload_json, state, priority,
                                 due, max_attempts, unique_key, now,
                                 None if timeout is None else max(1, round(timeout * 1000)),
-                                _json_encode(list(parents)) if parents else None,
-                                len(parents), int(allow_parent_failure)))
+                                len(parents), int(allow_parent_failure), int(bool(parents))))
         return jobs
 
     def _announce(self, queues: set[str]) -> None:
@@ -3574,17 +3572,18 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
                ADD COLUMN waiting_on integer NOT NULL DEFAULT 0,
                ADD COLUMN allow_parent_failure integer NOT NULL DEFAULT 0,
                ADD COLUMN has_children integer NOT NULL DEFAULT 0,
-               ADD COLUMN parents text""",
+               ADD COLUMN has_parents integer NOT NULL DEFAULT 0""",
         "DROP INDEX jobs_unique_active",
         ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
          " IS NOT NULL AND state IN ('waiting', 'queued', 'scheduled', 'running')"),
         """CREATE TABLE job_deps (
-            parent  text COLLATE "C" NOT NULL,
-            child   text COLLATE "C" NOT NULL,
-            settled integer NOT NULL DEFAULT 0,
+            parent   text COLLATE "C" NOT NULL,
+            child    text COLLATE "C" NOT NULL,
+            settled  integer NOT NULL DEFAULT 0,
+            position integer NOT NULL,
             PRIMARY KEY (parent, child)
         )""",
-        "CREATE INDEX job_deps_child ON job_deps (child)",
+        "CREATE INDEX job_deps_child ON job_deps (child, position)",
         """CREATE FUNCTION jobs_parent_ended() RETURNS trigger LANGUAGE plpgsql
            SET search_path FROM CURRENT AS $$
            BEGIN
@@ -3621,12 +3620,11 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
                        'traceback', NULL))::text
                WHERE state = 'waiting'
                    AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
-               DELETE FROM job_deps WHERE parent = OLD.id;
                DELETE FROM job_deps WHERE child = OLD.id;
                RETURN NULL;
            END $$""",
         """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs FOR EACH ROW
-           WHEN (OLD.has_children = 1 OR OLD.parents IS NOT NULL)
+           WHEN (OLD.has_children = 1 OR OLD.has_parents = 1)
            EXECUTE FUNCTION jobs_deleted_with_edges()""",
     ),
 )
@@ -4094,7 +4092,9 @@ class _PostgresDatabase(_CommitNotices):
 # Parts of the jobs table's rows that SQLite reads as bytes (see _JOB_COLUMNS) are text here.
 _PG_JOB_COLUMNS = ("id, kind, queue, payload, state, priority, run_at, attempt, max_attempts,"
                    " unique_key, result, errors, created_at, started_at, finished_at, worker,"
-                   " host, cancel_requested, timeout_ms, progress, parents, waiting_on")
+                   " host, cancel_requested, timeout_ms, progress, waiting_on, CASE WHEN"
+                   " has_parents = 1 THEN (SELECT json_agg(parent ORDER BY position)::text"
+                   " FROM job_deps WHERE child = jobs.id) END")
 
 
 class _PgJobStore(_JobStore):
@@ -4113,9 +4113,8 @@ class _PgJobStore(_JobStore):
     LIST = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE {_JobStore.LIST_FILTER}"
     PARENT_STATES = ("SELECT id, state FROM jobs"
                      " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
-    PARENT_RESULTS = ("SELECT id, state, result FROM jobs"
-                      " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
-    SELECT_PARENTS = "SELECT parents FROM jobs WHERE id = ?"
+    PARENT_RESULTS = ("SELECT d.parent, j.state, j.result FROM job_deps d"
+                      " JOIN jobs j ON j.id = d.parent WHERE d.child = ? ORDER BY d.position")
     EXISTING_IDS = ("SELECT id FROM jobs"
                     " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
     OF_QUEUE = "SELECT id, state, payload FROM jobs WHERE queue = ? ORDER BY id"
@@ -4239,10 +4238,10 @@ _COPIED_TABLES = (
     # Unfinished jobs, with their ids, attempts, errors and pending cancel requests.
     _CopiedTable("jobs", "id", "kind, queue, payload, state, priority, run_at, attempt,"
                  " max_attempts, unique_key, errors, created_at, cancel_requested, timeout_ms,"
-                 " parents, waiting_on, allow_parent_failure, has_children",
+                 " waiting_on, allow_parent_failure, has_children, has_parents",
                  "state IN ('waiting', 'queued', 'scheduled')"),
     # The parents of those jobs (ids are of one length: the concatenation orders the edges).
-    _CopiedTable("job_deps", "child", "parent, settled",
+    _CopiedTable("job_deps", "child", "parent, settled, position",
                  "child IN (SELECT id FROM jobs WHERE state = 'waiting')", "child || parent"),
 )
 

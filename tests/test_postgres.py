@@ -269,7 +269,7 @@ def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
     pg.sql("DROP FUNCTION jobs_parent_ended(), jobs_deleted_with_edges()")
     pg.sql("DROP TABLE job_deps")
     pg.sql("ALTER TABLE jobs DROP COLUMN waiting_on, DROP COLUMN allow_parent_failure,"
-           " DROP COLUMN has_children, DROP COLUMN parents")
+           " DROP COLUMN has_children, DROP COLUMN has_parents")
     pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")    # step 2
     pg.sql("DROP TABLE metrics, metrics_totals")                               # step 3
     pg.sql("DROP INDEX jobs_failed")                                           # step 4
