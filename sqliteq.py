@@ -1530,15 +1530,22 @@ class _ClaimedRow(NamedTuple):
     timeout_ms: int | None      # the job's own time limit, if it has one
 
 
+class _Child(NamedTuple):
+    """A job of an enqueue call that names parents."""
+
+    request: int                # its request's index in the call, for error messages
+    parents: tuple[str, ...]    # as its request named them
+    allow_parent_failure: bool
+
+
 class _Graph:
     """The jobs with parents of one enqueue call, linked to them once all its jobs are in
     (a parent may come later in the same call). Only these jobs are held, not the call."""
 
     def __init__(self) -> None:
-        self.children: dict[str, tuple[int, tuple[str, ...], bool]] = {}  # id -> (request
-        self.aliases: dict[str, str] = {}   # index, parents, allow_parent_failure); an id
-                                            # whose request a unique key deduplicated -> the
-                                            # active job holding the key
+        self.children: dict[str, _Child] = {}
+        # The id of a request that a unique key merged into an active job -> that job.
+        self.aliases: dict[str, str] = {}
 
     def __bool__(self) -> bool:
         return bool(self.children)
@@ -1550,12 +1557,12 @@ class _Graph:
             if not outcome.created:
                 self.aliases[job.id] = outcome.job_id
             elif request.depends_on:
-                self.children[job.id] = (index, request.depends_on,
-                                         request.allow_parent_failure)
+                self.children[job.id] = _Child(index, request.depends_on,
+                                               request.allow_parent_failure)
 
     def parents_of(self, child: str) -> tuple[str, ...]:
         """The child's parents, deduplicated jobs replaced by the jobs holding their keys."""
-        parents = self.children[child][1]
+        parents = self.children[child].parents
         if not self.aliases:
             return parents
         return tuple(dict.fromkeys(self.aliases.get(parent, parent) for parent in parents))
@@ -1803,7 +1810,7 @@ class _JobStore:
                     raise InvalidInput(f"request {index}: depends_on names {parent}, which is "
                                        f"not a job")
         if (looped := graph.find_cycle()) is not None:
-            raise InvalidInput(f"request {graph.children[looped][0]}: depends_on makes a "
+            raise InvalidInput(f"request {graph.children[looped].request}: depends_on makes a "
                                f"cycle (job {looped} waits on itself through its parents)")
         ended = {"done", "failed", "cancelled"}
         conn.executemany(self.INSERT_EDGE, [
@@ -6721,7 +6728,7 @@ class _DashboardPages:
         actions = []
         if job.state in (JobState.FAILED, JobState.CANCELLED):
             actions.append(self._button("Retry", back, do="retry", job=job.id))
-        if job.state in (JobState.QUEUED, JobState.RUNNING):
+        if job.state in (JobState.WAITING, JobState.QUEUED, JobState.RUNNING):
             actions.append(self._button("Cancel", back, do="cancel", job=job.id))
         due = job.run_at.timestamp() * 1000 <= self.storage.db.clock_ms()
         if job.state is JobState.QUEUED and not due:
@@ -6740,9 +6747,16 @@ class _DashboardPages:
                   ("host", job.host), ("worker", job.worker),
                   ("time limit", None if job.timeout is None else f"{job.timeout:g} s"),
                   ("progress", None if job.progress is None else _progress_text(job.progress)),
-                  ("cancel requested", "yes" if job.cancel_requested else None)]
-        table = "<table>" + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>"
-                                    for k, v in fields if v is not None) + "</table>"
+                  ("cancel requested", "yes" if job.cancel_requested else None),
+                  ("waiting on", f"{job.waiting_on} of {len(job.depends_on)} parents"
+                   if job.state is JobState.WAITING else None)]
+        family = (("parents", job.depends_on), ("children", self.storage.jobs.children(job.id)))
+        table = ("<table>" + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>"
+                                     for k, v in fields if v is not None)
+                 + "".join(f"<tr><th>{name}</th><td>" + " ".join(
+                     f'<a href="{self.root}/jobs/{_h(other)}"><code>{_h(other)}</code></a>'
+                     for other in ids) + "</td></tr>" for name, ids in family if ids)
+                 + "</table>")
         errors = "".join(
             f'<h3 class="error">Attempt {_h(e.get("attempt"))} at {_h(e.get("at"))}: '
             f'{_h(e.get("error"))}</h3><pre>{_h(e.get("traceback") or "")}</pre>'

@@ -200,6 +200,20 @@ def test_a_job_page_shows_payload_result_errors_and_tracebacks(storage, app):
     assert call(app, "GET", "/jobs/NOPE").code == 404
 
 
+def test_a_job_page_links_its_parents_and_children_and_says_what_it_waits_on(storage, app):
+    first, second = sqliteq.new_id(), sqliteq.new_id()
+    outcomes = storage.jobs.enqueue_bulk([
+        EnqueueRequest("k", job_id=first), EnqueueRequest("k", job_id=second),
+        EnqueueRequest("join", depends_on=[first, second])])
+    join = outcomes[-1].job_id
+    page = get(app, f"/jobs/{join}").text
+    assert "waiting on</th><td>2 of 2 parents" in page
+    assert re.findall(r'<a href="/jobs/(\w+)"><code>', page) == [first, second]
+    assert 'value="cancel"' in page                 # a waiting job can be cancelled
+    assert re.findall(r'<a href="/jobs/(\w+)"><code>', get(app, f"/jobs/{first}").text) == [
+        join]
+
+
 def test_long_payloads_are_truncated_in_lists_but_whole_on_the_job_page(storage, app):
     job_id = storage.jobs.enqueue(EnqueueRequest("k", {"blob": "x" * 5000})).job_id
     listing = get(app, "/jobs").text
