@@ -1683,6 +1683,21 @@ class _JobStore:
                     " result = NULL, cancel_requested = 0, lease = NULL"
                     " WHERE state = 'failed' AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)"
                     " AND (CAST(?3 AS TEXT) IS NULL OR kind = ?3)")
+    # A retried job with parents waits again for those that have not ended as it needs
+    # (done; or ended at all, if it allows failure). A parent deleted meanwhile has ended.
+    FAILED_WITH_PARENTS = ("SELECT id FROM jobs WHERE state = 'failed' AND has_parents = 1"
+                           " AND (CAST(?1 AS TEXT) IS NULL OR queue = ?1)"
+                           " AND (CAST(?2 AS TEXT) IS NULL OR kind = ?2)")
+    REOPEN_EDGES = ("UPDATE job_deps SET settled = CASE WHEN EXISTS (SELECT 1 FROM jobs p, jobs c"
+                    " WHERE p.id = job_deps.parent AND c.id = job_deps.child"
+                    " AND p.state != 'done' AND NOT (c.allow_parent_failure = 1"
+                    " AND p.state IN ('failed', 'cancelled'))) THEN 0 ELSE 1 END"
+                    " WHERE child = ?1")
+    WAIT_AGAIN = ("UPDATE jobs SET"
+                  " waiting_on = (SELECT count(*) FROM job_deps WHERE child = ?1 AND settled = 0),"
+                  " state = CASE WHEN EXISTS (SELECT 1 FROM job_deps WHERE child = ?1"
+                  " AND settled = 0) THEN 'waiting' ELSE state END"
+                  " WHERE id = ?1 AND has_parents = 1 AND state = 'queued'")
     RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
                " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
     DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
@@ -1856,12 +1871,24 @@ class _JobStore:
         """Requeue a failed or cancelled job afresh; apsw.ConstraintError if an active job
         holds its unique key."""
         conn.execute(self.RETRY, (job_id, now))
-        return bool(conn.changes())
+        if not conn.changes():
+            return False
+        self._wait_again(conn, [job_id])
+        return True
 
     def retry_failed(self, conn: apsw.Connection, queue: str | None, kind: str | None,
                      now: int) -> int:
+        children = [row[0] for row in conn.execute(self.FAILED_WITH_PARENTS, (queue, kind))]
         conn.execute(self.RETRY_FAILED, (queue, now, kind))
-        return conn.changes()
+        retried = conn.changes()
+        self._wait_again(conn, children)
+        return retried
+
+    def _wait_again(self, conn: apsw.Connection, retried: Sequence[str]) -> None:
+        """Retried jobs with parents go back to waiting for those not ended as needed."""
+        for job_id in retried:
+            conn.execute(self.REOPEN_EDGES, (job_id,))
+            conn.execute(self.WAIT_AGAIN, (job_id,))
 
     def run_now(self, conn: apsw.Connection, job_id: str, now: int) -> bool:
         conn.execute(self.RUN_NOW, (job_id, now))
@@ -2276,7 +2303,9 @@ class Jobs:
         return self._db.write(lambda conn: self._store.cancel(conn, job_id, self._db.clock_ms()))
 
     def retry(self, job_id: str) -> bool:
-        """Put a failed or cancelled job back in its queue with its attempts reset.
+        """Put a failed or cancelled job back in its queue with its attempts reset (one with
+        parents waits again for those not done: retry a failed parent and its cancelled
+        children, in any order, and they run in order).
 
         False if there is no such job or it is not failed/cancelled. InvalidInput if another
         active job now holds its unique key.

@@ -218,6 +218,40 @@ def test_a_parent_whose_request_a_unique_key_merged_is_the_job_holding_the_key(s
     assert storage.jobs.children(holder) == [child.id]
 
 
+def test_retrying_a_failed_parent_and_its_cancelled_child_runs_them_in_order(storage,
+                                                                             make_runtime):
+    parent, child = new_id(), new_id()
+    storage.jobs.enqueue_bulk([EnqueueRequest("flaky", job_id=parent, max_attempts=1),
+                               EnqueueRequest("after", job_id=child, depends_on=[parent])])
+    broken = [True]
+
+    def flaky(ctx: sqliteq.JobCtx, payload: object) -> str:
+        if broken[0]:
+            raise RuntimeError("not yet")
+        return "fixed"
+
+    rt = make_runtime({"default": 2})
+    rt.register("flaky", flaky)
+    rt.register("after", lambda ctx, payload: ctx.parent_results()[parent])
+    rt.start()
+    assert storage.jobs.wait(child, timeout=20).state is JobState.CANCELLED
+    assert storage.jobs.retry(child)                # first the child: it waits again
+    assert (state(storage, child), storage.jobs.get(child).waiting_on) == ("waiting", 1)
+    broken[0] = False
+    assert storage.jobs.retry_failed() == 1         # the parent
+    assert storage.jobs.wait(child, timeout=20).result == "fixed"
+
+
+def test_a_retried_child_whose_parents_are_done_is_ready_at_once(storage):
+    parent = storage.jobs.enqueue(EnqueueRequest("k")).job_id
+    child = storage.jobs.enqueue(EnqueueRequest("k", depends_on=[parent])).job_id
+    mark_done(storage, parent)
+    storage.db.write(lambda conn: conn.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = 1 WHERE id = ?", (child,)))
+    assert storage.jobs.retry_failed() == 1
+    assert (state(storage, child), storage.jobs.get(child).waiting_on) == ("queued", 0)
+
+
 # -------------------------------------------------------------- bookkeeping ----
 
 def test_a_fan_in_settles_each_edge_once(storage, sql, make_runtime):
