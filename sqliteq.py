@@ -90,7 +90,7 @@ import traceback
 import urllib.parse
 import weakref
 import zoneinfo
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from enum import Enum
@@ -411,8 +411,8 @@ class EnqueueRequest(_RequestFields):
             _check_job_id(job_id, "job_id")
         if isinstance(depends_on, (str, bytes)):
             raise InvalidInput("depends_on must be a list of job ids, not a string")
-        parents = tuple(dict.fromkeys(_check_job_id(parent, "each of depends_on")
-                                      for parent in depends_on))
+        parents = () if depends_on == () else tuple(dict.fromkeys(
+            _check_job_id(parent, "each of depends_on") for parent in depends_on))
         if not isinstance(allow_parent_failure, bool):
             raise InvalidInput(f"allow_parent_failure must be True or False, "
                                f"not {allow_parent_failure!r}")
@@ -792,9 +792,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
          " WHERE state IN ('done', 'failed', 'cancelled')"),
         "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
         # One row per (parent, child), `position` its place in the child's depends_on;
-        # `settled` once the parent's end has been counted. (Not a JSON list in the child's
-        # row: each count-off rewrites that row, and a join of 100,000 parents would be
-        # rewritten whole 100,000 times.)
+        # `settled` once the parent's end has been counted (see _JobStore.settle). (Not a
+        # JSON list in the child's row: each count-off rewrites that row, and a join of
+        # 100,000 parents would be rewritten whole 100,000 times.)
         """CREATE TABLE job_deps (
             parent   TEXT NOT NULL,
             child    TEXT NOT NULL,
@@ -803,45 +803,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (parent, child)
         ) WITHOUT ROWID""",
         "CREATE INDEX job_deps_child ON job_deps (child, position)",
-        # Readiness is bookkept in the commit that ends a parent, whichever statement ends
-        # it (a finish, a rescue, a cancel): done counts the parent off each waiting child
-        # (and so does failed or cancelled, for a child that allows it); otherwise the child
-        # is cancelled, naming the parent, and that cancel settles its own children in turn
-        # (Database turns recursive_triggers on). Each edge is settled once: O(edges) in all.
-        """CREATE TRIGGER jobs_parent_ended AFTER UPDATE OF state ON jobs
-           WHEN NEW.has_children = 1 AND OLD.state != NEW.state
-                AND NEW.state IN ('done', 'failed', 'cancelled')
-           BEGIN
-               UPDATE jobs SET state = 'cancelled', finished_at = NEW.finished_at,
-                   errors = json_array(json_object(
-                       'at', strftime('%Y-%m-%dT%H:%M:%fZ', NEW.finished_at / 1000.0,
-                                      'unixepoch'),
-                       'attempt', attempt, 'error', 'parent ' || NEW.id || ' ' || NEW.state,
-                       'traceback', NULL))
-               WHERE NEW.state != 'done' AND state = 'waiting' AND allow_parent_failure = 0
-                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
-               UPDATE jobs SET waiting_on = waiting_on - 1,
-                   state = CASE WHEN waiting_on > 1 THEN 'waiting'
-                                WHEN run_at > NEW.finished_at THEN 'scheduled'
-                                ELSE 'queued' END
-               WHERE state = 'waiting'
-                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
-               UPDATE job_deps SET settled = 1 WHERE parent = NEW.id AND settled = 0;
-           END""",
-        # A deleted child takes its edges along; deleting an unfinished parent cancels the
-        # children still waiting on it (their edges stay: they name the parent).
-        """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs
-           WHEN OLD.has_children = 1 OR OLD.has_parents = 1
-           BEGIN
-               UPDATE jobs SET state = 'cancelled',
-                   finished_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
-                   errors = json_array(json_object(
-                       'at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'attempt', attempt,
-                       'error', 'parent ' || OLD.id || ' deleted', 'traceback', NULL))
-               WHERE state = 'waiting'
-                   AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
-               DELETE FROM job_deps WHERE child = OLD.id;
-           END""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1072,7 +1033,6 @@ class Database(_CommitNotices):
             self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = OFF")
-            conn.execute("PRAGMA recursive_triggers = ON")     # see jobs_parent_ended
             conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
         except apsw.NotADBError:
@@ -1700,10 +1660,12 @@ class _JobStore:
                   " WHERE id = ?1 AND has_parents = 1 AND state = 'queued'")
     RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
                " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
-    DELETE = "DELETE FROM jobs WHERE id = ? AND state != 'running'"
+    DELETE = ("DELETE FROM jobs WHERE id = ? AND state != 'running'"
+              " RETURNING state, has_children, has_parents")
     DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
                              " WHERE state = ?1 AND finished_at < ?2"
-                             " AND (CAST(?3 AS TEXT) IS NULL OR queue = ?3) LIMIT ?4)")
+                             " AND (CAST(?3 AS TEXT) IS NULL OR queue = ?3) LIMIT ?4)"
+                             " RETURNING id, has_parents")
     # All due jobs, not only as many as the claim wants: a later one may have a higher
     # priority. (A queue's first claim after a big batch came due writes them all at once.)
     PROMOTE_DUE = ("UPDATE jobs SET state = 'queued'"
@@ -1757,9 +1719,22 @@ class _JobStore:
                           'error', 'worker lost: host ' || host || ' stopped heartbeating',
                           'traceback', NULL)) AS e))
         WHERE state = 'running' AND host NOT IN (
-            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
+            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)
+        RETURNING id"""
 
-    # -- dependencies (the triggers of schema step 9 settle them as parents end) --
+    # -- dependencies (see settle) --
+    # The unsettled links from the given jobs that have ended, to children still waiting.
+    # (`+state`: SQLite would otherwise walk jobs_finished, every finished job, and test
+    # each against the list; the list's ids are what must lead.)
+    ENDED_LINKS = ("SELECT d.parent, d.child, p.state, c.allow_parent_failure FROM job_deps d"
+                   " JOIN jobs p ON p.id = d.parent JOIN jobs c ON c.id = d.child"
+                   " WHERE d.parent IN (SELECT value FROM json_each(?1)) AND d.settled = 0"
+                   " AND +p.state IN ('done', 'failed', 'cancelled') AND +c.state = 'waiting'")
+    SETTLE_LINK = "UPDATE job_deps SET settled = 1 WHERE parent = ? AND child = ?"
+    ANY_LINK = "SELECT EXISTS (SELECT 1 FROM job_deps)"
+    WAITING_CHILDREN = ("SELECT d.child FROM job_deps d JOIN jobs c ON c.id = d.child"
+                        " WHERE d.parent = ? AND d.settled = 0 AND c.state = 'waiting'")
+    DELETE_LINKS_OF = "DELETE FROM job_deps WHERE child IN (SELECT value FROM json_each(?1))"
     PARENT_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
     INSERT_EDGE = "INSERT INTO job_deps (parent, child, settled, position) VALUES (?, ?, ?, ?)"
     MARK_PARENT = "UPDATE jobs SET has_children = 1 WHERE id = ? AND has_children = 0"
@@ -1778,7 +1753,7 @@ class _JobStore:
     OF_QUEUE = "SELECT id, state, CAST(payload AS BLOB) FROM jobs WHERE queue = ? ORDER BY id"
     ENDED_AMONG = ("SELECT id, state, CAST(result AS BLOB), CAST(errors AS BLOB) FROM jobs"
                    " WHERE id IN (SELECT value FROM json_each(?1))"
-                   " AND state IN ('done', 'failed', 'cancelled')")
+                   " AND +state IN ('done', 'failed', 'cancelled')")      # (as ENDED_LINKS)
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -1827,23 +1802,59 @@ class _JobStore:
         if (looped := graph.find_cycle()) is not None:
             raise InvalidInput(f"request {graph.children[looped].request}: depends_on makes a "
                                f"cycle (job {looped} waits on itself through its parents)")
-        ended = {"done", "failed", "cancelled"}
         conn.executemany(self.INSERT_EDGE, [
-            (parent, child, int(states[parent] in ended), position)
-            for child in graph.children
+            (parent, child, 0, position) for child in graph.children
             for position, parent in enumerate(graph.parents_of(child))])
         conn.executemany(self.MARK_PARENT, [(parent,) for parent in wanted])
-        for child, (_, declared, allow_failure) in graph.children.items():
-            parents = graph.parents_of(child)
-            if len(parents) != len(declared):       # two merged into one holder
-                conn.execute(self.SET_WAITING_ON, (child, len(parents)))
-            failed = next((p for p in parents if states[p] in ("failed", "cancelled")), None)
-            if failed is not None and not allow_failure:
-                error = {"at": _iso_from_ms(now), "attempt": 0,
-                         "error": f"parent {failed} {states[failed]}", "traceback": None}
-                conn.execute(self.CANCEL_FOR_PARENT, (child, now, _json_encode([error])))
-            elif settled := sum(states[p] in ended for p in parents):
-                conn.execute(self.COUNT_OFF_PARENTS, (child, settled, now))
+        for child, (_, declared, _) in graph.children.items():
+            if len(graph.parents_of(child)) != len(declared):      # two merged into one
+                conn.execute(self.SET_WAITING_ON, (child, len(graph.parents_of(child))))
+        self.settle(conn, [parent for parent in wanted
+                           if states[parent] in ("done", "failed", "cancelled")], now,
+                    only=graph.children.keys())
+
+    def settle(self, conn: apsw.Connection, ended: Sequence[str], now: int,
+               only: Collection[str] | None = None) -> None:
+        """Count jobs that have just ended off their waiting children (`only` these, if
+        given): done (or, for a child that allows failure, any end) counts a parent off;
+        failed or cancelled cancels the child, naming the parent, and that child's end is
+        settled in turn. Every method here that ends jobs calls it in the same transaction,
+        so each link is settled once, in the commit that ends its parent: O(links) in all.
+        (A store that never had dependencies pays one cheap read per commit.)"""
+        if not ended or not conn.execute(self.ANY_LINK).fetchall()[0][0]:
+            return
+        while ended:
+            links = cast("list[tuple[str, str, str, int]]", conn.execute(
+                self.ENDED_LINKS, (_json_encode(list(ended)),)).fetchall())
+            if only is not None:
+                links = [link for link in links if link[1] in only]
+                only = None             # (cascades reach only this call's jobs anyway)
+            if not links:
+                return
+            conn.executemany(self.SETTLE_LINK, [(parent, child) for parent, child, _, _
+                                                in links])
+            counted: dict[str, int] = {}
+            cancelled: dict[str, str] = {}
+            for parent, child, state, allow_failure in links:
+                if state == "done" or allow_failure:
+                    counted[child] = counted.get(child, 0) + 1
+                elif child not in cancelled:
+                    cancelled[child] = f"parent {parent} {state}"
+            conn.executemany(self.COUNT_OFF_PARENTS, [(child, n, now) for child, n
+                                                      in counted.items()
+                                                      if child not in cancelled])
+            ended = self._cancel_waiting(conn, cancelled, now)
+
+    def _cancel_waiting(self, conn: apsw.Connection, reasons: Mapping[str, str], now: int
+                        ) -> list[str]:
+        """Cancel waiting jobs, each with its reason as its error; those it cancelled."""
+        cancelled = []
+        for job_id, reason in reasons.items():
+            error = {"at": _iso_from_ms(now), "attempt": 0, "error": reason, "traceback": None}
+            conn.execute(self.CANCEL_FOR_PARENT, (job_id, now, _json_encode([error])))
+            if conn.changes():
+                cancelled.append(job_id)
+        return cancelled
 
     def _insert_unique(self, conn: apsw.Connection, job: _NewJob) -> EnqueueOutcome:
         # On PostgreSQL the job holding the key may finish between the two statements
@@ -1860,6 +1871,7 @@ class _JobStore:
         """Cancel a waiting job, or flag a running one (its runtime delivers the request)."""
         conn.execute(self.CANCEL_WAITING, (job_id, now))
         if conn.changes():
+            self.settle(conn, [job_id], now)
             return "cancelled"
         conn.execute(self.REQUEST_CANCEL, (job_id,))
         if conn.changes():
@@ -1894,15 +1906,29 @@ class _JobStore:
         conn.execute(self.RUN_NOW, (job_id, now))
         return bool(conn.changes())
 
-    def delete(self, conn: apsw.Connection, job_id: str) -> bool:
-        conn.execute(self.DELETE, (job_id,))
-        return bool(conn.changes())
+    def delete(self, conn: apsw.Connection, job_id: str, now: int) -> bool:
+        """Delete a job that is not running. Children still waiting on it are cancelled,
+        as they would be had it been cancelled; its own links go with it."""
+        rows = conn.execute(self.DELETE, (job_id,)).fetchall()
+        if not rows:
+            return False
+        state, has_children, has_parents = rows[0]
+        if has_children and state not in ("done", "failed", "cancelled"):
+            children = [row[0] for row in conn.execute(self.WAITING_CHILDREN, (job_id,))]
+            self.settle(conn, self._cancel_waiting(
+                conn, {child: f"parent {job_id} deleted" for child in children}, now), now)
+        if has_parents:
+            conn.execute(self.DELETE_LINKS_OF, (_json_encode([job_id]),))
+        return True
 
     def delete_finished(self, conn: apsw.Connection, state: str, cutoff: int,
                         queue: str | None, limit: int) -> int:
-        """Delete up to `limit` jobs in `state` finished before `cutoff`."""
-        conn.execute(self.DELETE_FINISHED_CHUNK, (state, cutoff, queue, limit))
-        return conn.changes()
+        """Delete up to `limit` jobs in `state` finished before `cutoff`, and their links
+        to parents. (Links from them stay while their children do: they name them.)"""
+        rows = conn.execute(self.DELETE_FINISHED_CHUNK, (state, cutoff, queue, limit)).fetchall()
+        if with_parents := [job_id for job_id, has_parents in rows if has_parents]:
+            conn.execute(self.DELETE_LINKS_OF, (_json_encode(with_parents),))
+        return len(rows)
 
     # -- reading --
 
@@ -2023,8 +2049,11 @@ class _JobStore:
 
     def finish(self, conn: apsw.Connection, finishes: Iterable[_Finish]) -> None:
         """Write the ends of attempts, one executemany per statement."""
-        done, with_errors, requeued = [], [], []
+        done, with_errors, requeued, ended, now = [], [], [], [], 0
         for f in finishes:
+            if f.verdict is not _Verdict.RETRY:     # (a requeue may end in a cancel)
+                ended.append(f.job_id)
+                now = max(now, f.at)
             if f.verdict is _Verdict.DONE:
                 done.append((f.job_id, f.lease, f.result, f.worker, f.at))
             elif f.verdict is _Verdict.FAILED or f.verdict is _Verdict.CANCELLED:
@@ -2037,6 +2066,8 @@ class _JobStore:
                                   (self.REQUEUE, requeued)):
             if params:
                 conn.executemany(statement, params)
+        if ended:
+            self.settle(conn, ended, now)
 
     def report_progress(self, conn: apsw.Connection, reports: Iterable[_ProgressReport]
                         ) -> None:
@@ -2046,13 +2077,17 @@ class _JobStore:
     def release_orphans(self, conn: apsw.Connection, claims: Iterable[tuple[str, int]],
                         now: int) -> None:
         """Put back (refunded) claims, given as (job id, lease), that no runtime holds."""
-        conn.executemany(self.RELEASE_ORPHAN, [(job_id, lease, now) for job_id, lease in claims])
+        params = [(job_id, lease, now) for job_id, lease in claims]
+        conn.executemany(self.RELEASE_ORPHAN, params)
+        self.settle(conn, [job_id for job_id, _, _ in params], now)   # (cancel requested)
 
     def rescue(self, conn: apsw.Connection, now: int, progress: int) -> int:
         """Requeue (or fail, on their last attempt) the jobs of hosts that the progress
         clock says are dead; how many."""
-        conn.execute(self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, progress))
-        return conn.changes()
+        rescued = [row[0] for row in conn.execute(
+            self.RESCUE, (now, _iso_from_ms(now), MAX_ERRORS_KEPT, progress))]
+        self.settle(conn, rescued, now)
+        return len(rescued)
 
 
 # ------------------------------------------------------------------ Jobs ----
@@ -2125,7 +2160,8 @@ class Jobs:
             jobs = self._new_jobs(chunk, len(outcomes), router, routed)
             self._check_given_ids(conn, chunk, len(outcomes), given)
             inserted = self._insert_in(conn, jobs, queues)
-            graph.add(chunk, jobs, inserted, len(outcomes))
+            if any(job.has_parents for job in jobs) or any(job.unique_key for job in jobs):
+                graph.add(chunk, jobs, inserted, len(outcomes))
             outcomes += inserted
         if graph:
             self._store.link(conn, graph, self._db.clock_ms())
@@ -2331,7 +2367,8 @@ class Jobs:
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running (cancel a running one first)."""
-        return self._db.write(lambda conn: self._store.delete(conn, job_id))
+        return self._db.write(lambda conn: self._store.delete(conn, job_id,
+                                                              self._db.clock_ms()))
 
     def purge(self, state: str, older_than: timedelta | float) -> int:
         """Delete jobs in a finished state that finished more than `older_than` ago.
@@ -3601,7 +3638,7 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_failed ON jobs (queue, kind) WHERE state = 'failed'",
     ),
     (
-        # Dependencies, as in MIGRATIONS; the triggers are PL/pgSQL, bound to this schema.
+        # Dependencies, as in MIGRATIONS.
         """ALTER TABLE jobs DROP CONSTRAINT jobs_state_check,
                ADD CONSTRAINT jobs_state_check CHECK (state IN (
                    'waiting', 'queued', 'scheduled', 'running', 'done', 'failed', 'cancelled')),
@@ -3620,48 +3657,6 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (parent, child)
         )""",
         "CREATE INDEX job_deps_child ON job_deps (child, position)",
-        """CREATE FUNCTION jobs_parent_ended() RETURNS trigger LANGUAGE plpgsql
-           SET search_path FROM CURRENT AS $$
-           BEGIN
-               UPDATE jobs SET state = 'cancelled', finished_at = NEW.finished_at,
-                   errors = json_build_array(json_build_object(
-                       'at', to_char(to_timestamp(NEW.finished_at / 1000.0) AT TIME ZONE 'UTC',
-                                     'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-                       'attempt', attempt, 'error', 'parent ' || NEW.id || ' ' || NEW.state,
-                       'traceback', NULL))::text
-               WHERE NEW.state <> 'done' AND state = 'waiting' AND allow_parent_failure = 0
-                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
-               UPDATE jobs SET waiting_on = waiting_on - 1,
-                   state = CASE WHEN waiting_on > 1 THEN 'waiting'
-                                WHEN run_at > NEW.finished_at THEN 'scheduled'
-                                ELSE 'queued' END
-               WHERE state = 'waiting'
-                   AND id IN (SELECT child FROM job_deps WHERE parent = NEW.id AND settled = 0);
-               UPDATE job_deps SET settled = 1 WHERE parent = NEW.id AND settled = 0;
-               RETURN NULL;
-           END $$""",
-        """CREATE TRIGGER jobs_parent_ended AFTER UPDATE OF state ON jobs FOR EACH ROW
-           WHEN (NEW.has_children = 1 AND OLD.state <> NEW.state
-                 AND NEW.state IN ('done', 'failed', 'cancelled'))
-           EXECUTE FUNCTION jobs_parent_ended()""",
-        """CREATE FUNCTION jobs_deleted_with_edges() RETURNS trigger LANGUAGE plpgsql
-           SET search_path FROM CURRENT AS $$
-           BEGIN
-               UPDATE jobs SET state = 'cancelled',
-                   finished_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
-                   errors = json_build_array(json_build_object(
-                       'at', to_char(clock_timestamp() AT TIME ZONE 'UTC',
-                                     'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-                       'attempt', attempt, 'error', 'parent ' || OLD.id || ' deleted',
-                       'traceback', NULL))::text
-               WHERE state = 'waiting'
-                   AND id IN (SELECT child FROM job_deps WHERE parent = OLD.id AND settled = 0);
-               DELETE FROM job_deps WHERE child = OLD.id;
-               RETURN NULL;
-           END $$""",
-        """CREATE TRIGGER jobs_deleted_with_edges AFTER DELETE ON jobs FOR EACH ROW
-           WHEN (OLD.has_children = 1 OR OLD.has_parents = 1)
-           EXECUTE FUNCTION jobs_deleted_with_edges()""",
     ),
 )
 
@@ -4154,6 +4149,13 @@ class _PgJobStore(_JobStore):
     EXISTING_IDS = ("SELECT id FROM jobs"
                     " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
     OF_QUEUE = "SELECT id, state, payload FROM jobs WHERE queue = ? ORDER BY id"
+    ENDED_LINKS = ("SELECT d.parent, d.child, p.state, c.allow_parent_failure FROM job_deps d"
+                   " JOIN jobs p ON p.id = d.parent JOIN jobs c ON c.id = d.child"
+                   " WHERE d.parent IN (SELECT json_array_elements_text(CAST(?1 AS json)))"
+                   " AND d.settled = 0 AND p.state IN ('done', 'failed', 'cancelled')"
+                   " AND c.state = 'waiting'")
+    DELETE_LINKS_OF = ("DELETE FROM job_deps"
+                       " WHERE child IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
     ENDED_AMONG = ("SELECT id, state, result, errors FROM jobs"
                    " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))"
                    " AND state IN ('done', 'failed', 'cancelled')")
@@ -4206,7 +4208,8 @@ class _PgJobStore(_JobStore):
                               'error', 'worker lost: host ' || host || ' stopped heartbeating',
                               'traceback', NULL)) AS e) AS appended)
         WHERE state = 'running' AND host NOT IN (
-            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)"""
+            SELECT host_id FROM processes WHERE progress_at >= ?4 - lease_timeout_ms)
+        RETURNING id"""
 
 
 class _PgRateLimits(RateLimits):

@@ -387,3 +387,16 @@ def test_sqliteq_job_shows_parents_what_it_waits_on_and_children(storage, target
     text = ok("job", child, db=target)
     assert f"parents:          {done} (done), {pending} (queued)" in text
     assert f"waiting_on:       {pending}" in text
+
+
+def test_a_parent_failed_by_the_reaper_cancels_its_children(storage, sql):
+    """The reaper ends a lost job that was on its last attempt: its children learn of it
+    in the same commit."""
+    parent = storage.jobs.enqueue(EnqueueRequest("k", max_attempts=1)).job_id
+    child = storage.jobs.enqueue(EnqueueRequest("k", depends_on=[parent])).job_id
+    sql("UPDATE jobs SET state = 'running', attempt = 1, lease = 7, host = 'gone'"
+        " WHERE id = ?", parent)
+    now = sqliteq.now_ms()
+    assert storage.db.write(lambda conn: storage._store.rescue(conn, now, now)) == 1
+    assert (state(storage, parent), state(storage, child)) == ("failed", "cancelled")
+    assert storage.jobs.get(child).errors[-1]["error"] == f"parent {parent} failed"
