@@ -4142,8 +4142,12 @@ class _PgJobStore(_JobStore):
 
     SELECT_ONE = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE id = ?"
     LIST = f"SELECT {_PG_JOB_COLUMNS} FROM jobs WHERE {_JobStore.LIST_FILTER}"
+    # The parents stay locked until the links commit: a parent ending meanwhile, in a
+    # transaction beside this one, would settle its links before they exist. (SQLite's
+    # single writer orders the two.)
     PARENT_STATES = ("SELECT id, state FROM jobs"
-                     " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))")
+                     " WHERE id IN (SELECT json_array_elements_text(CAST(?1 AS json)))"
+                     " ORDER BY id FOR SHARE")
     PARENT_RESULTS = ("SELECT d.parent, j.state, j.result FROM job_deps d"
                       " JOIN jobs j ON j.id = d.parent WHERE d.child = ? ORDER BY d.position")
     EXISTING_IDS = ("SELECT id FROM jobs"

@@ -264,10 +264,7 @@ def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
     columns, no metrics tables, no dependencies) gains them when opened, its jobs intact."""
     with pg.open() as storage:
         job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
-    pg.sql("DROP TRIGGER jobs_parent_ended ON jobs")                           # step 5
-    pg.sql("DROP TRIGGER jobs_deleted_with_edges ON jobs")
-    pg.sql("DROP FUNCTION jobs_parent_ended(), jobs_deleted_with_edges()")
-    pg.sql("DROP TABLE job_deps")
+    pg.sql("DROP TABLE job_deps")                                              # step 5
     pg.sql("ALTER TABLE jobs DROP COLUMN waiting_on, DROP COLUMN allow_parent_failure,"
            " DROP COLUMN has_children, DROP COLUMN has_parents")
     pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")    # step 2
