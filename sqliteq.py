@@ -5871,7 +5871,7 @@ class Runtime:
 # what is done is read back, what failed runs afresh, what a dead run held goes back to
 # the queue with its attempt refunded.
 
-MAP_KIND = "sqliteq.map"
+_MAP_KIND = "sqliteq.map"
 _MAP_WINDOW = 1000              # pending items read per poll, from the next one to yield
 _MAP_POLL = 0.02                # seconds between polls while the next item is not done
 _MAP_SHUTDOWN = 2.0             # seconds a stopping worker waits for its running items
@@ -5922,7 +5922,7 @@ def _map_runtime(storage: Storage, queue: str, slots: int, fn: Callable[[Any], A
     refunded when stopped."""
     runtime = Runtime(storage, {queue: slots}, poll_interval=0.02, heartbeat_interval=0.5,
                       lease_timeout=5.0, shutdown_timeout=_MAP_SHUTDOWN)
-    runtime.register(MAP_KIND, lambda ctx, payload: fn(payload["item"]))
+    runtime.register(_MAP_KIND, lambda ctx, payload: fn(payload["item"]))
     return runtime
 
 
@@ -5943,6 +5943,30 @@ def _map_child(target: str, schema: str | None, queue: str, fn: Callable[[Any], 
                 pass
         finally:
             runtime.stop()
+
+
+class _MapProgress:
+    """A one-line progress bar on a terminal: done / failed / rate / ETA."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total, self.stream = total, stream
+        self.started = self.shown = time.monotonic()
+        self.first: int | None = None   # items already done when this try began
+
+    def show(self, done: int, failed: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done + failed
+        if not final and now - self.shown < 0.2:
+            return
+        self.shown = now
+        ran = done + failed - self.first
+        rate = ran / max(now - self.started, 1e-9)
+        left = self.total - done - failed
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        self.stream.write(f"\r{done}/{self.total} done, {failed} failed, {rate:,.0f}/s, "
+                          f"ETA {eta} \x1b[K" + ("\n" if final else ""))
+        self.stream.flush()
 
 
 class _MapRun:
@@ -5972,7 +5996,7 @@ class _MapRun:
         again = [index for index in range(len(self.items))
                  if latest.get(index, ("", "failed"))[1] in ("failed", "cancelled")]
         outcomes = self.storage.jobs.enqueue_bulk([
-            EnqueueRequest(MAP_KIND, {"index": index, "item": self.items[index]},
+            EnqueueRequest(_MAP_KIND, {"index": index, "item": self.items[index]},
                            queue_name=self.queue, max_attempts=self.max_attempts,
                            timeout=self.timeout) for index in again])
         for index, outcome in zip(again, outcomes, strict=True):
@@ -6034,30 +6058,6 @@ class _MapRun:
                 raise MapItemFailed(failure)
 
 
-class _MapProgress:
-    """A one-line progress bar on a terminal: done / failed / rate / ETA."""
-
-    def __init__(self, total: int, stream: Any) -> None:
-        self.total, self.stream = total, stream
-        self.started = self.shown = time.monotonic()
-        self.first: int | None = None   # items already done when this try began
-
-    def show(self, done: int, failed: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = done + failed
-        if not final and now - self.shown < 0.2:
-            return
-        self.shown = now
-        ran = done + failed - self.first
-        rate = ran / max(now - self.started, 1e-9)
-        left = self.total - done - failed
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        self.stream.write(f"\r{done}/{self.total} done, {failed} failed, {rate:,.0f}/s, "
-                          f"ETA {eta} \x1b[K" + ("\n" if final else ""))
-        self.stream.flush()
-
-
 def map(fn: Callable[[Any], Any], items: Iterable[Any], *, db: str | Storage = "sqliteq.db",
         schema: str | None = None, name: str | None = None, workers: int | None = None,
         processes: bool = False, timeout: timedelta | float | None = None,
@@ -6085,7 +6085,7 @@ def map(fn: Callable[[Any], Any], items: Iterable[Any], *, db: str | Storage = "
         raise InvalidInput("map(processes=True) opens the database in each worker process: "
                            "pass db as a path or URL, not a Storage")
     name = _check_name(name, "name") if name is not None else _map_name(fn, items)
-    EnqueueRequest(MAP_KIND, None, max_attempts=max_attempts, timeout=timeout)   # validates
+    EnqueueRequest(_MAP_KIND, None, max_attempts=max_attempts, timeout=timeout)   # validates
     if progress is None:
         progress = sys.stderr.isatty()
     return _map_results(fn, items, db, schema, name, workers, processes, timeout,

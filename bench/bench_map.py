@@ -6,8 +6,8 @@
 * map: 10,000 no-op items through `sqliteq.map` (8 threads), wall time from the call to the
   last result, against a plain Runtime (8 slots) draining the same 10,000 no-op jobs
   enqueued by one `enqueue_bulk` (timed from the enqueue to the last job done).
-* processes: a CPU-bound function (pure Python, ~20 ms per item) over 100 items, with
-  `processes=True` (one process per core) against threads.
+* processes: a CPU-bound function (pure Python, ~20 ms per item) over 400 items, with
+  `processes=True` (one process per core, their start-up included) against threads.
 * fan-in: N children joined by one parent-of-all (`depends_on` = all N), enqueued in one
   bulk call and drained by a Runtime; the link cost at enqueue and the drain's cost per
   child at N = 1k, 10k, 100k. O(children) bookkeeping shows as a flat cost per child.
@@ -75,7 +75,7 @@ def map_rate(n: int) -> float:
     return n / elapsed
 
 
-def cpu_rate(processes: bool, n: int = 100) -> float:
+def cpu_rate(processes: bool, n: int = 400) -> float:
     started = time.perf_counter()
     results = list(sqliteq.map(burn, range(n), db=fresh_db(), processes=processes,
                                workers=os.cpu_count() if processes else SLOTS,
@@ -133,7 +133,7 @@ def main() -> None:
             threads.append(cpu_rate(False))
             procs.append(cpu_rate(True))
         t, p = statistics.median(threads), statistics.median(procs)
-        print(f"| 100 CPU-bound items | threads {t:.1f} items/s | processes {p:.1f} items/s "
+        print(f"| 400 CPU-bound items | threads {t:.1f} items/s | processes {p:.1f} items/s "
               f"| ratio {p / t:.2f} (target >= 1.7 on 2 cores) |")
     if "fan-in" in only:
         for n in (1_000, 10_000, 100_000):
