@@ -272,16 +272,21 @@ def test_a_fan_in_settles_each_edge_once(storage, sql, make_runtime):
 
 def test_a_retried_parent_does_not_count_twice(storage):
     """A child that allows failure counts a failed parent off; the parent's later success
-    (after a retry) must not count it off again."""
+    (after a retry, run by a runtime) must not count it off again."""
     first, second = new_id(), new_id()
     storage.jobs.enqueue_bulk([EnqueueRequest("k", job_id=first),
-                               EnqueueRequest("k", job_id=second)])
+                               EnqueueRequest("k", job_id=second, queue_name="later")])
     child = storage.jobs.enqueue(EnqueueRequest("k", depends_on=[first, second],
-                                                allow_parent_failure=True)).job_id
+                                                allow_parent_failure=True,
+                                                queue_name="later")).job_id
     storage.jobs.cancel(first)
     assert storage.jobs.get(child).waiting_on == 1
     assert storage.jobs.retry(first)
-    mark_done(storage, first)
+    rt, dispatcher, clock = rounds(storage)             # serves "default" only
+    dispatcher.step(clock.now_ms())
+    assert run_buffered(rt) == 1
+    dispatcher.step(clock.now_ms())
+    assert state(storage, first) == "done"
     assert (state(storage, child), storage.jobs.get(child).waiting_on) == ("waiting", 1)
 
 
