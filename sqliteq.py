@@ -762,7 +762,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             timeout_ms           INTEGER,
             waiting_on           INTEGER NOT NULL DEFAULT 0,
             allow_parent_failure INTEGER NOT NULL DEFAULT 0,
-            has_children         INTEGER NOT NULL DEFAULT 0,
             has_parents          INTEGER NOT NULL DEFAULT 0,
             host                 TEXT,
             worker               TEXT,
@@ -1661,7 +1660,7 @@ class _JobStore:
     RUN_NOW = ("UPDATE jobs SET state = 'queued', run_at = ?2"
                " WHERE id = ?1 AND state = 'scheduled' AND run_at > ?2")
     DELETE = ("DELETE FROM jobs WHERE id = ? AND state != 'running'"
-              " RETURNING state, has_children, has_parents")
+              " RETURNING state, has_parents")
     DELETE_FINISHED_CHUNK = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
                              " WHERE state = ?1 AND finished_at < ?2"
                              " AND (CAST(?3 AS TEXT) IS NULL OR queue = ?3) LIMIT ?4)"
@@ -1737,7 +1736,6 @@ class _JobStore:
     DELETE_LINKS_OF = "DELETE FROM job_deps WHERE child IN (SELECT value FROM json_each(?1))"
     PARENT_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))"
     INSERT_EDGE = "INSERT INTO job_deps (parent, child, settled, position) VALUES (?, ?, ?, ?)"
-    MARK_PARENT = "UPDATE jobs SET has_children = 1 WHERE id = ? AND has_children = 0"
     SET_WAITING_ON = "UPDATE jobs SET waiting_on = ?2 WHERE id = ?1"
     COUNT_OFF_PARENTS = ("UPDATE jobs SET waiting_on = waiting_on - ?2,"
                          " state = CASE WHEN waiting_on > ?2 THEN 'waiting'"
@@ -1805,7 +1803,6 @@ class _JobStore:
         conn.executemany(self.INSERT_EDGE, [
             (parent, child, 0, position) for child in graph.children
             for position, parent in enumerate(graph.parents_of(child))])
-        conn.executemany(self.MARK_PARENT, [(parent,) for parent in wanted])
         for child, (_, declared, _) in graph.children.items():
             if len(graph.parents_of(child)) != len(declared):      # two merged into one
                 conn.execute(self.SET_WAITING_ON, (child, len(graph.parents_of(child))))
@@ -1912,8 +1909,8 @@ class _JobStore:
         rows = conn.execute(self.DELETE, (job_id,)).fetchall()
         if not rows:
             return False
-        state, has_children, has_parents = rows[0]
-        if has_children and state not in ("done", "failed", "cancelled"):
+        state, has_parents = rows[0]
+        if state not in ("done", "failed", "cancelled"):      # (its children: one lookup)
             children = [row[0] for row in conn.execute(self.WAITING_CHILDREN, (job_id,))]
             self.settle(conn, self._cancel_waiting(
                 conn, {child: f"parent {job_id} deleted" for child in children}, now), now)
@@ -3644,7 +3641,6 @@ _PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
                    'waiting', 'queued', 'scheduled', 'running', 'done', 'failed', 'cancelled')),
                ADD COLUMN waiting_on integer NOT NULL DEFAULT 0,
                ADD COLUMN allow_parent_failure integer NOT NULL DEFAULT 0,
-               ADD COLUMN has_children integer NOT NULL DEFAULT 0,
                ADD COLUMN has_parents integer NOT NULL DEFAULT 0""",
         "DROP INDEX jobs_unique_active",
         ("CREATE UNIQUE INDEX jobs_unique_active ON jobs (unique_key) WHERE unique_key"
@@ -4281,7 +4277,7 @@ _COPIED_TABLES = (
     # Unfinished jobs, with their ids, attempts, errors and pending cancel requests.
     _CopiedTable("jobs", "id", "kind, queue, payload, state, priority, run_at, attempt,"
                  " max_attempts, unique_key, errors, created_at, cancel_requested, timeout_ms,"
-                 " waiting_on, allow_parent_failure, has_children, has_parents",
+                 " waiting_on, allow_parent_failure, has_parents",
                  "state IN ('waiting', 'queued', 'scheduled')"),
     # The parents of those jobs (ids are of one length: the concatenation orders the edges).
     _CopiedTable("job_deps", "child", "parent, settled, position",

@@ -266,7 +266,7 @@ def test_a_schema_of_an_older_step_moves_forward_keeping_its_jobs(pg):
         job_id = storage.jobs.enqueue(EnqueueRequest("k", {"n": 1})).job_id
     pg.sql("DROP TABLE job_deps")                                              # step 5
     pg.sql("ALTER TABLE jobs DROP COLUMN waiting_on, DROP COLUMN allow_parent_failure,"
-           " DROP COLUMN has_children, DROP COLUMN has_parents")
+           " DROP COLUMN has_parents")
     pg.sql("ALTER TABLE jobs DROP COLUMN timeout_ms, DROP COLUMN progress")    # step 2
     pg.sql("DROP TABLE metrics, metrics_totals")                               # step 3
     pg.sql("DROP INDEX jobs_failed")                                           # step 4
