@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))       # measure the sqliteq.py next to this folder
+sys.path.insert(0, str(ROOT / "bench"))
+
+from drain_instructions import drain_runtime  # noqa: E402
 
 import sqliteq  # noqa: E402
 
@@ -30,17 +33,7 @@ def main(metrics: str, n: int) -> None:
     with tempfile.TemporaryDirectory() as folder, \
             sqliteq.Storage(Path(folder) / "q.db") as storage:
         storage.jobs.enqueue_bulk([sqliteq.EnqueueRequest("noop", i) for i in range(n)])
-        rt = sqliteq.Runtime(storage, {"default": 4}, metrics=metrics != "off")
-        rt.register("noop", lambda ctx, payload: None)
-        dispatcher, queue = sqliteq._Dispatcher(rt), rt._queue_states["default"]
-        done = 0
-        while done < n:
-            dispatcher.step(rt._clock.now_ms())
-            for job in queue.drain_buffer():
-                rt._finished.append(rt._execute(job, rt._handlers[job.kind], "default-0"))
-                done += 1
-        rt._stopping = True
-        dispatcher.step(rt._clock.now_ms())     # commits the last ends, and flushes
+        drain_runtime(storage, n, metrics=metrics != "off")
         assert storage.jobs.counts()["done"] == n
 
 

@@ -100,7 +100,7 @@ def bulk_breakdown(runs: int = 5) -> None:
         print(f"- {name}: {statistics.median(seconds) / BULK * 1e6:.2f} us")
     print("\nthe insert alone, with indexes dropped one group at a time:\n")
     groups = [(), ("jobs_due",), ("jobs_due", "jobs_claim"),
-              ("jobs_due", "jobs_claim", "jobs_running", "jobs_finished", "jobs_unique_active")]
+              ("jobs_due", "jobs_claim", "jobs_running", "jobs_ended", "jobs_unique_active")]
     for dropped in groups:
         samples = []
         for _ in range(runs):

@@ -211,6 +211,22 @@ def test_purge_deletes_more_rows_than_one_chunk(storage, sql):
     assert sum(storage.jobs.counts().values()) == 0
 
 
+def test_purge_deletes_the_old_jobs_of_every_queue(storage, set_state):
+    now = sqliteq.now_ms()
+    old = {queue: [enqueue(storage, queue_name=queue) for _ in range(2)]
+           for queue in ("alpha", "beta", "gamma")}
+    recent = enqueue(storage, queue_name="beta")
+    failed = enqueue(storage, queue_name="gamma")
+    for job_id in (*old["alpha"], *old["beta"], *old["gamma"]):
+        set_state(job_id, "done", now - 2 * DAY_MS)
+    set_state(recent, "done", now)
+    set_state(failed, "failed", now - 2 * DAY_MS)
+
+    assert storage.jobs.purge("done", older_than=timedelta(days=1)) == 6
+    assert {j.id: j.state.value for j in storage.jobs.list()} == {recent: "done",
+                                                                   failed: "failed"}
+
+
 @pytest.mark.parametrize("state", ["queued", "running", "bogus", ""])
 def test_purge_takes_only_finished_states(storage, set_state, state):
     job_id = enqueue(storage)
@@ -335,6 +351,22 @@ def test_queues_are_listed_by_name(storage):
         enqueue(storage, queue_name=name)
     storage.queues.pause("0-settings-only")
     assert [q.name for q in storage.queues.list()] == ["0-settings-only", "a", "b", "c"]
+
+
+def test_stats_count_each_queues_jobs_ended_in_the_last_five_minutes(storage, set_state):
+    now = sqliteq.now_ms()
+    ended = {"a": [("done", now), ("done", now - 60_000), ("failed", now),
+                   ("cancelled", now), ("done", now - 10 * 60_000)],
+             "b": [("failed", now - 60_000)], "c": []}
+    for queue, jobs in ended.items():
+        enqueue(storage, queue_name=queue)                  # one still queued in each
+        for state, finished_at in jobs:
+            set_state(enqueue(storage, queue_name=queue), state, finished_at)
+    stats = {s.name: s for s in storage.queues.stats()}
+    # Done and failed count; cancelled ones and those ended before the window do not.
+    assert {name: s.jobs_per_minute for name, s in stats.items()} == {"a": 0.6, "b": 0.2,
+                                                                       "c": 0.0}
+    assert (stats["a"].ready, stats["a"].done, stats["a"].failed) == (1, 3, 1)
 
 
 def test_pause_and_resume(storage):

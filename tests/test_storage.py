@@ -411,6 +411,25 @@ def test_promotion_next_due_and_readiness_read_the_due_index(storage, db_path):
     assert "jobs_claim" in ready and "jobs_due" in ready
 
 
+@pytest.mark.parametrize("state", ["done", "failed", "cancelled"])
+def test_retention_and_throughput_search_the_ended_index(storage, db_path, state):
+    """Not a scan of the table per chunk: each statement's WHERE implies jobs_ended's."""
+    now = sqliteq.now_ms()
+    statements = [plan(db_path, Store.NEXT_QUEUE_ENDED[state], ""),
+                  plan(db_path, Store.DELETE_ENDED_CHUNK[state], "default", now, 2000),
+                  plan(db_path, Store.FINISHED_SINCE, now)]
+    for steps in statements:
+        assert "jobs_ended" in steps and "SCAN jobs" not in steps, steps
+
+
+def test_no_index_on_ended_jobs_tests_an_in_list(storage, db_path):
+    """SQLite tests a partial index's WHERE on every update of its columns; an IN list
+    costs a lookup table each time, and the claim and the finish both change `state`."""
+    sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs_ended'")
+    assert sql.endswith("WHERE state = 'done' OR state = 'failed' OR state = 'cancelled'")
+    assert not scalar(db_path, "SELECT count(*) FROM sqlite_master WHERE name = 'jobs_finished'")
+
+
 def test_jobs_are_keyed_by_their_ulid_with_no_rowid(storage, db_path):
     """No automatic index maps the id to a rowid: one b-tree fewer to write per job."""
     sql = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs'")
@@ -560,6 +579,26 @@ def test_a_file_of_schema_4_moves_to_storage_v2_keeping_every_job(db_path):
         assert "B-later" not in {row.id for row in claimed}
     assert "WITHOUT ROWID" in scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs'")
     assert not scalar(db_path, "SELECT count(*) FROM sqlite_master WHERE name = 'jobs_v2'")
+
+
+def test_a_file_of_schema_9_trades_jobs_finished_for_jobs_ended(db_path):
+    conn = file_at_schema(db_path, 9)
+    now = sqliteq.now_ms()
+    with conn:
+        for job_id, queue, state, finished_at in [
+                ("A", "mail", "done", now - 3 * 86_400_000), ("B", "mail", "done", now),
+                ("C", "pdf", "done", now - 3 * 86_400_000), ("D", "pdf", "queued", None)]:
+            conn.execute("INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING", (queue,))
+            conn.execute("INSERT INTO jobs (id, queue, state, run_at, created_at, finished_at,"
+                         " kind, payload) VALUES (?, ?, ?, ?, ?, ?, 'k', 'null')",
+                         (job_id, queue, state, now, now, finished_at))
+    conn.close()
+    with sqliteq.Storage(db_path) as storage:
+        assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION == 10
+        indexes = {name for kind, name, _ in schema(db_path) if kind == "index"}
+        assert "jobs_ended" in indexes and "jobs_finished" not in indexes
+        assert storage.jobs.purge("done", older_than=86_400) == 2
+        assert sorted(job.id for job in storage.jobs.list()) == ["B", "D"]
 
 
 def test_migration_sets_schema_and_version_together(db_path):
