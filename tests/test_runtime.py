@@ -487,6 +487,29 @@ def test_a_payload_that_is_not_json_fails_the_job_for_good_on_its_first_attempt(
     assert "not JSON sqliteq can read" in json.loads(errors)[0]["error"]
 
 
+@pytest.mark.parametrize("stored, expected", [
+    (' {"a": [1, "\u00e9"]}\n', {"a": [1, "\u00e9"]}),  # written by hand, spaced out
+    ('"caf\u00e9"', "caf\u00e9"), ("[1] [2]", None), ("", None)])
+def test_a_payload_written_by_another_program_reads_as_json_does(
+        storage, make_runtime, sql, stored, expected):
+    """JSON as any writer may leave it: whitespace around the value is JSON; a second
+    value or nothing at all is not, and fails the job for good."""
+    rt = make_runtime({"default": 1})
+    ran: list[Any] = []
+    rt.register("k", lambda ctx, payload: ran.append(payload))
+    job_id = storage.jobs.enqueue(EnqueueRequest("k", "x")).job_id
+    sql("UPDATE jobs SET payload = ? WHERE id = ?", stored, job_id)
+    with rt:
+        wait_until(lambda: sql("SELECT state FROM jobs WHERE id = ?", job_id)[0][0]
+                   in ("done", "failed"), timeout=10, what="the job finalized")
+    state, errors = sql("SELECT state, errors FROM jobs WHERE id = ?", job_id)[0]
+    if expected is None:
+        assert (state, ran) == ("failed", [])
+        assert "not JSON sqliteq can read" in json.loads(errors)[0]["error"]
+    else:
+        assert (state, ran) == ("done", [expected])
+
+
 def test_a_result_nested_too_deep_is_an_error_of_the_attempt(storage, make_runtime):
     rt = make_runtime({"default": 1})
     too_deep: list = []
