@@ -4718,6 +4718,7 @@ class _Claimed(NamedTuple):
     queue: str
     token: CancellationToken
     timeout_ms: int | None              # the job's own time limit, if it has one
+    run_at: int                         # where it stands in its queue (ms)
     waited: float                       # seconds from its run_at to its claim
 
 
@@ -5589,19 +5590,19 @@ class Runtime:
             for row in rows:
                 job = _Claimed(row.id, row.kind, row.payload, row.attempt, row.max_attempts,
                                row.errors, lease, name, CancellationToken(), row.timeout_ms,
-                               (now - row.run_at) / 1000)
+                               row.run_at, (now - row.run_at) / 1000)
                 self._held[row.id] = job
                 qs.buffer.put(job)
 
     def _take_back_buffered(self, reason: str, qs: _QueueState | None = None) -> list[_Ended]:
-        """Requeue (refunded) the claimed jobs that no worker has started yet."""
+        """Requeue (refunded) the claimed jobs that no worker has started yet, each at its
+        own run_at: it never ran, so it keeps its place in its queue."""
         states = self._queue_states.values() if qs is None else (qs,)
         finishes = []
         for state in states:
             for job in state.drain_buffer():
                 job.token.cancel(reason)
-                finishes.append(self._requeue(job, self._clock.now_ms(), None,
-                                              f"requeued ({reason})"))
+                finishes.append(self._requeue(job, job.run_at, None, f"requeued ({reason})"))
         self._settle(finishes)
         return finishes
 

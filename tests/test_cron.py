@@ -627,10 +627,9 @@ def children(tmp_path: Path) -> Iterator[Children]:
 
 
 def tick_run_ats(storage: sqliteq.Storage) -> list[int]:
-    """The ticks that ran: a tick job handed back by a stopping runtime runs later, at a new
-    run_at, so only done jobs still carry their tick."""
-    rows = storage.db.read(
-        "SELECT run_at FROM jobs WHERE kind = 'tick' AND state = 'done' ORDER BY run_at")
+    """The ticks enqueued: each tick job's run_at is its tick, even when a stopping runtime
+    had claimed it and handed it back before it ran."""
+    rows = storage.db.read("SELECT run_at FROM jobs WHERE kind = 'tick' ORDER BY run_at")
     return [row[0] for row in rows]
 
 

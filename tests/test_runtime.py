@@ -628,6 +628,33 @@ def test_a_round_commits_finishes_and_new_claims_in_one_transaction(storage):
     assert [job.id for job in buffered(rt)] == [second]
 
 
+
+@pytest.mark.parametrize("why", ["shutdown", "paused"])
+def test_a_claimed_job_no_worker_started_goes_back_to_its_place_in_the_queue(storage, why):
+    # Claimed ahead, then the runtime stops (or its queue pauses) a minute later: the job
+    # never ran, so it keeps its run_at and runs before the jobs enqueued after it.
+    rt, dispatcher, clock = rounds(storage)
+    first = storage.jobs.enqueue(EnqueueRequest("k", 1)).job_id
+    run_at = storage.jobs.get(first).run_at
+    dispatcher.step(clock.now)
+    assert storage.jobs.get(first).state == "running"          # claimed: in the buffer
+    storage.jobs.enqueue(EnqueueRequest("k", 2))
+    clock.now += 60_000
+    clock.ahead += 60
+    if why == "shutdown":
+        rt._stopping = True
+    else:
+        storage.queues.pause("default")
+    dispatcher.step(clock.now)
+
+    assert buffered(rt) == []
+    job = storage.jobs.get(first)
+    assert (job.state, job.run_at, job.attempt) == ("queued", run_at, 0)
+    storage.queues.resume("default")
+    rt, dispatcher, clock = rounds(storage)
+    dispatcher.step(clock.now)
+    assert [job.id for job in buffered(rt)] == [first]
+
 # ------------------------------------------------------------- wake-up ----
 
 def test_a_job_enqueued_in_process_wakes_an_idle_runtime_at_once(storage, make_runtime):
