@@ -594,12 +594,48 @@ def test_a_file_of_schema_9_trades_jobs_finished_for_jobs_ended(db_path):
                          (job_id, queue, state, now, now, finished_at))
     conn.close()
     with sqliteq.Storage(db_path) as storage:
-        assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION == 10
+        assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION
         indexes = {name for kind, name, _ in schema(db_path) if kind == "index"}
         assert "jobs_ended" in indexes and "jobs_finished" not in indexes
         assert storage.jobs.purge("done", older_than=86_400) == 2
         assert sorted(job.id for job in storage.jobs.list()) == ["B", "D"]
 
+
+
+def test_a_file_of_schema_10_keeps_every_job_and_index_with_the_state_check_as_ors(db_path):
+    conn = file_at_schema(db_path, 10)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+    now = sqliteq.now_ms()
+    with conn:
+        conn.execute("INSERT INTO queues (name) VALUES ('default')")
+        for n, state in enumerate(sqliteq.JobState):
+            conn.execute("INSERT INTO jobs (id, queue, state, priority, run_at, attempt,"
+                         " created_at, unique_key, kind, payload, result, errors, progress)"
+                         " VALUES (?, 'default', ?, ?, ?, 1, ?, ?, 'k', ?, ?, '[]', '{}')",
+                         (f"J{n}", state.value, n, now - n, now, f"key-{n}", f'{{"n":{n}}}',
+                          f'"r{n}"'))
+        before = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                               " AND tbl_name = 'jobs' AND sql IS NOT NULL").fetchall()
+    conn.close()
+
+    with sqliteq.Storage(db_path) as storage:
+        assert scalar(db_path, "PRAGMA user_version") == sqliteq.SCHEMA_VERSION
+        after = raw(db_path).execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        assert [row[1] for row in raw(db_path).execute("PRAGMA table_info(jobs)")] == columns
+        assert after == before
+        assert {name for name, _ in indexes} == {name for kind, name, _ in schema(db_path)
+                                                if kind == "index" and name.startswith("jobs_")}
+        table = scalar(db_path, "SELECT sql FROM sqlite_master WHERE name = 'jobs'")
+        assert "state IN" not in table and "state = 'cancelled'" in table
+        with pytest.raises(apsw.ConstraintError, match="CHECK"):
+            raw(db_path).execute("UPDATE jobs SET state = 'lost' WHERE id = 'J0'")
+        # A unique key still binds the active job that holds it.
+        active = next(n for n, state in enumerate(sqliteq.JobState) if state.value == "queued")
+        assert storage.jobs.enqueue(EnqueueRequest("k", unique_key=f"key-{active}")) == (
+            sqliteq.EnqueueOutcome(f"J{active}", False))
+    assert "WITHOUT ROWID" in table
+    assert not scalar(db_path, "SELECT count(*) FROM sqlite_master WHERE name = 'jobs_v4'")
 
 def test_migration_sets_schema_and_version_together(db_path):
     conn = raw(db_path)
