@@ -628,7 +628,6 @@ def test_a_round_commits_finishes_and_new_claims_in_one_transaction(storage):
     assert [job.id for job in buffered(rt)] == [second]
 
 
-
 @pytest.mark.parametrize("why", ["shutdown", "paused"])
 def test_a_claimed_job_no_worker_started_goes_back_to_its_place_in_the_queue(storage, why):
     # Claimed ahead, then the runtime stops (or its queue pauses) a minute later: the job
@@ -654,6 +653,7 @@ def test_a_claimed_job_no_worker_started_goes_back_to_its_place_in_the_queue(sto
     rt, dispatcher, clock = rounds(storage)
     dispatcher.step(clock.now)
     assert [job.id for job in buffered(rt)] == [first]
+
 
 # ------------------------------------------------------------- wake-up ----
 
