@@ -250,16 +250,18 @@ def _nests_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _encode_json(value: Any, what: str) -> str:
+def _encode_json(value: Any, what: str, *what_args: object) -> str:
+    """`value` as compact JSON; InvalidInput naming `what % what_args` if it cannot be.
+    (The name is formatted only for the error: enqueue calls this once a job.)"""
     try:
         text = _json_encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+        raise InvalidInput(f"{what % what_args} is not JSON-serialisable: {exc}") from None
     # Only a text with that many brackets can nest that deep: most values need no walk.
     if (text.count("[") + text.count("{") > MAX_JSON_DEPTH
             and _nests_deeper_than(value, MAX_JSON_DEPTH)):
-        raise InvalidInput(f"{what} nests lists and objects more than {MAX_JSON_DEPTH} deep; "
-                           f"at most {MAX_JSON_DEPTH} levels are allowed")
+        raise InvalidInput(f"{what % what_args} nests lists and objects more than "
+                           f"{MAX_JSON_DEPTH} deep; at most {MAX_JSON_DEPTH} levels are allowed")
     return text
 
 
@@ -390,10 +392,14 @@ class EnqueueRequest(_RequestFields):
     `depends_on` names parent jobs: the job waits until every one is done; when one ends
     failed or cancelled, so is this job (cancelled, naming it), unless `allow_parent_failure`.
     Parents are existing jobs or requests of the same bulk call, named by the `job_id` given
-    them (from `new_id()`); without one, an id is minted on insert.
+    them (from `new_id()`); without one, an id is minted on insert. The payload is encoded
+    as JSON when the request is built (that is its validation), and the job stores that
+    text: changing the object afterwards does not change the job.
     """
 
     __slots__ = ()
+    # The tuple holds one item past the fields: the payload's JSON, so that an enqueue does
+    # not encode it a second time. Equality compares it too (it follows from the payload).
 
     def __new__(cls, kind: str, payload: Any = None, *, queue_name: str | None = None,
                 priority: int = 0, run_at: datetime | float | None = None,
@@ -402,7 +408,7 @@ class EnqueueRequest(_RequestFields):
                 depends_on: Iterable[str] = (), allow_parent_failure: bool = False
                 ) -> EnqueueRequest:
         _check_name(kind, "kind")
-        _encode_json(payload, f"payload of {kind!r}")
+        payload_json = _encode_json(payload, "payload of %r", kind)
         if queue_name is not None:
             _check_name(queue_name, "queue_name")
         if not isinstance(priority, int) or isinstance(priority, bool) \
@@ -431,7 +437,12 @@ class EnqueueRequest(_RequestFields):
             raise InvalidInput(f"allow_parent_failure must be True or False, "
                                f"not {allow_parent_failure!r}")
         return tuple.__new__(cls, (kind, payload, queue_name, priority, run_at, max_attempts,
-                                   unique_key, timeout, job_id, parents, allow_parent_failure))
+                                   unique_key, timeout, job_id, parents, allow_parent_failure,
+                                   payload_json))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self._asdict().items())
+        return f"EnqueueRequest({fields})"
 
     # Every way of building one goes through __new__'s validation.
     @classmethod
@@ -449,6 +460,11 @@ class EnqueueRequest(_RequestFields):
     def _from_fields(cls, fields: dict[str, Any]) -> EnqueueRequest:
         fields = dict(fields)
         return cls(fields.pop("kind"), fields.pop("payload"), **fields)
+
+
+# An EnqueueRequest as the tuple it is: its fields, then the payload's JSON.
+_RequestItems = tuple[str, Any, str | None, int, float | None, int, str | None,
+                      float | None, str | None, tuple[str, ...], bool, str]
 
 
 class JobProgress(NamedTuple):
@@ -1292,9 +1308,9 @@ class Database(_CommitNotices):
                         if not conn.getautocommit():    # failed, or stopped before COMMIT
                             self._batch_committed = False
                             conn.execute("ROLLBACK")
-                    self._writes_committed += sum(request.error is None for request in batch)
                     for request in batch:
                         if request.error is None:
+                            self._writes_committed += 1
                             request.committed()
                     break
                 except (apsw.BusyError, apsw.LockedError) as exc:
@@ -2293,9 +2309,8 @@ class Jobs:
             if type(req) is not EnqueueRequest:
                 raise InvalidInput(f"request {index}: expected an EnqueueRequest, "
                                    f"got {type(req).__name__}")
-            (kind, payload, queue, priority, run_at, max_attempts, unique_key, timeout,
-             given_id, parents, allow_parent_failure) = req
-            payload_json = _encode_json(payload, f"request {index}: payload of {kind!r}")
+            (kind, _, queue, priority, run_at, max_attempts, unique_key, timeout,
+             given_id, parents, allow_parent_failure, payload_json) = cast(_RequestItems, req)
             if queue is None:
                 queue = routed.get(kind)
                 if queue is None:
@@ -5887,7 +5902,7 @@ class Runtime:
             value = handler.fn(ctx, payload)
             if handler.is_async:
                 value = self._event_loop.run(value, job.token)
-            result = _encode_json(value, f"the result of job {job.id}")
+            result = _encode_json(value, "the result of job %s", job.id)
             return _Ended(_Finish.done(job.id, job.lease, self._clock.now_ms(), process_id,
                                        result), job, "done", time.perf_counter() - started)
         except BaseException as exc:    # nothing a handler does may kill a worker thread
@@ -6162,7 +6177,7 @@ def map(fn: Callable[[Any], Any], items: Iterable[Any], *, db: str | Storage = "
     yielded as a MapError. A progress line goes to stderr when it is a terminal.
     """
     # As the handlers will see them (and as a rerun finds them stored): JSON, decoded.
-    items = [_json_decode(_encode_json(item, f"item {index}"))
+    items = [_json_decode(_encode_json(item, "item %d", index))
              for index, item in enumerate(items)]
     if errors not in ("raise", "return"):
         raise InvalidInput(f"errors must be 'raise' or 'return', not {errors!r}")

@@ -75,8 +75,8 @@ def test_bulk_duplicate_of_an_existing_active_job_returns_its_id(storage):
 
 
 def test_bulk_with_a_bad_request_after_a_unique_one_writes_nothing(storage):
-    reqs = [EnqueueRequest("k", unique_key="a"), EnqueueRequest("k", {"x": []})]
-    reqs[1].payload["x"].append(object())
+    first = EnqueueRequest("k", unique_key="a", job_id=sqliteq.new_id())
+    reqs = [first, EnqueueRequest("k", job_id=first.job_id)]
     with pytest.raises(sqliteq.InvalidInput):
         storage.jobs.enqueue_bulk(reqs)
     assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="a")).created is True
