@@ -198,22 +198,25 @@ MAX_PROGRESS_NOTE = 1000        # characters of a ctx.progress note
 _HOSTNAME = socket.gethostname()
 
 # ASCII output: compact, valid UTF-8 whatever the payload holds (even lone surrogates).
-_json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# No check for circular references: its memo doubles the cost of encoding a small value,
+# and a value that contains itself fails anyway, as a RecursionError (see _encode_json).
+_json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encoder: Any = None if _c_make_encoder is None else _c_make_encoder(
+    None, _json_encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+    False, False, False)
 
 
 def _json_encode_c(value: Any) -> str:
     """What _json_encoder.encode returns, from CPython's C encoder called directly: its
-    Python layers cost twice the encoding of a small payload. (A fresh memo per call, so
-    circular references are still caught.)"""
-    return "".join(_c_make_encoder({}, _json_encoder.default,
-                                   json.encoder.encode_basestring_ascii, None, ":", ",",
-                                   False, False, False)(value, 0))
+    Python layers cost as much as the encoding of a small payload. (The encoder keeps no
+    state between calls, so threads share it.)"""
+    return "".join(_c_encoder(value, 0))
 
 
 _json_encode: Callable[[Any], str] = _json_encoder.encode
 with contextlib.suppress(Exception):    # another Python, or another signature: the plain one
-    if _c_make_encoder is not None and _json_encode_c({"a": [1, "é"]}) == '{"a":[1,"\\u00e9"]}':
+    if _c_encoder is not None and _json_encode_c({"a": [1, "é"]}) == '{"a":[1,"\\u00e9"]}':
         _json_encode = _json_encode_c
 _json_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -255,7 +258,10 @@ def _encode_json(value: Any, what: str, *what_args: object) -> str:
     (The name is formatted only for the error: enqueue calls this once a job.)"""
     try:
         text = _json_encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise InvalidInput(f"{what % what_args} nests lists and objects more than "
+                           f"{MAX_JSON_DEPTH} deep, or contains itself") from None
+    except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what % what_args} is not JSON-serialisable: {exc}") from None
     # Only a text with that many brackets can nest that deep: most values need no walk.
     if (text.count("[") + text.count("{") > MAX_JSON_DEPTH

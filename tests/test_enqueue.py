@@ -52,6 +52,11 @@ def test_payload_must_be_json(payload):
         EnqueueRequest("k", payload)
 
 
+def test_a_payload_that_contains_itself_is_refused_by_name():
+    with pytest.raises(InvalidInput, match=r"^payload of 'k' nests .* or contains itself$"):
+        EnqueueRequest("k", {"list": [1, circular()]})
+
+
 def nested(depth: int) -> list:
     """A list nested `depth` deep: [[...[]...]]."""
     value: list = []
