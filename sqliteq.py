@@ -263,8 +263,10 @@ def _encode_json(value: Any, what: str, *what_args: object) -> str:
                            f"{MAX_JSON_DEPTH} deep, or contains itself") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what % what_args} is not JSON-serialisable: {exc}") from None
-    # Only a text with that many brackets can nest that deep: most values need no walk.
-    if (text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    # Only a text with that many brackets (so twice as many characters) can nest that
+    # deep: most values need no count, and most of the rest no walk.
+    if (len(text) > 2 * MAX_JSON_DEPTH
+            and text.count("[") + text.count("{") > MAX_JSON_DEPTH
             and _nests_deeper_than(value, MAX_JSON_DEPTH)):
         raise InvalidInput(f"{what % what_args} nests lists and objects more than "
                            f"{MAX_JSON_DEPTH} deep; at most {MAX_JSON_DEPTH} levels are allowed")
