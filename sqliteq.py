@@ -455,6 +455,8 @@ class EnqueueRequest(_RequestFields):
     # Every way of building one goes through __new__'s validation.
     @classmethod
     def _make(cls, iterable: Iterable[Any]) -> EnqueueRequest:  # type: ignore[override]
+        if isinstance(iterable, EnqueueRequest):    # its fields, without the payload's JSON
+            iterable = iterable[:len(cls._fields)]
         return cls._from_fields(dict(zip(cls._fields, iterable, strict=True)))
 
     def _replace(self, **changes: Any) -> EnqueueRequest:

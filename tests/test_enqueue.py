@@ -162,6 +162,8 @@ def test_a_request_shows_and_replaces_its_fields(storage):
                          "priority=2, run_at=None, max_attempts=5, unique_key=None, "
                          "timeout=None, job_id=None, depends_on=(), allow_parent_failure=False)")
     assert req._asdict()["payload"] == {"a": 1} and len(req._asdict()) == 11
+    assert EnqueueRequest._make(req) == req
+    assert EnqueueRequest._make(list(req)[:len(req._fields)]) == req
     other = req._replace(payload={"b": 2})
     assert other.payload == {"b": 2} and other != req
     assert storage.jobs.get(storage.jobs.enqueue(other).job_id).payload == {"b": 2}
