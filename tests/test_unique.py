@@ -75,9 +75,10 @@ def test_bulk_duplicate_of_an_existing_active_job_returns_its_id(storage):
 
 
 def test_bulk_with_a_bad_request_after_a_unique_one_writes_nothing(storage):
-    first = EnqueueRequest("k", unique_key="a", job_id=sqliteq.new_id())
-    reqs = [first, EnqueueRequest("k", job_id=first.job_id)]
-    with pytest.raises(sqliteq.InvalidInput):
+    # An unknown parent is refused after both rows are inserted: the rollback must undo
+    # the unique job's insert too.
+    reqs = [EnqueueRequest("k", unique_key="a"), EnqueueRequest("k", depends_on=[sqliteq.new_id()])]
+    with pytest.raises(sqliteq.InvalidInput, match="not a job"):
         storage.jobs.enqueue_bulk(reqs)
     assert storage.jobs.enqueue(EnqueueRequest("k", unique_key="a")).created is True
 
