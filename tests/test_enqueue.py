@@ -328,6 +328,17 @@ def test_minted_ids_match_python_ulid_encoding_across_a_carry():
     assert ids == [str(ulid.ULID.from_int(start + n)) for n in range(6)]
 
 
+def test_minted_ids_match_python_ulid_encoding_across_runs_of_1024():
+    """A bulk mint writes ids in runs sharing all but their last two characters: the runs
+    join without a gap or a repeat, starting anywhere in a run."""
+    minter = sqliteq._IdMinter()
+    future_ms = sqliteq.now_ms() + 3_600_000
+    for low in (0, 1021, 1023, 2**40 - 2000):
+        minter._last = (future_ms << 80) | (0x12345 << 40) | low
+        start = minter._last + 1
+        ids = minter.mint(3000)
+        assert ids == [str(ulid.ULID.from_int(start + n)) for n in range(3000)]
+
 # ------------------------------------------------------------------- bulk ----
 
 def test_bulk_enqueue_creates_every_job_in_order(storage):
