@@ -1,10 +1,10 @@
 """What a bulk enqueue costs, in CPU instructions per job (callgrind counts instructions,
 which do not drift with machine load as wall time does):
 
-    ../shared/tools/instructions-per-item -n 20000 bench/bulk_instructions.py sql-minimal
-    ../shared/tools/instructions-per-item -n 20000 bench/bulk_instructions.py sql-sqliteq
-    ../shared/tools/instructions-per-item -n 20000 bench/bulk_instructions.py requests
-    ../shared/tools/instructions-per-item -n 20000 bench/bulk_instructions.py public
+    ../shared/tools/instructions-per-item -n 5000 bench/bulk_instructions.py sql-minimal
+    ../shared/tools/instructions-per-item -n 5000 bench/bulk_instructions.py sql-sqliteq
+    ../shared/tools/instructions-per-item -n 5000 bench/bulk_instructions.py requests
+    ../shared/tools/instructions-per-item -n 5000 bench/bulk_instructions.py public
 
 Each run creates a fresh file (the fixed part), then enqueues N jobs in one transaction as
 the bench's bulk scenario does:

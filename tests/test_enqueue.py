@@ -339,6 +339,7 @@ def test_minted_ids_match_python_ulid_encoding_across_runs_of_1024():
         ids = minter.mint(3000)
         assert ids == [str(ulid.ULID.from_int(start + n)) for n in range(3000)]
 
+
 # ------------------------------------------------------------------- bulk ----
 
 def test_bulk_enqueue_creates_every_job_in_order(storage):
