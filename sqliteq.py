@@ -1568,13 +1568,12 @@ class _NewJob(NamedTuple):
 _job_id_of = operator.itemgetter(_NewJob._fields.index("id"))
 _unique_key_of = operator.itemgetter(_NewJob._fields.index("unique_key"))
 _has_parents_of = operator.itemgetter(_NewJob._fields.index("has_parents"))
-_new_outcome = cast(Callable[[type[EnqueueOutcome], tuple[str, bool]], EnqueueOutcome],
-                    tuple.__new__)
+_new_tuple: Any = tuple.__new__     # a NamedTuple made without its Python-level __new__
 
 
 def _created(jobs: Sequence[_NewJob]) -> list[EnqueueOutcome]:
     """`EnqueueOutcome(job.id, True)` for each job."""
-    return list(builtins.map(_new_outcome, itertools.repeat(EnqueueOutcome),
+    return list(builtins.map(_new_tuple, itertools.repeat(EnqueueOutcome),
                              zip(builtins.map(_job_id_of, jobs), itertools.repeat(True))))
 
 
@@ -2340,8 +2339,8 @@ class Jobs:
         now = self._db.clock_ms()
         ids = _mint_ids(len(requests))
         route = router.route if router is not None else None
-        new, jobs = tuple.__new__, cast("list[_NewJob]", [])
-        items = cast("list[_RequestItems]", requests)
+        jobs: list[_NewJob] = []
+        items = cast("list[_RequestItems]", requests)   # the same, as the tuples they are
         for job_id, req, item in zip(ids, requests, items, strict=True):
             if type(req) is not EnqueueRequest:
                 index = first_index + len(jobs)
@@ -2357,7 +2356,7 @@ class Jobs:
                     routed[kind] = queue
             due = now if run_at is None else min(round(run_at * 1000), _LATEST_MS)
             state = "waiting" if parents else "queued" if due <= now else "scheduled"
-            jobs.append(new(_NewJob, (
+            jobs.append(_new_tuple(_NewJob, (
                 given_id or job_id, kind, queue, payload_json, state, priority, due,
                 max_attempts, unique_key, now,
                 None if timeout is None else max(1, round(timeout * 1000)),
